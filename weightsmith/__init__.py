@@ -1,0 +1,15 @@
+"""weightsmith: turn Hugging Face LLM checkpoints into efficient variants, offline.
+
+Importing the package is lean (no CUDA initialisation, no transformers import); `load()` is the
+one-call way to get a ready transformers model from any weightsmith output.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "load"]
+
+
+def load(path, **kwargs):
+    """Load a checkpoint directory (any weightsmith output) as a ready transformers model."""
+    from weightsmith.loading import load as _load
+
+    return _load(path, **kwargs)

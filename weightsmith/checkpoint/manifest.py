@@ -1,0 +1,227 @@
+"""The manifest: what went in, what was done, what came out, what was measured.
+
+One `manifest.json` per output, written last (sorted keys, no timestamps, so equal inputs and
+parameters give a byte-identical file). `chain` carries the manifests of the inputs, flattened in
+order, so a pipeline's provenance accumulates. `verify()` re-hashes the outputs; `is_fresh()` is
+the Makefile-friendly check that lets a pass skip work whose result is already on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from weightsmith.checkpoint.reader import MANIFEST
+
+SCHEMA_VERSION = 1
+_HASH_CHUNK = 8 << 20
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("WEIGHTSMITH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "weightsmith")
+    return Path(root)
+
+
+def _hash_cache_path() -> Path:
+    return cache_dir() / "sha256-cache.json"
+
+
+def _load_hash_cache() -> dict[str, str]:
+    try:
+        return json.loads(_hash_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_hash_cache(cache: dict[str, str]) -> None:
+    path = _hash_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation only
+
+
+def sha256_file(path: str | os.PathLike, *, use_cache: bool = True) -> str:
+    """sha256 of a file; cached by (real path, size, mtime, inode) so re-runs of big inputs are cheap."""
+    path = Path(path)
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache = _load_hash_cache() if use_cache else {}
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if use_cache:
+        cache = _load_hash_cache()
+        cache[key] = digest
+        _save_hash_cache(cache)
+    return digest
+
+
+def hash_dir_files(root: Path, names: list[str], *, use_cache: bool = True) -> dict[str, str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as ex:  # hashlib releases the GIL
+        digests = list(ex.map(lambda n: sha256_file(root / n, use_cache=use_cache), names))
+    return dict(zip(names, digests))
+
+
+def input_files(root: Path) -> list[str]:
+    """Every regular file of a checkpoint directory that defines it (hidden files excluded)."""
+    return sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+@lru_cache(maxsize=1)
+def tool_info() -> dict[str, Any]:
+    from weightsmith import __version__
+
+    info: dict[str, Any] = {"name": "weightsmith", "version": __version__, "git_sha": None}
+    pkg = Path(__file__).resolve().parents[2]
+    if (pkg / ".git").exists():
+        try:
+            r = subprocess.run(["git", "-C", str(pkg), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, timeout=5)
+            sha = r.stdout.strip() if r.returncode == 0 else ""
+            dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no", "weightsmith"], capture_output=True, text=True, timeout=5).stdout.strip()
+            info["git_sha"] = (sha + ("+dirty" if dirty else "")) if sha else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    import safetensors
+    import torch
+    import transformers
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def flatten_chain(input_manifests: list[dict | None]) -> list[dict]:
+    chain: list[dict] = []
+    for m in input_manifests:
+        if not m:
+            continue
+        chain.extend(m.get("chain", []))
+        entry = {k: v for k, v in m.items() if k != "chain"}
+        chain.append(entry)
+    return chain
+
+
+def build_core(
+    *,
+    pass_name: str,
+    reference_url: str | None,
+    parameters: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    input_manifests: list[dict | None],
+    calibration: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Everything but the output hashes (the model card is rendered from this)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": tool_info(),
+        "pass": {"name": pass_name, "reference_url": reference_url},
+        "parameters": parameters,
+        "inputs": inputs,
+        "calibration": calibration,
+        "environment": environment(device),
+        "seed": seed,
+        "metrics": metrics or {},
+        "chain": flatten_chain(input_manifests),
+    }
+
+
+def with_outputs(core: dict[str, Any], output_dir: Path, *, tensors: int, total_size: int) -> dict[str, Any]:
+    """Hash every file of the finished output directory into the manifest (the manifest itself excepted)."""
+    files = sorted(p.name for p in output_dir.iterdir() if p.is_file() and p.name != MANIFEST)
+    digests = hash_dir_files(output_dir, files, use_cache=False)
+    outputs = {n: {"sha256": digests[n], "bytes": (output_dir / n).stat().st_size} for n in files}
+    return {**core, "outputs": {"files": outputs, "tensors": tensors, "total_size": total_size}}
+
+
+def read(root: str | os.PathLike) -> dict | None:
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def verify(root: str | os.PathLike) -> list[str]:
+    """Re-hash every output file listed in the manifest. Returns a list of problems (empty = ok)."""
+    root = Path(root)
+    problems: list[str] = []
+    try:
+        m = read(root)
+    except ValueError as e:
+        return [f"{root / MANIFEST}: not valid JSON ({e})"]
+    if m is None:
+        return [f"{root}: no {MANIFEST}; not a weightsmith output (or an interrupted one)"]
+    listed = m.get("outputs", {}).get("files", {})
+    present = {p.name for p in root.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    for name in sorted(set(listed) - present):
+        problems.append(f"{name}: listed in the manifest but missing")
+    for name in sorted(present - set(listed)):
+        problems.append(f"{name}: present but not listed in the manifest")
+    common = sorted(set(listed) & present)
+    digests = hash_dir_files(root, common, use_cache=False)
+    for name in common:
+        want = listed[name]
+        size = (root / name).stat().st_size
+        if size != want.get("bytes"):
+            problems.append(f"{name}: {size} bytes, manifest says {want.get('bytes')}")
+        elif digests[name] != want.get("sha256"):
+            problems.append(f"{name}: sha256 {digests[name][:12]}… does not match the manifest's {str(want.get('sha256'))[:12]}…")
+    return problems
+
+
+def is_fresh(dst: str | os.PathLike, *, pass_name: str, parameters: dict, inputs: list[dict]) -> bool:
+    """True when DST already holds this exact job's result (same tool version, pass, parameters, input hashes)."""
+    dst = Path(dst)
+    try:
+        m = read(dst)
+    except (OSError, ValueError):
+        return False
+    if not m:
+        return False
+    from weightsmith import __version__
+
+    if m.get("tool", {}).get("version") != __version__ or m.get("pass", {}).get("name") != pass_name:
+        return False
+    if _canon(m.get("parameters")) != _canon(parameters):
+        return False
+    if [i.get("files") for i in m.get("inputs", [])] != [i.get("files") for i in inputs]:
+        return False
+    for name, info in m.get("outputs", {}).get("files", {}).items():  # cheap completeness check
+        p = dst / name
+        if not p.is_file() or p.stat().st_size != info.get("bytes"):
+            return False
+    return True
+
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)

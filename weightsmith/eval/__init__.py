@@ -1,0 +1,1 @@
+"""Measurement: perplexity, logits divergence, and size / KV-cache accounting."""

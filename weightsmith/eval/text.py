@@ -1,0 +1,39 @@
+"""Evaluation text -> fixed, non-overlapping token windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from weightsmith.errors import UsageError
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such text file") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise UsageError(f"{path}: the text file is empty")
+    return text
+
+
+def token_windows(tokenizer, text: str, length: int, windows: int | None = None, *, source: str = "text") -> torch.Tensor:
+    """Tokenize without special tokens and cut into `windows` consecutive windows of `length` tokens."""
+    if length < 2:
+        raise UsageError(f"--length must be at least 2 (got {length})")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // length
+    if n == 0:
+        raise UsageError(f"{source}: has {len(ids)} tokens, fewer than one window of --length {length}; use a longer text or a shorter --length")
+    if windows is not None:
+        if windows < 1:
+            raise UsageError(f"--windows must be at least 1 (got {windows})")
+        if windows > n:
+            raise UsageError(f"{source}: has {len(ids)} tokens = {n} windows of {length}, fewer than --windows {windows}")
+        n = windows
+    return torch.tensor(ids[: n * length], dtype=torch.long).view(n, length)

@@ -1,0 +1,143 @@
+"""Orchestration shared by every pass: open inputs, freshness check, plan, write, manifest.
+
+`run_pass()` is what the CLI and `weightsmith run` call. The pass itself only plans shapes and
+writes tensors; everything about provenance, atomicity and skipping up-to-date work lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weightsmith.checkpoint import manifest as mf
+from weightsmith.checkpoint.reader import Checkpoint
+from weightsmith.checkpoint.resolve import open_checkpoint
+from weightsmith.checkpoint.writer import DEFAULT_MAX_SHARD, CheckpointWriter, TensorSpec
+from weightsmith.errors import WeightsmithError
+from weightsmith.passes import PassSpec, Plan, config_to_params, get_pass
+from weightsmith.progress import QUIET, Reporter
+from weightsmith.util import human_bytes
+
+
+@dataclass
+class PassContext:
+    """What a pass sees: its inputs, the writer, a reporter, and places to put results."""
+
+    sources: list[Checkpoint]
+    writer: CheckpointWriter | None
+    report: Reporter = QUIET
+    device: str = "cpu"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    copy_aux: bool = True  # copy tokenizer & co. from the first source at the end
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def source(self) -> Checkpoint:
+        return self.sources[0]
+
+
+@dataclass
+class RunResult:
+    status: str  # "written" | "up-to-date" | "dry-run"
+    dst: Path | None
+    plan: Plan | None = None
+    manifest: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "output": str(self.dst) if self.dst else None, "notes": self.notes}
+        if self.plan is not None:
+            out["plan"] = plan_summary(self.plan)
+        if self.manifest is not None:
+            out["metrics"] = self.manifest.get("metrics", {})
+            out["outputs"] = self.manifest.get("outputs", {})
+        return out
+
+
+def input_record(ck: Checkpoint) -> dict[str, Any]:
+    o = ck.origin
+    if o.kind == "gguf":
+        p = Path(o.path)
+        return {"gguf_file": p.name, "path": str(p), "files": {p.name: mf.sha256_file(p)}}
+    rec: dict[str, Any] = {"path": o.path} if o.kind == "path" else {"repo_id": o.repo_id, "revision": o.revision}
+    rec["files"] = mf.hash_dir_files(ck.root, mf.input_files(ck.root))
+    return rec
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    out = dict(plan.summary)
+    if plan.tensors is not None:
+        out["tensors"] = len(plan.tensors)
+        out["output_bytes"] = sum(t.nbytes for t in plan.tensors)
+    return out
+
+
+def run_pass(
+    spec: PassSpec | str,
+    config: Any,
+    sources: list[str | Checkpoint],
+    dst: str | Path | None,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    allow_pickle: bool = False,
+    allow_download: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
+    device: str = "cpu",
+    report: Reporter = QUIET,
+) -> RunResult:
+    spec = get_pass(spec) if isinstance(spec, str) else spec
+    cks = [s if isinstance(s, Checkpoint) else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download) for s in sources]
+    params = config_to_params(config)
+    if max_shard_size != DEFAULT_MAX_SHARD:
+        params["max_shard_size"] = max_shard_size
+    ctx = PassContext(sources=cks, writer=None, report=report, device=device)
+    if dry_run:
+        plan = spec.plan(config, ctx)
+        return RunResult("dry-run", Path(dst) if dst else None, plan=plan, notes=ctx.notes)
+    if dst is None:
+        raise WeightsmithError("an output directory is required (or use --dry-run)")
+    dst = Path(dst)
+    with report.status("hashing inputs"):
+        inputs = [input_record(ck) for ck in cks]
+    if not force and dst.exists():
+        if mf.is_fresh(dst, pass_name=spec.name, parameters=params, inputs=inputs):
+            report.log(f"{dst}: up to date (same inputs, parameters and weightsmith version); nothing to do")
+            return RunResult("up-to-date", dst, manifest=mf.read(dst))
+        raise WeightsmithError(f"{dst}: output already exists (from other inputs or parameters); pass --force to replace it")
+    plan = spec.plan(config, ctx)
+    with CheckpointWriter(dst, force=force, max_shard_size=max_shard_size) as writer:
+        ctx.writer = writer
+        if plan.tensors is not None:
+            writer.plan(plan.tensors)
+        if plan.config is not None:
+            writer.set_config(plan.config)
+        spec.run(config, ctx, plan)
+        if ctx.copy_aux:
+            writer.copy_aux_files(ctx.source.root, ctx.source.aux_files())
+        seed = params.get("seed")
+
+        def build_manifest(tmp: Path) -> dict:
+            from weightsmith.checkpoint.card import render_card
+
+            core = mf.build_core(
+                pass_name=spec.name, reference_url=spec.reference_url, parameters=params, inputs=inputs,
+                input_manifests=[ck.manifest for ck in cks], calibration=ctx.calibration, metrics=ctx.metrics,
+                seed=seed, device=ctx.device,
+            )
+            (tmp / "README.md").write_text(render_card(spec, core, cks))
+            return mf.with_outputs(core, tmp, tensors=len(writer.planned), total_size=writer.total_size)
+
+        writer.finalize(build_manifest)
+    report.log(f"wrote {dst} ({len(writer.planned)} tensors, {human_bytes(writer.total_size)} in {len(writer.shards)} shard(s))")
+    return RunResult("written", dst, plan=plan, manifest=mf.read(dst), notes=ctx.notes)
+
+
+def tensor_specs_like(ck: Checkpoint, names: list[str], dtype=None) -> list[TensorSpec]:
+    out = []
+    for n in names:
+        info = ck.info(n)
+        out.append(TensorSpec(n, info.shape, dtype or info.dtype))
+    return out
