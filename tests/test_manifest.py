@@ -93,3 +93,14 @@ def test_dry_run_writes_nothing(tiny_model, cli, tmp_path):
     res = json.loads(r.out)
     assert res["status"] == "dry-run" and res["plan"]["tensors"] > 0 and res["plan"]["cast"] == res["plan"]["tensors"]
     assert not out.exists()
+
+
+def test_eval_text_recorded(tiny_model, cli, tmp_path, hamlet):
+    out = tmp_path / "o"
+    r = cli("import", tiny_model("qwen3"), out, "--eval-text", hamlet, "--eval-windows", "2", "--eval-length", "32")
+    assert r.code == 0, r
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parameters"]["eval"] == {"text": str(hamlet), "windows": 2, "length": 32}
+    ppl = m["metrics"]["perplexity"]
+    assert ppl["text"] == "hamlet.txt" and ppl["windows"] == 2 and 100 < ppl["perplexity"] < 500
+    assert mf.verify(out) == []

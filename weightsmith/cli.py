@@ -142,18 +142,25 @@ def _windows_for(path: str, text_path: str, length: int, windows: int | None):
 @cli.command("eval")
 @click.argument("path")
 @_eval_options
+@click.option("--layerwise", is_flag=True, help="one decoder layer in memory at a time (for models larger than RAM)")
 @click.pass_context
-def eval_cmd(ctx, path, text_path, length, windows, batch_size, dtype, device, as_json):
+def eval_cmd(ctx, path, text_path, length, windows, batch_size, dtype, device, as_json, layerwise):
     """Perplexity on a text (fixed non-overlapping windows), parameters, size and KV cache."""
     import weightsmith
     from weightsmith.eval.accounting import disk_bytes, kv_cache, param_count
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.inspect_ckpt import best_config
+    from weightsmith.util import dtype_from_name
 
     ck, wins = _windows_for(path, text_path, length, windows)
-    model = weightsmith.load(ck.root, dtype=dtype, device=device)
-    res = perplexity(model, wins, batch_size=batch_size, device=device, report=_reporter(ctx))
-    out = {"path": str(ck.root), "text": text_path, **res, "dtype": dtype, "parameters": param_count(ck), "disk_bytes": disk_bytes(ck), "kv_cache": kv_cache(best_config(ck))}
+    if layerwise:
+        from weightsmith.eval.layerwise import layerwise_perplexity
+
+        res = layerwise_perplexity(ck, wins, device=device, batch_size=batch_size, dtype=dtype_from_name(dtype), report=_reporter(ctx))
+    else:
+        model = weightsmith.load(ck.root, dtype=dtype, device=device)
+        res = perplexity(model, wins, batch_size=batch_size, device=device, report=_reporter(ctx))
+    out = {"path": str(ck.root), "text": text_path, **res, "dtype": dtype, "layerwise": layerwise, "parameters": param_count(ck), "disk_bytes": disk_bytes(ck), "kv_cache": kv_cache(best_config(ck))}
 
     def render(o):
         from weightsmith.util import human_bytes
@@ -242,10 +249,13 @@ def _pass_command(spec) -> click.Command:
             from weightsmith.errors import UsageError
 
             raise UsageError("give at least two --parent checkpoints")
+        from weightsmith.runner import EvalOptions
+
         result = run_pass(
             spec, config, sources, kw.get("dst"),
             force=kw["force"], dry_run=kw["dry_run"], allow_pickle=kw["allow_pickle"], allow_download=kw["allow_download"],
             max_shard_size=parse_size(kw["max_shard_size"]), device=kw["device"], report=_reporter(ctx),
+            evaluate=EvalOptions(kw["eval_text"], kw["eval_windows"], kw["eval_length"]),
         )
         if kw["as_json"]:
             click.echo(json.dumps(result.as_json(), indent=2, sort_keys=True, default=str))
@@ -277,6 +287,9 @@ def _pass_command(spec) -> click.Command:
         click.Option(["--device"], default="cpu", show_default=True, help="where to compute (cpu, cuda, ...)"),
         click.Option(["--allow-pickle"], is_flag=True, help="read pickled .bin inputs (torch.load weights_only=True)"),
         click.Option(["--allow-download"], is_flag=True, help="let Hub ids be downloaded when not in the local cache"),
+        click.Option(["--eval-text"], type=click.Path(dir_okay=False), help="measure the output's perplexity on this text (recorded in the manifest)"),
+        click.Option(["--eval-windows"], type=int, default=32, show_default=True, help="windows for --eval-text"),
+        click.Option(["--eval-length"], type=int, default=512, show_default=True, help="tokens per window for --eval-text"),
         click.Option(["--json", "as_json"], is_flag=True, help="print the result as JSON on stdout"),
     ]
     doc = spec.help + (f"\n\nReference: {spec.reference_url}" if spec.reference_url else "")

@@ -37,6 +37,53 @@ class PassContext:
     def source(self) -> Checkpoint:
         return self.sources[0]
 
+    def tokenizer(self, index: int = 0):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.sources[index].root)
+
+    def calibrate(self, cfg, *, default: str | None = None, index: int = 0):
+        """Calibration windows for a pass config that inherits CalibConfig; recorded for the manifest."""
+        from weightsmith.calib import load_calibration
+
+        ck = self.sources[index]
+
+        def model_loader():
+            from weightsmith.loading import load
+
+            return load(ck.root, device=self.device)
+
+        with self.report.status("preparing calibration data"):
+            data = load_calibration(cfg, self.tokenizer(index), model_loader=model_loader, default=default)
+        self.calibration = data.description
+        return data
+
+    def engine(self, index: int = 0, **kw):
+        """A layer-wise engine over one of the sources, on this run's device."""
+        from weightsmith.engine import LayerwiseEngine
+
+        return LayerwiseEngine(self.sources[index], device=self.device, report=self.report, **kw)
+
+    def copy_tensor(self, name: str, index: int = 0, dtype=None) -> None:
+        """Write a source tensor unchanged (byte copy) or cast, under the same name."""
+        ck = self.sources[index]
+        if dtype is None or ck.info(name).dtype == dtype:
+            self.writer.write_bytes(name, ck.read_raw(name))
+        else:
+            self.writer.write(name, ck.get(name, dtype=dtype))
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Optional perplexity of the finished output, measured before the manifest is written."""
+
+    text: str | None = None
+    windows: int | None = 32
+    length: int = 512
+
+    def as_params(self) -> dict[str, Any] | None:
+        return None if self.text is None else {"text": self.text, "windows": self.windows, "length": self.length}
+
 
 @dataclass
 class RunResult:
@@ -87,12 +134,15 @@ def run_pass(
     max_shard_size: int = DEFAULT_MAX_SHARD,
     device: str = "cpu",
     report: Reporter = QUIET,
+    evaluate: EvalOptions | None = None,
 ) -> RunResult:
     spec = get_pass(spec) if isinstance(spec, str) else spec
     cks = [s if isinstance(s, Checkpoint) else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download) for s in sources]
     params = config_to_params(config)
     if max_shard_size != DEFAULT_MAX_SHARD:
         params["max_shard_size"] = max_shard_size
+    if evaluate is not None and evaluate.text is not None:
+        params["eval"] = evaluate.as_params()
     ctx = PassContext(sources=cks, writer=None, report=report, device=device)
     if dry_run:
         plan = spec.plan(config, ctx)
@@ -117,6 +167,8 @@ def run_pass(
         spec.run(config, ctx, plan)
         if ctx.copy_aux:
             writer.copy_aux_files(ctx.source.root, ctx.source.aux_files())
+        if evaluate is not None and evaluate.text is not None:
+            ctx.metrics["perplexity"] = evaluate_output(writer.tmp, evaluate, device=ctx.device, report=report)
         seed = params.get("seed")
 
         def build_manifest(tmp: Path) -> dict:
@@ -133,6 +185,21 @@ def run_pass(
         writer.finalize(build_manifest)
     report.log(f"wrote {dst} ({len(writer.planned)} tensors, {human_bytes(writer.total_size)} in {len(writer.shards)} shard(s))")
     return RunResult("written", dst, plan=plan, manifest=mf.read(dst), notes=ctx.notes)
+
+
+def evaluate_output(path: Path, opts: EvalOptions, *, device: str = "cpu", report: Reporter = QUIET) -> dict[str, Any]:
+    """Perplexity of a just-written output (it loads like any checkpoint from the temporary directory)."""
+    from transformers import AutoTokenizer
+
+    from weightsmith.eval.perplexity import perplexity
+    from weightsmith.eval.text import read_text, token_windows
+    from weightsmith.loading import load
+
+    tok = AutoTokenizer.from_pretrained(path)
+    wins = token_windows(tok, read_text(opts.text), opts.length, opts.windows, source=opts.text)
+    with report.status("evaluating the output"):
+        res = perplexity(load(path, device=device), wins, device=device, report=report)
+    return {"text": Path(opts.text).name, **{k: res[k] for k in ("perplexity", "windows", "length", "tokens")}}
 
 
 def tensor_specs_like(ck: Checkpoint, names: list[str], dtype=None) -> list[TensorSpec]:

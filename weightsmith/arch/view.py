@@ -268,6 +268,27 @@ class ArchView:
                 return group
         return "other"
 
+    # ---- module tree <-> disk names ------------------------------------------------------------
+    @property
+    def layers_path(self) -> str:
+        """Module path of the decoder-layer list, e.g. "model.layers"."""
+        return self.family.layer.split(".{i}")[0]
+
+    def module_path(self, disk_tensor: str) -> str:
+        """Module path (no parameter suffix) of a global tensor such as the embedding."""
+        return disk_tensor.rsplit(".", 1)[0]
+
+    def to_disk(self, i: int, rel: str) -> str:
+        """Disk name of a parameter/buffer of layer i given its path relative to the layer module.
+
+        Differs from the module path only where the family stores a block under another name on
+        disk (Mixtral's `block_sparse_moe` is `mlp` in transformers 5).
+        """
+        m = self.family.moe
+        if m is not None and m.module_root != m.disk_root and self.is_moe(i) and rel.startswith(m.module_root + "."):
+            rel = m.disk_root + rel[len(m.module_root):]
+        return f"{self.layer_prefix(i)}.{rel}"
+
     # ---- accounting ----------------------------------------------------------------------
     def kv_cache_values_per_token(self) -> int:
         """Cached values per token over all layers (K and V for GQA; latent + rope key for MLA)."""

@@ -1,0 +1,82 @@
+"""The model skeleton on the meta device, and materialising parts of it from a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from weightsmith.arch import ArchView
+from weightsmith.engine.experts import unfuse_experts
+from weightsmith.errors import CheckpointError, UnsupportedError
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split("."):
+        mod = getattr(mod, part) if not part.isdigit() else mod[int(part)]
+    return mod
+
+
+def set_path(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = get_path(root, parent_path) if parent_path else root
+    if name.isdigit():
+        parent[int(name)] = new
+    else:
+        setattr(parent, name, new)
+
+
+def build_skeleton(config, view: ArchView, dtype: torch.dtype) -> nn.Module:
+    """The full transformers model with no memory behind it; rotary tables real; MoE experts unfused."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    decoder_path = view.layers_path.rsplit(".", 1)[0]
+    decoder = get_path(model, decoder_path)
+    rot = getattr(decoder, "rotary_emb", None)
+    if rot is not None:  # its inv_freq is a non-persistent buffer computed from the config: rebuild it for real
+        decoder.rotary_emb = type(rot)(config=model.config)
+    moe = view.family.moe
+    if moe is not None:
+        layers = get_path(model, view.layers_path)
+        for i in range(view.num_layers):
+            if view.is_moe(i):
+                block = get_path(layers[i], moe.module_root)
+                if hasattr(block, "experts") and hasattr(block.experts, "gate_up_proj"):
+                    block.experts = unfuse_experts(block.experts, moe.expert_mlp.modules)
+    return model
+
+
+def materialize(module: nn.Module, names_to_disk: Callable[[str], str], ck, device: torch.device | str, what: str) -> nn.Module:
+    """Allocate `module` on `device` and fill every parameter/persistent buffer from the checkpoint."""
+    non_persistent = {f"{mn}.{b}" if mn else b for mn, m in module.named_modules() for b in getattr(m, "_non_persistent_buffers_set", ())}
+    module.to_empty(device=device)
+    state = dict(module.named_parameters())
+    state.update({n: b for n, b in module.named_buffers() if n not in non_persistent})
+    for name, t in state.items():
+        disk = names_to_disk(name)
+        if disk not in ck:
+            raise CheckpointError(f"{ck.root}: {what} needs tensor {disk!r}, which the checkpoint lacks")
+        src = ck.get(disk, dequantize=True)
+        if tuple(src.shape) != tuple(t.shape):
+            raise CheckpointError(f"{ck.root}: tensor {disk!r} has shape {list(src.shape)}, the config implies {list(t.shape)}")
+        with torch.no_grad():
+            t.copy_(src)
+    for name in non_persistent:
+        # counters such as UnfusedExperts.tokens start at zero; anything else would need its own init
+        mod_name, _, buf = name.rpartition(".")
+        owner = get_path(module, mod_name) if mod_name else module
+        if name.endswith("tokens"):
+            getattr(owner, buf).zero_()
+        else:
+            raise UnsupportedError(f"{what}: non-persistent buffer {name!r} cannot be restored from the checkpoint")
+    return module
+
+
+def release(module: nn.Module) -> None:
+    """Give a materialised module's memory back (it returns to the meta device)."""
+    module.to_empty(device="meta")
