@@ -58,4 +58,4 @@ def _load_runtimes() -> dict[str, str]:
     return problems
 
 
-RUNTIME_MODULES: list[str] = []
+RUNTIME_MODULES: list[str] = ["weightsmith.quant.runtime"]

@@ -18,6 +18,7 @@ from weightsmith.errors import UsageError
 # modules that register passes; an import failure is reported, never swallowed
 PASS_MODULES = [
     "weightsmith.checkpoint.copy_pass",
+    "weightsmith.quant.quant_pass",
 ]
 
 

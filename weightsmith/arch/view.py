@@ -289,6 +289,15 @@ class ArchView:
             rel = m.disk_root + rel[len(m.module_root):]
         return f"{self.layer_prefix(i)}.{rel}"
 
+    def module_to_disk(self, path: str) -> str:
+        """Disk name for any module/parameter path of the transformers model."""
+        lp = self.layers_path + "."
+        if path.startswith(lp):
+            idx, _, rel = path[len(lp):].partition(".")
+            if idx.isdigit() and rel:
+                return self.to_disk(int(idx), rel)
+        return path
+
     # ---- accounting ----------------------------------------------------------------------
     def kv_cache_values_per_token(self) -> int:
         """Cached values per token over all layers (K and V for GQA; latent + rope key for MLA)."""

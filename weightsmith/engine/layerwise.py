@@ -56,6 +56,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class _StopForward(Exception):
+    """Raised by a hook once every observed module of a batch has run."""
+
+
 class _Recorder(nn.Module):
     """Stands in for a decoder layer to capture the keyword arguments the model gives it."""
 
@@ -154,14 +158,31 @@ class LayerHandle:
 
     # --- execution ---
     def run(self, observe: dict[str, Observer] | None = None, *, keep_outputs: bool = True, inputs: ActivationStore | None = None) -> ActivationStore | None:
-        """Push every calibration batch through the layer as it is now; hooks see module inputs/outputs."""
+        """Push every calibration batch through the layer as it is now; hooks see module inputs/outputs.
+
+        Without `keep_outputs`, a batch's forward stops as soon as every observed module has run
+        (the rest of the layer would be computed for nothing).
+        """
         eng = self.engine
         mods = self.modules()
         handles = []
+        fired: set[str] = set()
+        wanted = set(observe or {})
+        stop_early = not keep_outputs and bool(wanted)
+
+        def hook(name, fn):
+            def h(m, i, o):
+                fn(i[0], o if isinstance(o, torch.Tensor) else o[0])
+                fired.add(name)
+                if stop_early and fired >= wanted:
+                    raise _StopForward
+
+            return h
+
         for name, fn in (observe or {}).items():
             if name not in mods:
                 raise KeyError(f"layer {self.index} has no module {name!r}")
-            handles.append(mods[name].register_forward_hook(lambda m, i, o, fn=fn: fn(i[0], o if isinstance(o, torch.Tensor) else o[0])))
+            handles.append(mods[name].register_forward_hook(hook(name, fn)))
         for m in self.module.modules():
             if isinstance(m, UnfusedExperts):
                 m.tokens.zero_()
@@ -170,7 +191,11 @@ class LayerHandle:
         try:
             with torch.no_grad():
                 for sl, x in src.batches(eng.batch_size):
-                    y = self.module(x.to(eng.device, eng.dtype), **eng.layer_kwargs(self.index, x.shape[0]))
+                    fired.clear()
+                    try:
+                        y = self.module(x.to(eng.device, eng.dtype), **eng.layer_kwargs(self.index, x.shape[0]))
+                    except _StopForward:
+                        continue
                     if isinstance(y, tuple):
                         y = y[0]
                     if out is not None:

@@ -21,8 +21,13 @@ def _plain_params(ck) -> int:
 
 def param_count(ck) -> int:
     """Logical parameters (packed low-bit weights count as their unpacked size; scales excluded)."""
-    qc = ck.config_dict.get("quantization_config") or {}
-    counter = PARAM_COUNTERS.get(qc.get("quant_method", ""))
+    method = (ck.config_dict.get("quantization_config") or {}).get("quant_method", "")
+    counter = PARAM_COUNTERS.get(method)
+    if counter is None and method:
+        from weightsmith.loading import _load_runtimes
+
+        _load_runtimes()
+        counter = PARAM_COUNTERS.get(method)
     return counter(ck) if counter else _plain_params(ck)
 
 

@@ -1,0 +1,61 @@
+"""What a quantized linear is, independent of its on-disk format, and the format registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class LinearQuant:
+    """The quantization chosen for one linear module."""
+
+    bits: int
+    group_size: int  # -1 = per output channel (one group spanning all inputs)
+    sym: bool
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else -(-in_features // self.group_size)
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes and grid of one linear, in GPTQ's natural orientation."""
+
+    q: torch.Tensor  # int32 [N, K] codes in [0, 2^b)
+    scales: torch.Tensor  # float [G, N]
+    zeros: torch.Tensor  # int32 [G, N] true zero points
+    g_idx: torch.Tensor  # int32 [K]
+    quant: LinearQuant
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from weightsmith.quant.grid import dequantize_codes
+
+        return dequantize_codes(self.q, self.scales, self.zeros, self.g_idx).to(dtype)
+
+
+class Format(Protocol):
+    name: str
+    weight_suffix: str  # tensor that marks a quantized module on disk, e.g. ".qweight"
+
+    def validate(self, prefix: str, out_features: int, in_features: int, quant: LinearQuant) -> None: ...
+
+    def specs(self, prefix: str, out_features: int, in_features: int, quant: LinearQuant, scale_dtype: torch.dtype) -> list: ...
+
+    def pack(self, prefix: str, qw: QuantizedWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
+
+    def unpack(self, prefix: str, get, quant: LinearQuant, out_features: int, in_features: int) -> QuantizedWeight: ...
+
+    def config(self, default: LinearQuant, per_module: dict[str, LinearQuant | None], extra: dict) -> dict: ...
+
+    def module_quant(self, qconfig: dict, prefix: str) -> LinearQuant | None: ...
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt

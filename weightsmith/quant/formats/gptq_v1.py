@@ -1,0 +1,110 @@
+"""GPTQ v1 checkpoint format (AutoGPTQ / GPTQModel `checkpoint_format: gptq`), read by vLLM and
+transformers.
+
+Per linear `P`: `P.qweight` int32 [K·b/32, N] (codes packed along K), `P.qzeros` int32
+[G, N·b/32] (zero points minus one, packed along N), `P.scales` fp16 [G, N], `P.g_idx` int32 [K].
+Dequantization: W[n, k] = scales[g_idx[k], n] · (q[n, k] − (qzeros[g_idx[k], n] + 1)).
+Because of the stored zero−1, an asymmetric zero of 0 cannot be represented; the pass restricts
+asymmetric grids to zeros ≥ 1 for this format. Per-module differences (groups that fell back,
+skipped modules) go into GPTQModel's `dynamic` map, which vLLM honours.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from weightsmith.checkpoint.writer import TensorSpec
+from weightsmith.errors import UsageError
+from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, register_format
+from weightsmith.quant.formats.packing import pack_dense, unpack_dense
+
+
+def _words(values: int, bits: int) -> int:
+    return values * bits // 32
+
+
+class GPTQv1:
+    name = "gptq"
+    weight_suffix = ".qweight"
+    min_zero = 1  # stored zero - 1 must not underflow
+    allows_ragged_groups = True
+
+    def validate(self, prefix: str, out_features: int, in_features: int, quant: LinearQuant) -> None:
+        b = quant.bits
+        unit_k = 32 // __import__("math").gcd(32, b)  # values per whole number of words
+        if in_features % unit_k:
+            raise UsageError(
+                f"{prefix}: in_features {in_features} cannot be packed at {b} bits in the gptq format (needs a multiple of {unit_k}); "
+                f"skip this module with --override '{re.escape(prefix)}$:skip' or choose bits in {{4, 8}}"
+            )
+        if out_features % unit_k:
+            raise UsageError(
+                f"{prefix}: out_features {out_features} cannot hold packed {b}-bit zero points in the gptq format (needs a multiple of {unit_k}); "
+                f"skip it with --override '{re.escape(prefix)}$:skip'"
+            )
+
+    def specs(self, prefix, out_features, in_features, quant, scale_dtype):
+        g = quant.groups(in_features)
+        return [
+            TensorSpec(f"{prefix}.qweight", (_words(in_features, quant.bits), out_features), torch.int32),
+            TensorSpec(f"{prefix}.qzeros", (g, _words(out_features, quant.bits)), torch.int32),
+            TensorSpec(f"{prefix}.scales", (g, out_features), torch.float16),
+            TensorSpec(f"{prefix}.g_idx", (in_features,), torch.int32),
+        ]
+
+    def pack(self, prefix, qw: QuantizedWeight, scale_dtype):
+        b = qw.quant.bits
+        if int(qw.zeros.min()) < 1:
+            raise ValueError(f"{prefix}: zero point 0 is not representable in gptq v1")
+        return {
+            f"{prefix}.qweight": pack_dense(qw.q, b).T.contiguous(),
+            f"{prefix}.qzeros": pack_dense(qw.zeros - 1, b),
+            f"{prefix}.scales": qw.scales.to(torch.float16).contiguous(),
+            f"{prefix}.g_idx": qw.g_idx.to(torch.int32).contiguous(),
+        }
+
+    def unpack(self, prefix, get, quant, out_features, in_features):
+        b = quant.bits
+        q = unpack_dense(get(f"{prefix}.qweight").T.contiguous(), b, in_features)
+        zeros = unpack_dense(get(f"{prefix}.qzeros"), b, out_features) + 1
+        return QuantizedWeight(q=q, scales=get(f"{prefix}.scales").float(), zeros=zeros, g_idx=get(f"{prefix}.g_idx").to(torch.int32), quant=quant)
+
+    def config(self, default: LinearQuant, per_module: dict[str, LinearQuant | None], extra: dict) -> dict:
+        dynamic: dict[str, dict] = {}
+        for prefix, q in sorted(per_module.items()):
+            key = "^" + re.escape(prefix) + "$"
+            if q is None:
+                dynamic["-:" + key] = {}
+            elif q != default:
+                dynamic["+:" + key] = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
+        cfg = {
+            "quant_method": "gptq",
+            "checkpoint_format": "gptq",
+            "bits": default.bits,
+            "group_size": default.group_size,
+            "sym": default.sym,
+            "desc_act": False,
+            "lm_head": False,
+            "pack_dtype": "int32",
+            "meta": {"quantizer": [f"weightsmith:{extra.get('version', '')}"], **extra.get("meta", {})},
+        }
+        if dynamic:
+            cfg["dynamic"] = dynamic
+        return cfg
+
+    def module_quant(self, qconfig: dict, prefix: str) -> LinearQuant | None:
+        q = LinearQuant(int(qconfig["bits"]), int(qconfig["group_size"]), bool(qconfig.get("sym", True)))
+        for key, over in (qconfig.get("dynamic") or {}).items():
+            sign, _, pattern = key.partition(":")
+            if not pattern:
+                sign, pattern = "+", key
+            if re.match(pattern, prefix):
+                if sign == "-":
+                    return None
+                return LinearQuant(int(over.get("bits", q.bits)), int(over.get("group_size", q.group_size)), bool(over.get("sym", q.sym)))
+        return q
+
+
+register_format(GPTQv1())

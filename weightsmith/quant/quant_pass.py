@@ -1,0 +1,306 @@
+"""`weightsmith quant SRC DST`: RTN or GPTQ weight-only quantization into gptq / compressed-tensors.
+
+Orchestration only; the maths is in grid.py / gptq.py, the byte layouts in formats/. GPTQ runs on
+the layer-wise engine: one decoder layer resident, Hessians accumulated by hooks in fp32, each
+layer quantized with inputs that already went through the quantized earlier layers (the engine
+hands the next layer the outputs computed after our weight changes), and, with
+`--true-sequential` (default), sub-modules in dependency order inside a layer (q/k/v, then o,
+then gate/up, then down) so each sees inputs produced by its already-quantized predecessors.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from weightsmith import __version__
+from weightsmith.arch import arch_for
+from weightsmith.calib import CalibConfig
+from weightsmith.checkpoint.fp8 import SCALE_SUFFIX
+from weightsmith.checkpoint.writer import TensorSpec
+from weightsmith.errors import UsageError, WeightsmithError
+from weightsmith.inspect_ckpt import require_complete
+from weightsmith.passes import PassSpec, Plan, register
+from weightsmith.quant.decisions import Decision, Override, decide
+from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
+from weightsmith.quant.gptq import GPTQSpec, gptq_quantize, output_error
+from weightsmith.quant.grid import GridSpec, dequantize_codes, rtn
+from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name
+
+STAGE = {"q": 0, "k": 0, "v": 0, "q_a": 0, "kv_a": 0, "q_b": 1, "kv_b": 1, "o": 2, "gate": 3, "up": 3, "down": 4}
+SHARED_INPUT = {"q", "k", "v", "q_a", "kv_a"}
+
+
+@dataclass(frozen=True)
+class QuantConfig(CalibConfig):
+    method: Literal["rtn", "gptq"] = field(default="gptq", metadata={"help": "rtn: round to nearest (no data); gptq: error-compensating, needs calibration"})
+    bits: Literal[2, 3, 4, 8] = field(default=4, metadata={"help": "bits per weight"})
+    group_size: Literal[32, 64, 128, -1] = field(default=128, metadata={"help": "input columns sharing a scale (-1: one per output channel)"})
+    sym: bool = field(default=True, metadata={"help": "symmetric grid (fixed zero point; what vLLM's Marlin kernels run)"})
+    act_order: Literal["none", "static", "group"] = field(default="static", metadata={"help": "GPTQ column order; all three keep g_idx = column // group (no reordering at inference)"})
+    damp: float = field(default=0.01, metadata={"help": "GPTQ dampening as a fraction of mean(diag H); raised automatically if Cholesky fails"})
+    mse: bool = field(default=False, metadata={"help": "search the clipping range per row (MSE-optimal scales) instead of min/max"})
+    block_size: int = field(default=128, metadata={"help": "GPTQ lazy-update block size"})
+    true_sequential: bool = field(default=True, metadata={"help": "quantize a layer's sub-modules in dependency order, each with inputs from its quantized predecessors"})
+    format: Literal["gptq", "compressed-tensors"] = field(default="gptq", metadata={"help": "on-disk format"})
+    override: tuple[str, ...] = field(default=(), metadata={"help": "per-module rule REGEX:skip or REGEX:bits=3,group_size=64,sym=false (first match wins; repeatable)"})
+    group_mismatch: Literal["fallback", "ragged", "error"] = field(
+        default="fallback", metadata={"help": "when the group size does not divide in_features: use the largest smaller group that does, write a ragged last group (gptq format only), or stop"}
+    )
+    min_expert_tokens: int = field(default=128, metadata={"help": "MoE experts that saw fewer calibration tokens fall back to RTN"})
+    dtype: Literal["keep", "float16", "bfloat16"] = field(default="keep", metadata={"help": "dtype of the tensors left unquantized (embeddings, norms, ...)"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
+
+    def __post_init__(self):
+        for o in self.override:
+            Override.parse(o)
+        if not 0 <= self.damp < 1:
+            raise UsageError(f"--damp {self.damp}: must be in [0, 1)")
+        if self.block_size < 1 or self.batch_size < 1:
+            raise UsageError("--block-size and --batch-size must be positive")
+
+    @property
+    def default_quant(self) -> LinearQuant:
+        return LinearQuant(int(self.bits), int(self.group_size), self.sym)
+
+
+def _decisions(cfg: QuantConfig, ck, view, fmt) -> dict[str, tuple[Decision, object]]:
+    overrides = [Override.parse(o) for o in cfg.override]
+    out = {}
+    for i in range(view.num_layers):
+        for lin in view.linears(i, include_router=True):
+            n, k = ck.info(lin.prefix + ".weight").shape
+            d = decide(lin.prefix, lin.group, k, cfg.default_quant, overrides, cfg.group_mismatch, fmt)
+            if d.quant is not None:
+                fmt.validate(lin.prefix, n, k, d.quant)
+            out[lin.prefix] = (d, lin)
+    return out
+
+
+def _out_dtype(cfg: QuantConfig, src: torch.dtype) -> torch.dtype:
+    if src in FP8_DTYPES:
+        return torch.bfloat16 if cfg.dtype == "keep" else dtype_from_name(cfg.dtype)
+    if cfg.dtype == "keep" or src not in FLOAT_DTYPES:
+        return src
+    return dtype_from_name(cfg.dtype)
+
+
+def plan(cfg: QuantConfig, ctx) -> Plan:
+    ck = ctx.source
+    view = arch_for(ck.config)
+    require_complete(ck)
+    if (ck.config_dict.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
+        raise UsageError(f"{ck.root}: already quantized ({ck.config_dict['quantization_config']['quant_method']}); quantize the floating-point model")
+    fmt = FORMATS[cfg.format]
+    decisions = _decisions(cfg, ck, view, fmt)
+    quantized = {p: d for p, (d, _) in decisions.items() if d.quant is not None}
+    tensors, handled = [], set()
+    scale_dtype = torch.float16 if cfg.format == "gptq" else _out_dtype(cfg, ck.info(view.family.embed).dtype)
+    for prefix, d in quantized.items():
+        n, k = ck.info(prefix + ".weight").shape
+        tensors += fmt.specs(prefix, n, k, d.quant, scale_dtype)
+        handled |= {prefix + ".weight", prefix + ".weight" + SCALE_SUFFIX}
+    for info in ck.infos():
+        if info.name in handled:
+            continue
+        if info.name.endswith(SCALE_SUFFIX) and ck.is_fp8(info.name[: -len(SCALE_SUFFIX)]):
+            continue  # fp8 weights left unquantized are dequantized below
+        tensors.append(TensorSpec(info.name, info.shape, _out_dtype(cfg, info.dtype)))
+    out_cfg = copy.deepcopy(ck.config)
+    if cfg.dtype != "keep":
+        out_cfg.dtype = dtype_from_name(cfg.dtype)
+    elif any(ck.is_fp8(n) for n in ck.names):
+        out_cfg.dtype = torch.bfloat16
+    per_module = {p: d.quant for p, (d, _) in decisions.items()}
+    meta = {"method": cfg.method, "damp_percent": cfg.damp, "damp_auto_increment": 0.01, "static_groups": cfg.act_order == "static",
+            "act_group_aware": cfg.act_order == "group", "true_sequential": cfg.true_sequential, "mse": cfg.mse}
+    out_cfg.quantization_config = fmt.config(cfg.default_quant, per_module, {"version": __version__, "meta": meta})
+    notes = {p: d.note for p, (d, _) in decisions.items() if d.note and d.quant is not None}
+    summary = {
+        "method": cfg.method,
+        "format": cfg.format,
+        "quantized_modules": len(quantized),
+        "full_precision_modules": len(decisions) - len(quantized),
+        "group_adjustments": len(notes),
+    }
+    return Plan(tensors=tensors, config=out_cfg, summary=summary)
+
+
+class _Recorder:
+    """Collects per-module results for the manifest."""
+
+    def __init__(self):
+        self.layers: dict[str, dict] = {}
+        self.rtn_fallbacks: list[str] = []
+        self.damp_raised: dict[str, float] = {}
+
+
+def _finite(name: str, w: torch.Tensor) -> None:
+    if not torch.isfinite(w).all():
+        raise WeightsmithError(f"{name}: contains NaN or Inf; refusing to quantize it (fix the source weights)")
+
+
+def _write_quantized(ctx, fmt, prefix: str, qw: QuantizedWeight, scale_dtype) -> None:
+    for name, t in fmt.pack(prefix, qw, scale_dtype).items():
+        ctx.writer.write(name, t)
+
+
+def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
+    ck = ctx.source
+    view = arch_for(ck.config)
+    fmt = FORMATS[cfg.format]
+    decisions = _decisions(cfg, ck, view, fmt)
+    quantized = {p: d for p, (d, _) in decisions.items() if d.quant is not None}
+    quant_weights = {p + ".weight" for p in quantized}
+    rec = _Recorder()
+    scale_dtype = next(s.dtype for s in ctx.writer.planned if s.name.endswith((".scales", ".weight_scale"))) if quantized else torch.float16
+    out_dtypes = {s.name: s.dtype for s in ctx.writer.planned}
+    # everything that is not a quantized weight streams straight through
+    for name in ck.file_order():
+        if name in out_dtypes and name not in quant_weights:
+            if ck.info(name).dtype in FP8_DTYPES:
+                ctx.writer.write(name, ck.get(name, dequantize=True, dtype=out_dtypes[name]))
+            else:
+                ctx.copy_tensor(name, dtype=out_dtypes[name])
+    t0 = time.perf_counter()
+    if cfg.method == "rtn":
+        for prefix in ctx.report.track(list(quantized), desc="rtn"):
+            q = quantized[prefix].quant
+            w = ck.get(prefix + ".weight", dequantize=True, dtype=torch.float32)
+            _finite(prefix + ".weight", w)
+            qw = _rtn(w, q, cfg.mse, fmt)
+            _write_quantized(ctx, fmt, prefix, qw, scale_dtype)
+            rec.layers[prefix] = {"method": "rtn", "weight_rel_error": float((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-12))}
+    else:
+        _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype)
+    _metrics(cfg, ctx, ck, quantized, rec, time.perf_counter() - t0)
+
+
+def _rtn(w: torch.Tensor, q: LinearQuant, mse: bool, fmt) -> QuantizedWeight:
+    codes, scales, zeros, g_idx = rtn(w, GridSpec(q.bits, q.sym, mse), q.group_size)
+    qw = QuantizedWeight(codes, scales, zeros, g_idx, q)
+    return _respect_min_zero(qw, fmt)
+
+
+def _respect_min_zero(qw: QuantizedWeight, fmt) -> QuantizedWeight:
+    """GPTQ v1 stores zero-1: an asymmetric zero of 0 is re-fitted as 1 (codes re-rounded)."""
+    if fmt.min_zero <= 0 or int(qw.zeros.min()) >= fmt.min_zero:
+        return qw
+    w = qw.dequantize()
+    zeros = qw.zeros.clamp(min=fmt.min_zero)
+    gi = qw.g_idx.long()
+    s = qw.scales[gi].T
+    q = torch.clamp(torch.round(w / s) + zeros[gi].T, 0, (1 << qw.quant.bits) - 1).to(torch.int32)
+    return QuantizedWeight(q, qw.scales, zeros, qw.g_idx, qw.quant)
+
+
+def _input_key(lin) -> str:
+    if lin.role in SHARED_INPUT:
+        return lin.prefix.rsplit(".", 1)[0] + ".<attention input>"
+    if lin.role in ("gate", "up"):
+        return lin.prefix.rsplit(".", 1)[0] + ".<mlp input>"
+    return lin.prefix
+
+
+def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> None:
+    from weightsmith.engine.stats import Gram
+
+    calib = ctx.calibrate(cfg, default="self")
+    if cfg.calib is None:
+        ctx.notes.append("no --calib given: GPTQ calibrated on text the model generated itself (data-free); real text is usually better")
+    engine = ctx.engine(batch_size=cfg.batch_size)
+
+    def process(layer):
+        lins = [lin for p, (d, lin) in decisions.items() if d.quant is not None and view.layer_of(p) == layer.index]
+        stages = sorted({STAGE.get(l.role, 0) for l in lins}) if cfg.true_sequential else [None]
+        for st in stages:
+            todo = [l for l in lins if st is None or STAGE.get(l.role, 0) == st]
+            grams: dict[str, Gram] = {}
+            observe = {}
+            for lin in todo:
+                key = _input_key(lin)
+                if key not in grams:
+                    grams[key] = Gram(layer.in_features(lin.prefix))
+                    observe[lin.prefix] = grams[key]
+            layer.run(observe=observe, keep_outputs=False)
+            for lin in todo:
+                _gptq_one(cfg, ctx, fmt, layer, lin, quantized[lin.prefix].quant, grams[_input_key(lin)], rec, scale_dtype)
+        tokens = layer.expert_tokens()
+        if tokens is not None:
+            rec.layers.setdefault(f"{layer.prefix}.<experts>", {})["tokens_per_expert"] = tokens
+
+    engine.run(calib.ids, process)
+    engine.close()
+
+
+def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, rec, scale_dtype) -> None:
+    name = lin.prefix + ".weight"
+    w = layer.tensor(name).detach().float()
+    _finite(name, w)
+    if lin.expert is not None and gram.rows < cfg.min_expert_tokens:
+        qw = _rtn(w, q, cfg.mse, fmt)
+        rec.rtn_fallbacks.append(lin.prefix)
+        entry = {"method": "rtn (expert saw too few tokens)", "tokens": gram.rows}
+    else:
+        spec = GPTQSpec(GridSpec(q.bits, q.sym, cfg.mse), q.group_size, cfg.act_order, cfg.block_size, cfg.damp)
+        res = gptq_quantize(w, gram.sum, spec)
+        qw = _respect_min_zero(QuantizedWeight(res.q, res.scales, res.zeros, res.g_idx, q), fmt)
+        entry = {"method": "gptq", "tokens": gram.rows}
+        if res.damp != cfg.damp:
+            rec.damp_raised[lin.prefix] = res.damp
+            entry["damp"] = res.damp
+        if res.dead_columns:
+            entry["dead_columns"] = res.dead_columns
+    w_hat = qw.dequantize()
+    entry["rel_output_error"] = output_error(w, w_hat, gram.sum)
+    rec.layers[lin.prefix] = entry
+    layer.set_weight(name, w_hat)  # the next sub-modules and layers see the quantized weights
+    _write_quantized(ctx, fmt, lin.prefix, qw, scale_dtype)
+
+
+def _metrics(cfg, ctx, ck, quantized, rec: _Recorder, seconds: float) -> None:
+    planned = {s.name: s for s in ctx.writer.planned}
+    q_numel = sum(ck.info(p + ".weight").numel for p in quantized)
+    q_bytes = sum(s.nbytes for s in planned.values() if s.name.rsplit(".", 1)[0] in quantized and not s.name.endswith(".bias"))
+    src_bytes = sum(i.nbytes for i in ck.infos())
+    errs = [v["rel_output_error"] for v in rec.layers.values() if "rel_output_error" in v]
+    ctx.metrics.update(
+        {
+            "method": cfg.method,
+            "quantized_modules": len(quantized),
+            "bits_per_quantized_weight": 8 * q_bytes / max(q_numel, 1),
+            "bits_per_parameter_overall": 8 * ctx.writer.total_size / max(sum(i.numel for i in ck.infos()), 1),
+            "bytes_before": src_bytes,
+            "bytes_after": ctx.writer.total_size,
+            "mean_rel_output_error": (sum(errs) / len(errs)) if errs else None,
+            "max_rel_output_error": max(errs) if errs else None,
+            "group_adjustments": {p: d.note for p, d in quantized.items() if d.note},
+            "rtn_fallback_experts": rec.rtn_fallbacks,
+            "damp_raised": rec.damp_raised,
+            "modules": rec.layers,
+        }
+    )
+    # wall time is reported, not stored: outputs must be byte-identical across runs
+    ctx.notes.append(f"quantized {len(quantized)} modules ({cfg.method}) in {seconds:.1f} s")
+    if rec.rtn_fallbacks:
+        ctx.notes.append(f"{len(rec.rtn_fallbacks)} MoE experts saw fewer than {cfg.min_expert_tokens} calibration tokens and were quantized with RTN (listed in the manifest)")
+    if rec.damp_raised:
+        ctx.notes.append(f"Cholesky needed more dampening for {len(rec.damp_raised)} modules (values in the manifest)")
+
+
+register(
+    PassSpec(
+        name="quant",
+        config_cls=QuantConfig,
+        plan=plan,
+        run=run,
+        help="weight-only RTN/GPTQ quantization to 2/3/4/8 bits, written as GPTQ or compressed-tensors checkpoints",
+        reference_url="https://arxiv.org/abs/2210.17323",
+        relation="quantized",
+        tags=("quantized",),
+    )
+)
