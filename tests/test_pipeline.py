@@ -1,0 +1,127 @@
+"""Pipelines (`weightsmith run`), model cards along a chain, and `push` against a local stand-in."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from weightsmith.checkpoint.card import _front_matter
+
+
+def _recipe(tmp_path: Path, src: Path, bits: int = 4) -> Path:
+    r = tmp_path / "pipe.yaml"
+    r.write_text(yaml.safe_dump({
+        "source": str(src),
+        "out": "out",
+        "steps": [
+            {"name": "base", "pass": "import"},
+            {"name": "w8", "pass": "quant", "options": {"method": "rtn", "bits": 8, "group_size": 32}},
+            {"name": "w4", "pass": "quant", "input": "base", "options": {"method": "rtn", "bits": bits, "group_size": 32}},
+        ],
+    }))
+    return r
+
+
+def test_run_recipe_is_incremental(tiny_model, cli, tmp_path):
+    src = tiny_model("llama")
+    recipe = _recipe(tmp_path, src)
+    r = cli("run", recipe, "--json")
+    assert r.code == 0, r
+    assert [s["status"] for s in json.loads(r.out)] == ["written"] * 3
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/manifest.json")}
+    r = cli("run", recipe, "--json")
+    assert r.code == 0, r
+    assert [s["status"] for s in json.loads(r.out)] == ["up-to-date"] * 3
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/manifest.json")}
+    # changing one step's options reruns that step only (its siblings and ancestors are fresh)
+    _recipe(tmp_path, src, bits=3)
+    r = cli("run", recipe, "--json")
+    assert r.code == 0, r
+    assert [s["status"] for s in json.loads(r.out)] == ["up-to-date", "up-to-date", "written"]
+    m = json.loads((tmp_path / "out" / "w4" / "manifest.json").read_text())
+    assert [s["pass"]["name"] for s in m["chain"]] == ["import"] and m["pass"]["name"] == "quant"
+    card = (tmp_path / "out" / "w4" / "README.md").read_text()
+    fm = _front_matter(card)
+    assert fm["library_name"] == "transformers" and "weightsmith" in fm["tags"] and "import" in card and "quant" in card
+
+
+def test_run_recipe_dry_run_and_errors(tiny_model, cli, tmp_path):
+    src = tiny_model("llama")
+    r = cli("run", _recipe(tmp_path, src), "--dry-run", "--json")
+    assert r.code == 0, r
+    rows = json.loads(r.out)
+    assert rows[0]["status"] == "dry-run" and rows[1]["status"].startswith("pending") and not (tmp_path / "out").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"source": str(src), "steps": [{"name": "x", "pass": "quant", "options": {"bitz": 4}}]}))
+    r = cli("run", bad)
+    assert r.code == 2 and "step 'x'" in r.err and "bitz" in r.err
+    bad.write_text(yaml.safe_dump({"source": str(src), "steps": [{"name": "x", "pass": "nope"}]}))
+    r = cli("run", bad)
+    assert r.code == 2 and "unknown pass 'nope'" in r.err
+    bad.write_text(yaml.safe_dump({"source": str(src), "steps": [{"name": "../x", "pass": "import"}]}))
+    assert "plain file name" in cli("run", bad).err
+
+
+class StandIn:
+    """A local stand-in for huggingface_hub.HfApi: records what it was asked to do."""
+
+    def __init__(self):
+        self.calls = []
+        self.token = "hf_fake"
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def create_branch(self, repo_id, **kw):
+        self.calls.append(("create_branch", repo_id, kw))
+
+    def upload_folder(self, **kw):
+        self.calls.append(("upload_folder", kw["repo_id"], kw))
+
+        class Info:
+            commit_url = f"https://hub.local/{kw['repo_id']}/commit/1"
+            pr_url = None
+
+        return Info()
+
+
+def test_push_dry_run_lists_verified_files_and_uploads_offline(tiny_model, cli, tmp_path, monkeypatch):
+    from weightsmith import publish
+
+    out = tmp_path / "q"
+    assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--max-shard-size", "100KB").code == 0
+    r = cli("push", out, "me/tiny-w4", "--dry-run", "--json")
+    assert r.code == 0, r
+    plan = json.loads(r.out)
+    listed = set(json.loads((out / "manifest.json").read_text())["outputs"]["files"]) | {"manifest.json"}
+    assert set(plan["files"]) == listed and len([f for f in listed if f.endswith(".safetensors")]) > 1
+    stand_in = StandIn()
+    monkeypatch.setattr(publish, "make_api", lambda endpoint=None: stand_in)
+    r = cli("push", out, "me/tiny-w4", "--private", "--revision", "v2", "--json")
+    assert r.code == 0, r
+    kinds = [c[0] for c in stand_in.calls]
+    assert kinds == ["create_repo", "create_branch", "upload_folder"]
+    up = stand_in.calls[-1][2]
+    assert sorted(up["allow_patterns"]) == sorted(listed)
+    assert "*.safetensors" in up["delete_patterns"] and up["revision"] == "v2"
+    assert stand_in.calls[0][2]["private"] is True
+    assert "hf_fake" not in r.out + r.err
+    (out / "notes.txt").write_text("not part of the output")  # a stray file: verify fails, nothing is uploaded
+    r = cli("push", out, "me/tiny-w4")
+    assert r.code == 1 and "notes.txt" in r.err and len(stand_in.calls) == 3
+
+
+def test_push_refuses_unverified_output(tiny_model, cli, tmp_path):
+    out = tmp_path / "q"
+    assert cli("import", tiny_model("llama"), out).code == 0
+    shard = next(out.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    r = cli("push", out, "me/x", "--dry-run")
+    assert r.code != 0 and "verify" in r.err and shard.name in r.err
+    assert "not a Hub repo id" in cli("push", out, "no-slash", "--dry-run").err
