@@ -117,3 +117,25 @@ def test_incomplete_or_wrong_writes_refused(tmp_path):
         with pytest.raises(WeightsmithError, match="never written"):
             w.finalize()
     assert not (tmp_path / "o").exists() and leftovers(tmp_path, "o") == []
+
+
+def test_plan_layout_keeps_given_shards(tmp_path):
+    import torch
+
+    from weightsmith.checkpoint.reader import Checkpoint
+    from weightsmith.checkpoint.writer import CheckpointWriter, TensorSpec
+
+    names = [f"t{i}" for i in range(6)]
+    layout = {"t0": "b.safetensors", "t1": "a.safetensors", "t2": "b.safetensors", "t3": "a.safetensors", "t4": "a.safetensors"}
+    with CheckpointWriter(tmp_path / "o", max_shard_size=10**9) as w:
+        w.plan([TensorSpec(n, (4,), torch.float32) for n in names], layout=layout)
+        for i, n in enumerate(names):
+            w.write(n, torch.full((4,), float(i)))
+        w.set_config(_Cfg())
+        w.finalize()
+    ck = Checkpoint(tmp_path / "o")
+    by_file = {}
+    for n in names:
+        by_file.setdefault(ck.info(n).file, []).append(n)
+    assert sorted(map(sorted, by_file.values())) == [["t0", "t2"], ["t1", "t3", "t4"], ["t5"]]
+    assert torch.equal(ck.get("t3"), torch.full((4,), 3.0))

@@ -29,6 +29,7 @@ class Plan:
     tensors: list | None
     config: Any | None
     summary: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, str] | None = None  # tensor name -> shard key (see CheckpointWriter.plan)
 
 
 @dataclass(frozen=True)

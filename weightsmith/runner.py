@@ -165,7 +165,7 @@ def run_pass(
     with CheckpointWriter(dst, force=force, max_shard_size=max_shard_size) as writer:
         ctx.writer = writer
         if plan.tensors is not None:
-            writer.plan(plan.tensors)
+            writer.plan(plan.tensors, layout=plan.layout)
         if plan.config is not None:
             writer.set_config(plan.config)
         spec.run(config, ctx, plan)

@@ -25,7 +25,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -127,7 +127,10 @@ class CheckpointWriter:
         self._fds.clear()
 
     # ---- planning and writing ------------------------------------------------------------
-    def plan(self, specs: Iterable[TensorSpec]) -> None:
+    def plan(self, specs: Iterable[TensorSpec], *, layout: Mapping[str, str] | None = None) -> None:
+        """Lay out every output tensor. `layout` (tensor name -> any shard key, e.g. the input's
+        file name) keeps tensors that share a key in one shard, shards ordered by key as files
+        are named (natural order); tensors it does not mention are packed greedily after them."""
         if self._slots:
             raise RuntimeError("CheckpointWriter.plan() called twice")
         specs = sorted(specs, key=lambda s: natural_key(s.name))
@@ -136,7 +139,17 @@ class CheckpointWriter:
             if s.name in seen:
                 raise WeightsmithError(f"internal error: output tensor {s.name!r} planned twice")
             seen.add(s.name)
-        groups = assign_shards(specs, self.max_shard_size) if specs else [[]]
+        if layout:
+            keyed: dict[str, list[TensorSpec]] = {}
+            rest = []
+            for s in specs:
+                if s.name in layout:
+                    keyed.setdefault(layout[s.name], []).append(s)
+                else:
+                    rest.append(s)
+            groups = [keyed[k] for k in sorted(keyed, key=natural_key)] + (assign_shards(rest, self.max_shard_size) if rest else [])
+        else:
+            groups = assign_shards(specs, self.max_shard_size) if specs else [[]]
         self.shards = shard_names(len(groups))
         for fname, group in zip(self.shards, groups):
             header, offsets = build_header([(s.name, s.dtype, s.shape) for s in group], self.metadata)
