@@ -19,6 +19,7 @@ from weightsmith.errors import UsageError
 PASS_MODULES = [
     "weightsmith.checkpoint.copy_pass",
     "weightsmith.quant.quant_pass",
+    "weightsmith.merge.merge_pass",
 ]
 
 
@@ -98,7 +99,9 @@ def config_to_params(config: Any) -> dict[str, Any]:
             return {str(k): clean(x) for k, x in v.items()}
         return v
 
-    return {f.name: clean(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    # fields marked runtime=True (worker counts...) never change the output: they are not
+    # parameters, so changing them neither changes the manifest nor makes an output stale
+    return {f.name: clean(getattr(config, f.name)) for f in dataclasses.fields(config) if not f.metadata.get("runtime")}
 
 
 def make_config(cls: type, values: dict[str, Any]) -> Any:

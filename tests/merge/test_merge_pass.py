@@ -1,0 +1,216 @@
+"""The merge pass: selection is byte-exact (fp8 + scales), interpolation matches a float reference,
+every safety check fires before anything is written, outputs load in transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from weightsmith.checkpoint.fp8 import dequantize_blockwise, quantize_blockwise
+from weightsmith.checkpoint.reader import Checkpoint
+
+BLOCK = [16, 16]
+
+
+def perturbed(src: Path, dst: Path, seed: int, scale: float = 0.5) -> Path:
+    """A second parent: the same model with noise on every matrix (a 'fine-tune')."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        t = load_file(f)
+        g = torch.Generator().manual_seed(seed)
+        for k, v in t.items():
+            if v.dim() == 2:
+                t[k] = (v.float() + scale * v.float().std() * torch.randn(v.shape, generator=g)).to(v.dtype)
+        save_file(t, f, metadata={"format": "pt"})
+    return dst
+
+
+def to_fp8(src: Path, dst: Path) -> Path:
+    """DeepSeek-style fp8 copy: 2-D linear weights as e4m3 with block scale_inv (16x16 blocks here)."""
+    shutil.copytree(src, dst)
+    f = dst / "model.safetensors"
+    t = load_file(f)
+    out = {}
+    for k, v in t.items():
+        if v.dim() == 2 and "proj" in k:
+            q, s = quantize_blockwise(v.float(), tuple(BLOCK))
+            out[k], out[k + "_scale_inv"] = q, s
+        else:
+            out[k] = v.to(torch.bfloat16)
+    save_file(out, f, metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": BLOCK, "activation_scheme": "dynamic"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture
+def pair(tiny_model, tmp_path):
+    a = tiny_model("llama")
+    return a, perturbed(a, tmp_path / "b", 1)
+
+
+@pytest.fixture
+def fp8_pair(tiny_model, tmp_path):
+    a = to_fp8(tiny_model("deepseek_v3"), tmp_path / "v3")
+    b = to_fp8(perturbed(tiny_model("deepseek_v3"), tmp_path / "r1-bf", 2), tmp_path / "r1")
+    return a, b
+
+
+def _bytes(ck: Checkpoint, name: str) -> bytes:
+    return bytes(ck.read_raw(name))
+
+
+def test_selection_is_byte_exact(pair, cli, tmp_path):
+    a, b = pair
+    for k, parent in enumerate((a, b)):
+        out = tmp_path / f"sel{k}"
+        r = cli("merge", out, "--parent", a, "--parent", b, "--weights", f"parent:{k}")
+        assert r.code == 0, r
+        ck, src = Checkpoint(out), Checkpoint(parent)
+        assert set(ck.names) == set(src.names)
+        assert all(_bytes(ck, n) == _bytes(src, n) for n in src.names)
+
+
+def test_chimera_rule_on_fp8_copies_weights_and_scales(fp8_pair, cli, tmp_path):
+    v3, r1 = fp8_pair
+    out = tmp_path / "chimera"
+    r = cli("merge", out, "--parent", v3, "--parent", r1, "--weights", "parent:0", "--rule", "group:routed_experts=parent:1", "--json")
+    assert r.code == 0, r
+    ck, A, B = Checkpoint(out), Checkpoint(v3), Checkpoint(r1)
+    experts = [n for n in A.names if ".mlp.experts." in n]
+    assert experts and any(n.endswith("_scale_inv") for n in experts)
+    for n in A.names:
+        want = B if ".mlp.experts." in n else A
+        assert _bytes(ck, n) == _bytes(want, n), n
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert m["groups"]["routed_experts"]["selected"] == {"1": 4 * 3} and m["groups"]["attention"]["selected"] == {"0": 14}
+    # weight 0 parents are never read: B contributed exactly its experts' bytes
+    assert m["bytes_read_per_parent"][1] == sum(B.info(n).nbytes for n in experts)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["weight_block_size"] == BLOCK
+
+
+def test_interpolation_matches_float_reference(pair, cli, tmp_path):
+    a, b = pair
+    out = tmp_path / "lin"
+    assert cli("merge", out, "--parent", a, "--parent", b, "--weights", "0.3,0.7", "--workers", "2").code == 0
+    ck, A, B = Checkpoint(out), Checkpoint(a), Checkpoint(b)
+    for n in A.names:
+        ref = 0.3 * A.get(n).float() + 0.7 * B.get(n).float()
+        torch.testing.assert_close(ck.get(n).float(), ref, rtol=1e-6, atol=1e-7)
+    # byte-identical twice (parallel workers do not change anything)
+    out2 = tmp_path / "lin2"
+    assert cli("merge", out2, "--parent", a, "--parent", b, "--weights", "0.3,0.7", "--workers", "1").code == 0
+    for p in out.iterdir():
+        assert p.read_bytes() == (out2 / p.name).read_bytes(), p.name
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.float(), ck.get("model.layers.0.mlp.up_proj.weight").float())
+
+
+def test_fp8_interpolation_requantizes_blockwise(fp8_pair, cli, tmp_path):
+    v3, r1 = fp8_pair
+    out = tmp_path / "mix"
+    assert cli("merge", out, "--parent", v3, "--parent", r1, "--weights", "0.5,0.5").code == 0
+    ck, A, B = Checkpoint(out), Checkpoint(v3), Checkpoint(r1)
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    deq = [dequantize_blockwise(c.get(name), c.get(name + "_scale_inv"), tuple(BLOCK)) for c in (A, B)]
+    q, s = quantize_blockwise(0.5 * deq[0] + 0.5 * deq[1], tuple(BLOCK))
+    assert ck.info(name).dtype == torch.float8_e4m3fn
+    assert torch.equal(ck.get(name).view(torch.uint8), q.view(torch.uint8)) and torch.equal(ck.get(name + "_scale_inv"), s)
+    # --out-dtype bf16: dequantized, scales gone, loads with plain from_pretrained
+    bf = tmp_path / "bf16"
+    assert cli("merge", bf, "--parent", v3, "--parent", r1, "--weights", "0.5,0.5", "--out-dtype", "bfloat16").code == 0
+    ckb = Checkpoint(bf)
+    assert not [n for n in ckb.names if n.endswith("_scale_inv")] and ckb.info(name).dtype == torch.bfloat16
+    torch.testing.assert_close(ckb.get(name).float(), (0.5 * deq[0] + 0.5 * deq[1]).bfloat16().float())
+    assert "quantization_config" not in json.loads((bf / "config.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(bf)
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_delta_copies_tensors_that_barely_differ(pair, cli, tmp_path, tiny_model):
+    a, _ = pair
+    near = perturbed(a, tmp_path / "near", 3, scale=1e-3)
+    out = tmp_path / "d"
+    assert cli("merge", out, "--parent", a, "--parent", near, "--weights", "0.5,0.5", "--delta", "0.01").code == 0
+    m = json.loads((out / "manifest.json").read_text())["metrics"]["groups"]
+    assert m["attention"]["copied_below_delta"] == 8 and m["attention"]["interpolated"] == 0
+    ck, A = Checkpoint(out), Checkpoint(a)
+    assert all(_bytes(ck, n) == _bytes(A, n) for n in A.names)
+    out2 = tmp_path / "d2"  # a per-rule delta of 0 interpolates attention anyway
+    assert cli("merge", out2, "--parent", a, "--parent", near, "--weights", "0.5,0.5", "--delta", "0.01", "--rule", "self_attn=0.5,0.5;delta=0").code == 0
+    m = json.loads((out2 / "manifest.json").read_text())["metrics"]["groups"]
+    assert m["attention"]["interpolated"] == 8 and m["dense_mlp"]["copied_below_delta"] == 6
+
+
+def test_output_sharded_like_the_base(tiny_model, cli, tmp_path):
+    sharded = tmp_path / "sh"
+    assert cli("import", tiny_model("llama"), sharded, "--max-shard-size", "100KB").code == 0
+    b = perturbed(sharded, tmp_path / "shb", 4)
+    shutil.rmtree(b / "manifest.json", ignore_errors=True) if (b / "manifest.json").is_dir() else (b / "manifest.json").unlink()
+    out = tmp_path / "o"
+    assert cli("merge", out, "--parent", sharded, "--parent", b).code == 0
+    src_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    out_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert out_map == src_map and len(set(src_map.values())) > 1
+
+
+def test_refusals_write_nothing(tiny_model, pair, cli, tmp_path):
+    a, b = pair
+    other = tiny_model("llama", hidden_size=32, intermediate_size=48, head_dim=8)
+    cases = [
+        (["--parent", a, "--parent", other], "different architecture: hidden_size"),
+        (["--parent", a, "--parent", tiny_model("qwen2")], "model_type"),
+        (["--parent", a, "--parent", b, "--rule", "experts=parent:1"], "matches no tensor"),
+        (["--parent", a, "--parent", b, "--weights", "0.5,0.4"], "sum to 0.9"),
+        (["--parent", a, "--parent", b, "--rule", "group:bogus=parent:1"], "unknown tensor group 'bogus'"),
+        (["--parent", a, "--parent", b, "--weights", "parent:2"], "parent:2 but there are 2 parents"),
+    ]
+    for args, msg in cases:
+        r = cli("merge", tmp_path / "x", *args)
+        assert r.code != 0 and msg in r.err, (args, r)
+        assert not (tmp_path / "x").exists()
+    # a tensor missing from one parent
+    c = tmp_path / "c"
+    shutil.copytree(b, c)
+    t = load_file(c / "model.safetensors")
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, c / "model.safetensors", metadata={"format": "pt"})
+    r = cli("merge", tmp_path / "x", "--parent", a, "--parent", c)
+    assert r.code != 0 and "model.layers.1.mlp.up_proj.weight" in r.err and "--partial" in r.err and not (tmp_path / "x").exists()
+    r = cli("merge", tmp_path / "y", "--parent", a, "--parent", c, "--partial", "base")
+    assert r.code == 0 and _bytes(Checkpoint(tmp_path / "y"), "model.layers.1.mlp.up_proj.weight") == _bytes(Checkpoint(a), "model.layers.1.mlp.up_proj.weight")
+    # different tokenizers: refused until one is chosen
+    tok = json.loads((b / "tokenizer.json").read_text())
+    tok["added_tokens"] = tok.get("added_tokens", []) + [{"id": 255, "content": "<x>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}]
+    (b / "tokenizer.json").write_text(json.dumps(tok))
+    r = cli("merge", tmp_path / "x", "--parent", a, "--parent", b)
+    assert r.code != 0 and "tokenizer.json" in r.err and "--tokenizer-from" in r.err and not (tmp_path / "x").exists()
+    r = cli("merge", tmp_path / "z", "--parent", a, "--parent", b, "--tokenizer-from", "1")
+    assert r.code == 0 and (tmp_path / "z" / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+def test_dry_run_and_recipe_file(pair, cli, tmp_path):
+    a, b = pair
+    recipe = tmp_path / "chimera.yaml"
+    recipe.write_text("weights: parent:0\nrule:\n  - {group: attention, weights: [0, 1]}\n  - 'mlp\\.down_proj=0.5,0.5'\n")
+    r = cli("merge", tmp_path / "o", "--parent", a, "--parent", b, "--recipe", recipe, "--dry-run", "--json")
+    assert r.code == 0, r
+    plan = json.loads(r.out)["plan"]
+    assert plan["groups"]["attention"]["rules"] == {"group:attention=0,1": 8} and plan["select"] == 21 - 2 and plan["interpolate"] == 2
+    assert not (tmp_path / "o").exists()
+    r = cli("merge", tmp_path / "o", "--parent", a, "--parent", b, "--recipe", recipe)
+    assert r.code == 0, r
+    ck, A, B = Checkpoint(tmp_path / "o"), Checkpoint(a), Checkpoint(b)
+    assert _bytes(ck, "model.layers.0.self_attn.q_proj.weight") == _bytes(B, "model.layers.0.self_attn.q_proj.weight")
+    assert _bytes(ck, "model.layers.0.mlp.up_proj.weight") == _bytes(A, "model.layers.0.mlp.up_proj.weight")
+    torch.testing.assert_close(ck.get("model.layers.0.mlp.down_proj.weight"), 0.5 * A.get("model.layers.0.mlp.down_proj.weight") + 0.5 * B.get("model.layers.0.mlp.down_proj.weight"))

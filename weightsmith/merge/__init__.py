@@ -1,0 +1,1 @@
+"""Chimera / Assembly-of-Experts merging: per-tensor selection and interpolation of parents."""

@@ -1,0 +1,364 @@
+"""`weightsmith merge DST --parent BASE --parent B [...]`: Chimera / Assembly-of-Experts merges.
+
+Per tensor, the first matching rule gives one λ per parent: λ = (0,..,1,..,0) selects that
+parent's bytes untouched (fp8 weight and its scales together); anything else interpolates
+W = Σ λ_i W_i in fp32, after dequantizing fp8 parents with their own block scales, and
+requantizes to the same 128x128 block format (or writes --out-dtype). With a threshold δ a tensor
+is interpolated only where some parent differs from the base by more than δ (relative Frobenius
+norm); otherwise the base's bytes are copied. Everything is checked before a byte is written;
+tensors stream in the base's on-disk order through a small worker pool, only the parents a tensor
+needs are read, and the output keeps the base's sharding.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from weightsmith.arch import arch_for
+from weightsmith.checkpoint.fp8 import SCALE_SUFFIX, dequantize_blockwise
+from weightsmith.checkpoint.writer import TensorSpec
+from weightsmith.errors import CheckpointError, UsageError
+from weightsmith.merge.maths import merge_fp8, relative_difference
+from weightsmith.merge.rules import Rule, parse_rule, parse_weights, resolve
+from weightsmith.passes import PassSpec, Plan, register
+from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name, dtype_name
+
+# files that make up a tokenizer: parents must agree on them (or the user picks one)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# config keys that make two checkpoints different architectures (shapes are checked per tensor)
+STRUCTURAL_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads",
+                   "num_key_value_heads", "intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts",
+                   "num_local_experts", "first_k_dense_replace", "kv_lora_rank", "q_lora_rank", "head_dim", "tie_word_embeddings")
+CHUNK_BYTES = 64 << 20  # fp32 working set per interpolation step
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    weights: str | None = field(default=None, metadata={"help": "default rule: one λ per parent (e.g. 0.7,0.3) or parent:N; default: equal weights"})
+    rule: tuple[str, ...] = field(default=(), metadata={"help": "PATTERN=λ1,λ2[;delta=D] or group:NAME=parent:N (repeat; first match wins; PATTERN is a regex searched in the tensor name)"})
+    delta: float = field(default=0.0, metadata={"help": "interpolate a tensor only where a parent differs from the base by more than this (relative Frobenius norm); else copy the base"})
+    out_dtype: Literal["keep", "bfloat16", "float16", "float32"] = field(default="keep", metadata={"help": "keep the parents' dtypes (fp8 stays block-scaled fp8) or write this dtype (fp8 dequantized)"})
+    ue8m0: bool = field(default=False, metadata={"help": "round requantized fp8 scales to powers of two (DeepSeek V3.1 scale_fmt ue8m0)"})
+    tokenizer_from: int | None = field(default=None, metadata={"help": "take the tokenizer files from this parent (0-based) when the parents' tokenizers differ"})
+    partial: Literal["error", "base", "first"] = field(default="error", metadata={"help": "a tensor only some parents have: error, take the base's (drop it if the base lacks it: never), or take it from the first parent that has it"})
+    workers: int = field(default=0, metadata={"help": "parallel tensor workers (0: one per core, at most 8); the output does not depend on it", "runtime": True})
+
+
+@dataclass
+class Unit:
+    """One output tensor with its fp8 scale (if any), and how to make it."""
+
+    name: str
+    group: str
+    rule: Rule
+    scale: str | None  # base's scale tensor name when the weight is block-scaled fp8
+    out_dtype: torch.dtype
+    have: tuple[int, ...]  # parents that hold this tensor
+    action: str = ""  # select | interpolate
+
+
+def _parents_config_check(cks) -> list[str]:
+    base = cks[0].config_dict
+    notes = []
+    for k, ck in enumerate(cks[1:], 1):
+        other = ck.config_dict
+        for key in STRUCTURAL_KEYS:
+            if base.get(key) != other.get(key):
+                raise CheckpointError(f"parent {k} ({ck.root}) is a different architecture: {key} = {other.get(key)!r}, the base has {base.get(key)!r}")
+        differ = sorted(kk for kk in set(base) | set(other) if kk not in ("_name_or_path", "transformers_version") and base.get(kk) != other.get(kk))
+        if differ:
+            notes.append(f"parent {k}'s config differs from the base in {', '.join(differ[:6])}{'…' if len(differ) > 6 else ''}: the base's config is kept")
+    return notes
+
+
+def _tokenizer_digest(ck) -> dict[str, str]:
+    out = {}
+    for f in TOKENIZER_FILES:
+        p = ck.root / f
+        if p.is_file():
+            out[f] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _check_tokenizers(cfg: MergeConfig, cks) -> int:
+    """Index of the parent whose tokenizer files go to the output."""
+    if cfg.tokenizer_from is not None:
+        if not 0 <= cfg.tokenizer_from < len(cks):
+            raise UsageError(f"--tokenizer-from {cfg.tokenizer_from}: there are {len(cks)} parents (0..{len(cks) - 1})")
+        return cfg.tokenizer_from
+    digests = [_tokenizer_digest(ck) for ck in cks]
+    for k, d in enumerate(digests[1:], 1):
+        differ = sorted(f for f in set(d) | set(digests[0]) if d.get(f) != digests[0].get(f))
+        if differ:
+            raise CheckpointError(f"parent {k} ({cks[k].root}) has a different tokenizer than the base ({', '.join(differ)} differ); "
+                                  f"merged weights index the vocabulary, so choose one explicitly with --tokenizer-from N")
+    return 0
+
+
+def _units(cfg: MergeConfig, ctx) -> tuple[list[Unit], list[Rule], Rule]:
+    cks = ctx.sources
+    n = len(cks)
+    view = arch_for(cks[0].config)
+    rules = [parse_rule(r, n, i) for i, r in enumerate(cfg.rule)]
+    default_w = parse_weights(cfg.weights, n, "--weights") if cfg.weights else tuple(1.0 / n for _ in range(n))
+    default = Rule(f"default={cfg.weights or ','.join(f'{w:g}' for w in default_w)}", None, None, default_w, None)
+    names: dict[str, list[int]] = {}
+    for k, ck in enumerate(cks):
+        for nm in ck.names:
+            if nm.endswith(SCALE_SUFFIX):
+                continue
+            names.setdefault(nm, []).append(k)
+    want_dtype = None if cfg.out_dtype == "keep" else dtype_from_name(cfg.out_dtype)
+    units, used = [], set()
+    for nm, have in names.items():
+        if len(have) != n:
+            missing = [k for k in range(n) if k not in have]
+            if cfg.partial == "error":
+                raise CheckpointError(f"tensor {nm!r} is missing from parent(s) {', '.join(map(str, missing))}; "
+                                      f"say how to treat tensors only some parents have with --partial base|first")
+            if cfg.partial == "base" and 0 not in have:
+                raise CheckpointError(f"tensor {nm!r} is not in the base parent (--partial base); use --partial first to take it from parent {have[0]}")
+        infos = [cks[k].info(nm) for k in have]
+        for k, inf in zip(have, infos):
+            if inf.shape != infos[0].shape:
+                raise CheckpointError(f"tensor {nm!r}: parent {k} has shape {list(inf.shape)}, parent {have[0]} has {list(infos[0].shape)}")
+            if inf.dtype != infos[0].dtype:
+                raise CheckpointError(f"tensor {nm!r}: parent {k} is {dtype_name(inf.dtype)}, parent {have[0]} is {dtype_name(infos[0].dtype)}; "
+                                      f"bring them to one dtype first (e.g. weightsmith import --dequantize-fp8)")
+        group = view.classify(nm)
+        rule = resolve(rules, default, nm, group)
+        used.add(rule.text)
+        if len(have) != n:  # partial tensors are selected from one parent
+            src = 0 if cfg.partial == "base" else have[0]
+            rule = Rule(f"partial:{cfg.partial}", None, None, tuple(1.0 if i == src else 0.0 for i in range(n)), None)
+        dt = infos[0].dtype
+        scale = cks[have[0]].scale_of(nm) if dt in FP8_DTYPES else None
+        if dt in FP8_DTYPES and scale is None:
+            raise CheckpointError(f"tensor {nm!r} is fp8 without a {nm + SCALE_SUFFIX!r} block scale; only DeepSeek-style block-scaled fp8 can be merged")
+        if scale is not None:
+            for k in have:
+                if cks[k].scale_of(nm) is None or cks[k].info(cks[k].scale_of(nm)).shape != cks[have[0]].info(scale).shape:
+                    raise CheckpointError(f"tensor {nm!r}: parent {k} lacks a matching {scale!r}")
+        out_dt = dt
+        if want_dtype is not None and (dt in FLOAT_DTYPES or dt in FP8_DTYPES):
+            out_dt = want_dtype
+        units.append(Unit(nm, group, rule, scale, out_dt, tuple(have)))
+    unused = [r.text for r in rules if r.text not in used]
+    if unused:
+        groups = sorted({u.group for u in units})
+        raise UsageError(f"rule {unused[0]!r} matches no tensor (groups present: {', '.join(groups)}); fix or remove it")
+    for u in units:
+        sel = u.rule.selects
+        u.action = "select" if sel is not None else "interpolate"
+    return units, rules, default
+
+
+def plan(cfg: MergeConfig, ctx) -> Plan:
+    cks = ctx.sources
+    if len(cks) < 2:
+        raise UsageError("merge needs at least two --parent checkpoints (the first is the base)")
+    if cfg.delta < 0:
+        raise UsageError(f"--delta {cfg.delta}: must be ≥ 0")
+    if cfg.workers < 0:
+        raise UsageError(f"--workers {cfg.workers}: must be ≥ 0")
+    arch_for(cks[0].config)
+    ctx.notes.extend(_parents_config_check(cks))
+    tok_from = _check_tokenizers(cfg, cks)
+    units, rules, default = _units(cfg, ctx)
+    tensors, layout = [], {}
+    keep_layout = cfg.out_dtype == "keep"
+    for u in units:
+        src = cks[0] if 0 in u.have else cks[u.have[0]]
+        tensors.append(TensorSpec(u.name, src.info(u.name).shape, u.out_dtype))
+        if keep_layout:
+            layout[u.name] = src.info(u.name).file
+        if u.scale is not None and u.out_dtype in FP8_DTYPES:
+            tensors.append(TensorSpec(u.scale, src.info(u.scale).shape, src.info(u.scale).dtype))
+            if keep_layout:
+                layout[u.scale] = src.info(u.scale).file
+    out_cfg = copy.deepcopy(cks[0].config)
+    if cfg.out_dtype != "keep":
+        if hasattr(out_cfg, "quantization_config"):
+            del out_cfg.quantization_config
+        out_cfg.dtype = dtype_from_name(cfg.out_dtype)
+    groups: dict[str, dict] = {}
+    for u in units:
+        g = groups.setdefault(u.group, {"tensors": 0, "rules": {}})
+        g["tensors"] += 1
+        g["rules"][u.rule.text] = g["rules"].get(u.rule.text, 0) + 1
+    reads = [0] * len(cks)
+    for u in units:
+        for k in u.have:
+            if u.rule.weights[k] != 0 or (u.action == "interpolate" and (cfg.delta > 0 or u.rule.delta) and k == 0):
+                reads[k] += cks[k].info(u.name).nbytes + (cks[k].info(u.scale).nbytes if u.scale else 0)
+    summary = {"parents": [str(ck.root) for ck in cks], "groups": groups, "select": sum(u.action == "select" for u in units),
+               "interpolate": sum(u.action == "interpolate" for u in units), "delta": cfg.delta, "tokenizer_from": tok_from,
+               "bytes_to_read_per_parent": reads}
+    ctx.tokenizer_from = tok_from
+    ctx.merge_units = units
+    return Plan(tensors=tensors, config=out_cfg, summary=summary, layout=layout or None)
+
+
+class _Stats:
+    def __init__(self, n: int):
+        self.lock = threading.Lock()
+        self.groups: dict[str, dict] = {}
+        self.read = [0] * n
+
+    def add(self, group: str, key: str, read: dict[int, int], diff: float | None = None) -> None:
+        with self.lock:
+            g = self.groups.setdefault(group, {"selected": {}, "interpolated": 0, "copied_below_delta": 0})
+            if key.startswith("selected:"):
+                p = key.split(":")[1]
+                g["selected"][p] = g["selected"].get(p, 0) + 1
+            else:
+                g[key] += 1
+            if diff is not None:
+                g["max_relative_difference"] = max(g.get("max_relative_difference", 0.0), diff)
+            for k, b in read.items():
+                self.read[k] += b
+
+
+def _do_unit(cfg: MergeConfig, cks, w, u: Unit, stats: _Stats) -> None:
+    lam = u.rule.weights
+    n = len(cks)
+    delta = u.rule.delta if u.rule.delta is not None else cfg.delta
+    fp8 = u.scale is not None
+    sel = u.rule.selects
+    if u.action == "select":
+        _emit(cks, sel, w, u, stats, f"selected:{sel}")
+        return
+    need = sorted({k for k in range(n) if lam[k] != 0} | ({0} if delta > 0 else set()))
+    raw = {k: cks[k].get(u.name) for k in need}
+    scales = {k: cks[k].get(cks[k].scale_of(u.name)) for k in need} if fp8 else {}
+    read = {k: raw[k].numel() * raw[k].element_size() + (scales[k].numel() * 4 if fp8 else 0) for k in need}
+    diff = None
+    if delta > 0:
+        block = cks[0].fp8_block if fp8 else None
+
+        def value(k):
+            return dequantize_blockwise(raw[k], scales[k], block) if fp8 else raw[k]
+
+        base = value(0)
+        diff = max((relative_difference(value(k), base) for k in range(1, n) if lam[k] != 0), default=0.0)
+        del base
+        if diff <= delta:
+            _emit(cks, 0, w, u, stats, "copied_below_delta", tensors=(raw[0], scales.get(0)), read=read, diff=diff)
+            return
+    if fp8:
+        q, s = merge_fp8([raw.get(k) if lam[k] else None for k in range(n)], [scales.get(k) if lam[k] else None for k in range(n)],
+                         list(lam), cks[0].fp8_block, requantize=u.out_dtype in FP8_DTYPES, ue8m0=cfg.ue8m0, out_dtype=u.out_dtype)
+        w.write(u.name, q)
+        if s is not None:
+            w.write(u.scale, s.to(cks[0].info(u.scale).dtype))
+    else:
+        w.write(u.name, _interpolate_chunked([raw.get(k) if lam[k] else None for k in range(n)], lam, u.out_dtype))
+    stats.add(u.group, "interpolated", read, diff)
+
+
+def _emit(cks, k: int, w, u: Unit, stats: _Stats, key: str, *, tensors=None, read=None, diff=None) -> None:
+    """Write parent k's tensor (and scale) unchanged: raw bytes when the dtype is kept."""
+    ck = cks[k]
+    read = dict(read or {})
+    info = ck.info(u.name)
+    scale_name = ck.scale_of(u.name) if u.scale is not None else None
+    if info.dtype == u.out_dtype:
+        if tensors is not None:
+            w.write_bytes(u.name, memoryview(tensors[0].contiguous().view(-1).view(torch.uint8).numpy()))
+            if u.scale is not None:
+                w.write(u.scale, tensors[1])
+        else:
+            w.write_bytes(u.name, ck.read_raw(u.name))
+            if u.scale is not None:
+                w.write_bytes(u.scale, ck.read_raw(scale_name))
+            read[k] = read.get(k, 0) + info.nbytes + (ck.info(scale_name).nbytes if scale_name else 0)
+    else:  # --out-dtype: dequantize fp8 / cast
+        w.write(u.name, ck.get(u.name, dequantize=u.scale is not None, dtype=u.out_dtype))
+        if tensors is None:
+            read[k] = read.get(k, 0) + info.nbytes
+    stats.add(u.group, key, read, diff)
+
+
+def _interpolate_chunked(ts: list[torch.Tensor | None], lam, out_dtype: torch.dtype) -> torch.Tensor:
+    """Σ λ_i W_i in fp32, a row block at a time (the fp32 working set stays ~CHUNK_BYTES)."""
+    ref = next(t for t in ts if t is not None)
+    if not ref.is_floating_point():
+        raise CheckpointError(f"cannot interpolate a {dtype_name(ref.dtype)} tensor; select it from one parent with a rule (…=parent:N)")
+    out = torch.empty(ref.shape, dtype=out_dtype)
+    flat_out = out.view(-1)
+    flats = [None if t is None else t.reshape(-1) for t in ts]
+    step = max(1, CHUNK_BYTES // 4)
+    for a in range(0, ref.numel(), step):
+        b = min(a + step, ref.numel())
+        acc = None
+        for f, l in zip(flats, lam):
+            if f is None or l == 0:
+                continue
+            x = f[a:b].float()
+            acc = x.mul_(l) if acc is None else acc.add_(x, alpha=l)
+        flat_out[a:b] = acc
+    return out
+
+
+def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
+    cks = ctx.sources
+    units: list[Unit] = ctx.merge_units
+    by_name = {u.name: u for u in units}
+    order = [nm for nm in cks[0].file_order() if nm in by_name] + [u.name for u in units if 0 not in u.have]
+    workers = cfg.workers or min(8, os.cpu_count() or 1)
+    stats = _Stats(len(cks))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
+            pending = set()
+            for nm in ctx.report.track(order, desc="merging"):
+                if len(pending) >= 2 * workers:  # bounded read-ahead: memory stays a few tensors
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                pending.add(pool.submit(_do_unit, cfg, cks, ctx.writer, by_name[nm], stats))
+            for f in pending:
+                f.result()
+    finally:
+        torch.set_num_threads(threads)
+    # tokenizer & co.: from the chosen parent; other aux files (generation config...) from the base
+    ctx.copy_aux = False
+    tok = cks[ctx.tokenizer_from]
+    aux = set(cks[0].aux_files())
+    tok_files = [f for f in tok.aux_files() if f in TOKENIZER_FILES]
+    ctx.writer.copy_aux_files(tok.root, tok_files)
+    ctx.writer.copy_aux_files(cks[0].root, sorted(f for f in aux if f not in TOKENIZER_FILES))
+    out_names = {s.name for s in ctx.writer.planned}
+    dropped = [nm for ck in cks for nm in ck.names if nm not in out_names and not (cfg.out_dtype != "keep" and nm.endswith(SCALE_SUFFIX))]
+    if dropped:  # the plan covers every tensor; this guards the invariant
+        raise CheckpointError(f"internal error: input tensor {dropped[0]!r} has no place in the output")
+    ctx.metrics.update({
+        "parents": len(cks), "groups": stats.groups, "bytes_read_per_parent": stats.read, "delta": cfg.delta,
+        "rules": [r for r in cfg.rule], "default_weights": cfg.weights or "equal",
+        "tokenizer_from": ctx.tokenizer_from, "input_tensors_accounted": sum(len(ck.names) for ck in cks),
+    })
+
+
+register(
+    PassSpec(
+        name="merge",
+        config_cls=MergeConfig,
+        plan=plan,
+        run=run,
+        help="Chimera / Assembly-of-Experts merge: per-tensor selection or interpolation of parents (fp8 block scales handled)",
+        reference_url="https://arxiv.org/abs/2506.14794",
+        relation="merge",
+        multi_source=True,
+        tags=("merge", "chimera"),
+    )
+)
