@@ -20,6 +20,7 @@ PASS_MODULES = [
     "weightsmith.checkpoint.copy_pass",
     "weightsmith.quant.quant_pass",
     "weightsmith.merge.merge_pass",
+    "weightsmith.prune.prune_pass",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Structured pruning (width and depth), Minitron search and logit distillation."""
