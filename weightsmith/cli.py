@@ -304,7 +304,7 @@ def _pass_command(spec) -> click.Command:
 
         recipe = load_recipe(kw["recipe"]) if kw.get("recipe") else {}
         config = resolve_config(spec.config_cls, ctx, kw, recipe)
-        sources = list(kw["parents"]) if spec.multi_source else [kw["src"]]
+        sources = list(kw["parents"]) if spec.multi_source else [kw[n] for n in spec.source_names[: spec.sources]]
         if spec.multi_source and len(sources) < 2:
             from weightsmith.errors import UsageError
 
@@ -336,7 +336,8 @@ def _pass_command(spec) -> click.Command:
         params.append(click.Argument(["dst"], required=False))
         params.append(click.Option(["--parent", "parents"], multiple=True, required=True, help="a parent checkpoint (repeat; the first is the base)"))
     else:
-        params.append(click.Argument(["src"]))
+        for n in spec.source_names[: spec.sources]:
+            params.append(click.Argument([n]))
         params.append(click.Argument(["dst"], required=False))
     params += field_options(spec.config_cls)
     params += [
@@ -398,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        return 1
+    except click.exceptions.Abort:  # click's form of Ctrl-C
+        click.echo("Interrupted; no output was left behind.", err=True)
+        return 130
     except click.ClickException as e:
         e.show()
         return e.exit_code

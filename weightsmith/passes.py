@@ -21,6 +21,8 @@ PASS_MODULES = [
     "weightsmith.quant.quant_pass",
     "weightsmith.merge.merge_pass",
     "weightsmith.prune.prune_pass",
+    "weightsmith.prune.distill",
+    "weightsmith.prune.minitron",
 ]
 
 
@@ -43,7 +45,9 @@ class PassSpec:
     help: str
     reference_url: str | None = None
     relation: str | None = "finetune"  # the model card's base_model_relation (None: same model, no base_model)
-    multi_source: bool = False
+    multi_source: bool = False  # any number of --parent sources (merges)
+    sources: int = 1  # fixed number of positional sources (e.g. distill STUDENT TEACHER DST)
+    source_names: tuple[str, ...] = ("src",)
     tags: tuple[str, ...] = ()
 
 

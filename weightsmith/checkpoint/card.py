@@ -59,7 +59,7 @@ def base_models(core: dict[str, Any], sources) -> list[str]:
 def render_card(spec, core: dict[str, Any], sources) -> str:
     meta: dict[str, Any] = {}
     bms = base_models(core, sources)
-    relation = "merge" if len(sources) > 1 else spec.relation
+    relation = "merge" if spec.multi_source else spec.relation
     if bms and relation:
         meta["base_model"] = bms[0] if len(bms) == 1 else bms
         meta["base_model_relation"] = relation

@@ -1,0 +1,199 @@
+"""`weightsmith minitron SRC DST --params N`: Minitron architecture search under a budget.
+
+Importance is collected once (activations and Block Influence, layer by layer). Candidates are
+the (hidden, query heads per KV group, layers, MLP width) combinations within --max-width-pruning
+and --max-depth-pruning whose parameter count is within 5% below the budget (the MLP width is
+solved for each; hidden sizes respect hidden % heads == 0). Each candidate is pruned with the
+same importance ranking, written to a scratch directory and scored by the KL divergence of its
+logits from the source on held-out calibration windows; the top-k may be distilled briefly and
+re-scored; the best is written. The table of candidates goes to the manifest.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from weightsmith.arch import arch_for
+from weightsmith.calib.config import CalibConfig
+from weightsmith.errors import UsageError
+from weightsmith.passes import PassSpec, Plan, register
+from weightsmith.prune.prune_pass import (Targets, _prefix_keep, _source_widths, _widths, count_params, decide_keep, output_specs,
+                                          parse_params, write_pruned)
+from weightsmith.prune.structure import TensorRoles, pruned_config
+
+
+@dataclass(frozen=True)
+class MinitronConfig(CalibConfig):
+    params: str = field(default="0.75", metadata={"help": "parameter budget: a fraction of the source (0.75) or a count (100M)"})
+    max_width_pruning: float = field(default=0.5, metadata={"help": "smallest hidden size considered, as 1 - fraction of the source's"})
+    max_depth_pruning: float = field(default=0.2, metadata={"help": "at most this fraction of the layers is dropped"})
+    candidates: int = field(default=8, metadata={"help": "candidates to prune and score (spread over the search space)"})
+    top_k: int = field(default=2, metadata={"help": "best candidates kept for the distillation round"})
+    distill_tokens: int = field(default=0, metadata={"help": "distill each top-k candidate on this many tokens before choosing (0: choose by pruned KL)"})
+    score_windows: int = field(default=8, metadata={"help": "held-out calibration windows used to score candidates"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per forward batch"})
+    calib_samples: int = field(default=64, metadata={"help": "calibration windows (importance and scoring)"})
+    calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate of the distillation round"})
+
+
+def enumerate_candidates(view, budget: int, cfg: MinitronConfig) -> list[Targets]:
+    src = _source_widths(view)
+    if src.get("expert_ffn"):
+        raise UsageError("minitron search covers dense families; prune MoE models with `weightsmith prune --expert-ffn/--hidden`")
+    q_per_kv = src["q_heads"] // src["kv_heads"]
+    L = src["layers"]
+    layer_opts = sorted({L - d for d in range(0, int(L * cfg.max_depth_pruning) + 1)}, reverse=True)
+    layer_opts = _spread(layer_opts, 4)
+    out = []
+    for hpg in range(q_per_kv, 0, -1):
+        heads = hpg * src["kv_heads"]
+        step = math.lcm(heads, 8)
+        lo = int(src["hidden"] * (1 - cfg.max_width_pruning))
+        hiddens = [h for h in range(src["hidden"] // step * step, lo - 1, -step) if h > 0]
+        for hid in _spread(hiddens, 5):
+            for layers in layer_opts:
+                base = Targets(hid, hpg, src["kv_heads"], src["ffn"], None, None, layers)
+                # params are affine in the MLP width: solve for the widest MLP within the budget
+                p_full = count_params(pruned_config(view.config, _prefix_keep(view, base), _widths(base)))
+                half = Targets(**{**base.__dict__, "ffn": src["ffn"] // 2})
+                p_half = count_params(pruned_config(view.config, _prefix_keep(view, half), _widths(half)))
+                slope = (p_full - p_half) / (src["ffn"] - src["ffn"] // 2)
+                ffn = min(src["ffn"], int((budget - (p_full - slope * src["ffn"])) / slope) // 32 * 32) if slope > 0 else src["ffn"]
+                if ffn < max(32, src["ffn"] // 4):
+                    continue
+                cand = Targets(**{**base.__dict__, "ffn": ffn})
+                n = count_params(pruned_config(view.config, _prefix_keep(view, cand), _widths(cand)))
+                if 0.95 * budget <= n <= budget:
+                    out.append(cand)
+    if not out:
+        raise UsageError(f"no architecture within --max-width-pruning {cfg.max_width_pruning} / --max-depth-pruning {cfg.max_depth_pruning} "
+                         f"reaches {budget:,} parameters; relax them or raise --params")
+    return _spread(out, cfg.candidates)
+
+
+def _spread(items: list, n: int) -> list:
+    if len(items) <= n:
+        return list(items)
+    idx = sorted({round(k * (len(items) - 1) / (n - 1)) for k in range(n)}) if n > 1 else [0]
+    return [items[i] for i in idx]
+
+
+def _label(t: Targets) -> str:
+    return f"hidden {t.hidden}, heads {t.heads_per_group * t.kv_heads}/{t.kv_heads}kv, ffn {t.ffn}, layers {t.layers}"
+
+
+def plan(cfg: MinitronConfig, ctx) -> Plan:
+    view = arch_for(ctx.source.config)
+    src_params = count_params(ctx.source.config)
+    budget = parse_params(cfg.params, src_params)
+    cands = enumerate_candidates(view, budget, cfg)
+    ctx.minitron = (budget, cands, src_params)
+    return Plan(tensors=None, config=None, summary={"budget": budget, "params_before": src_params, "candidates": [_label(c) for c in cands]})
+
+
+def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
+    import weightsmith
+    from weightsmith.checkpoint.writer import CheckpointWriter
+    from weightsmith.eval.perplexity import divergence
+    from weightsmith.prune import scores as sc
+
+    ck = ctx.source
+    view = arch_for(ck.config)
+    roles = TensorRoles(view)
+    budget, cands, src_params = ctx.minitron
+    scores = sc.activation_scores(ctx, cfg, view)
+    calib = ctx.calibrate(cfg, default="self")
+    held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]):]
+    teacher = weightsmith.load(ck.root)
+    rows = []
+    scratch = Path(tempfile.mkdtemp(prefix=".minitron-", dir=ctx.writer.tmp.parent))
+    try:
+        for k, t in enumerate(ctx.report.track(cands, desc="candidates")):
+            keep = decide_keep(view, scores, t, depth_scores=scores.block_influence, contiguous=False)
+            out_cfg = pruned_config(ck.config, keep, _widths(t))
+            path = scratch / f"c{k}"
+            with CheckpointWriter(path) as w:
+                w.plan(output_specs(ck, view, roles, keep))
+                w.set_config(out_cfg)
+                ctx_like = _WriterCtx(w, ctx.report)
+                write_pruned(ctx_like, ck, view, roles, keep)
+                w.copy_aux_files(ck.root, ck.aux_files())
+                w.finalize()
+            kl = divergence(teacher, weightsmith.load(path), held)["mean_kl"]
+            rows.append({"candidate": _label(t), "params": count_params(out_cfg), "kl": kl, "path": path, "targets": t, "keep": keep})
+            ctx.report.log(f"candidate {_label(t)}: {rows[-1]['params']:,} params, KL {kl:.4f}")
+        rows.sort(key=lambda r: r["kl"])
+        best = rows[0]
+        if cfg.distill_tokens > 0:
+            for r in rows[: cfg.top_k]:
+                model = _quick_distill(cfg, teacher, weightsmith.load(r["path"]), calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids)
+                r["kl_after_distill"] = divergence(teacher, model, held)["mean_kl"]
+                r["model"] = model
+                if r["kl_after_distill"] >= r["kl"]:  # the short round did not help: keep the pruned weights
+                    del r["model"]
+            best = min(rows[: cfg.top_k], key=lambda r: min(r["kl"], r["kl_after_distill"]))
+        chosen_cfg = pruned_config(ck.config, best["keep"], _widths(best["targets"]))
+        ctx.writer.plan(output_specs(ck, view, roles, best["keep"]))
+        ctx.writer.set_config(chosen_cfg)
+        if "model" in best:
+            from weightsmith.prune.distill import _write_student
+            from weightsmith.checkpoint.reader import Checkpoint
+
+            _write_student(ctx, Checkpoint(best["path"]), best["model"])
+        else:
+            write_pruned(ctx, ck, view, roles, best["keep"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    ctx.metrics.update({
+        "budget": budget, "params_before": src_params, "params_after": best["params"], "chosen": best["candidate"],
+        "kept": best["keep"].as_json(), "score": "mean KL(source ‖ candidate) on held-out calibration windows",
+        "candidates": [{k: v for k, v in r.items() if k in ("candidate", "params", "kl", "kl_after_distill")} for r in rows],
+    })
+
+
+class _WriterCtx:
+    def __init__(self, writer, report):
+        self.writer, self.report = writer, report
+
+
+def _quick_distill(cfg: MinitronConfig, teacher, student, ids: torch.Tensor):
+    """A short logit-KL distillation in memory (the distill pass's loss and schedule)."""
+    from weightsmith.prune.distill import kd_loss
+
+    torch.manual_seed(0)
+    steps = max(1, cfg.distill_tokens // (4 * ids.shape[1]))
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    student.train()
+    for step in range(steps):
+        batch = ids[torch.randint(0, ids.shape[0], (4,), generator=torch.Generator().manual_seed(step))]
+        with torch.no_grad():
+            t = teacher(batch).logits
+        loss = kd_loss(student(batch).logits, t)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * (1 - 0.9 * step / max(1, steps - 1))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return student.eval()
+
+
+register(
+    PassSpec(
+        name="minitron",
+        config_cls=MinitronConfig,
+        plan=plan,
+        run=run,
+        help="Minitron search: prune candidate width/depth architectures under a parameter budget, keep the one closest to the source",
+        reference_url="https://arxiv.org/abs/2408.11796",
+        relation="finetune",
+        tags=("pruned", "minitron"),
+    )
+)
