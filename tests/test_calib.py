@@ -107,3 +107,18 @@ def test_self_generated_is_deterministic(tiny_model, tok):
     assert a.ids.shape == (3, 12) and torch.equal(a.ids, b.ids)
     assert a.description["kind"] == "self-generated" and a.description["defaulted"] is True and b.description["defaulted"] is False
     assert len(set(a.ids[:, 0].tolist())) > 1  # different seeded starts
+
+
+def test_embedded_demo_texts_by_name():
+    from weightsmith.calib.sources import read_documents
+
+    kind, docs = read_documents("demo:speeches")
+    assert kind == "embedded json" and len(docs) > 100
+    kind, docs = read_documents("demo:hamlet")
+    assert kind == "embedded txt" or kind.startswith("embedded") and "Hamlet" in docs[0][:5000]
+    import pytest
+
+    from weightsmith.errors import UsageError
+
+    with pytest.raises(UsageError, match="available: demo:hamlet"):
+        read_documents("demo:nope")

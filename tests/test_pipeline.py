@@ -125,3 +125,38 @@ def test_push_refuses_unverified_output(tiny_model, cli, tmp_path):
     r = cli("push", out, "me/x", "--dry-run")
     assert r.code != 0 and "verify" in r.err and shard.name in r.err
     assert "not a Hub repo id" in cli("push", out, "no-slash", "--dry-run").err
+
+
+def test_example_makefile_reruns_only_what_changed(tiny_model, tmp_path):
+    """examples/Makefile on a tiny model with fast step options: a second make is a no-op; editing
+    one step's options reruns that step and the ones after it only."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    (steps / "pruned.yaml").write_text("params: '0.8'\ncalib: demo:hamlet\ncalib_samples: 8\ncalib_length: 64\ncandidates: 2\nscore_windows: 2\n")
+    (steps / "distilled.yaml").write_text("calib: demo:hamlet\ntokens: 512\ncalib_length: 64\nbatch_size: 2\n")
+    (steps / "w4.yaml").write_text("method: gptq\nbits: 4\ngroup_size: 32\ncalib: demo:hamlet\ncalib_samples: 4\ncalib_length: 64\n")
+    ws = Path(sys.executable).parent / "weightsmith"
+    args = ["make", "-C", str(root / "examples"), f"WS={ws}", f"SRC={tiny_model('llama', layers=5)}", f"OUT={tmp_path / 'out'}", f"STEPS={steps}"]
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    first = subprocess.run(args, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    m = json.loads((tmp_path / "out" / "w4" / "manifest.json").read_text())
+    assert [s["pass"]["name"] for s in m["chain"]] == ["import", "minitron", "distill"] and m["pass"]["name"] == "quant"
+    card = (tmp_path / "out" / "w4" / "README.md").read_text()
+    assert all(p in card for p in ("minitron", "distill", "quant"))
+    second = subprocess.run(args, capture_output=True, text=True)
+    assert second.returncode == 0 and "weightsmith" not in second.stdout and "Nothing to be done" in second.stdout
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/manifest.json")}
+    (steps / "distilled.yaml").write_text("calib: demo:hamlet\ntokens: 768\ncalib_length: 64\nbatch_size: 2\n")
+    third = subprocess.run(args, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr[-2000:]
+    ran = [line.split()[1] for line in third.stdout.splitlines() if line.startswith(str(ws))]
+    assert ran == ["distill", "quant"], third.stdout
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/manifest.json")}
+    assert after["base"] == stamps["base"] and after["pruned"] == stamps["pruned"]

