@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("WEIGHTSMITH_CACHE", str(ROOT / ".cache" / "weightsmith"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, the Triton kernel is tested through its interpreter; it must be set before
+# triton is first imported (nothing but the kernel tests uses triton).
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny import FAMILIES, build_tiny  # noqa: E402
 

@@ -1,16 +1,29 @@
 """Pick the best available kernel for a quantized linear call.
 
 KERNELS is an ordered registry (fastest first); each entry says whether it can serve a call and,
-when it cannot, why. The reference is always available. The kernels issue adds the Marlin-style
-CUDA and Triton implementations ahead of it.
+when it cannot, why:
+
+- `cuda`      weightsmith's CUDA kernel (sm_80+, fp16/bf16 activations, M <= CUDA_MAX_M: the
+              memory-bound regime it is built for);
+- `triton`    the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1);
+- `dequant`   dequantize once per call + the vendor matmul (cuBLAS on GPUs): large M, where the
+              GEMM is compute-bound and a dense matmul wins;
+- `reference` dequantize + matmul in plain PyTorch, always available (the CPU path, and the
+              oracle the others are tested against).
+
+The kernels read weights repacked once into the bit-plane layout (kernels/layout.py), cached on
+the module per device and dtype.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+CUDA_MAX_M = 64  # beyond this the GEMM is compute-bound: dequantize + cuBLAS
 
 
 @dataclass(frozen=True)
@@ -20,14 +33,99 @@ class Kernel:
     run: Callable[[torch.Tensor, "object"], torch.Tensor]
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def _layout_reason(m) -> str | None:
+    from weightsmith.kernels.layout import check_repackable
+
+    return check_repackable(m.bits, m.in_features, m.out_features, m.g_idx, m.quant.group_size)
+
+
+def kernel_weight(m, dtype: torch.dtype, device: torch.device):
+    """The module's weights in the kernel layout (repacked once per device/dtype)."""
+    from weightsmith.kernels.layout import repack
+
+    key = (dtype, str(device))
+    cache = getattr(m, "_kernel_weight", None)
+    if cache is None or cache[0] != key:
+        kw = repack(m.qweight, m.qzeros, m.scales, m.g_idx, m.bits, m.quant.group_size, m.quant.sym, dtype).to(device)
+        m._kernel_weight = cache = (key, kw)
+    return cache[1]
+
+
+def _via_op(opname: str):
+    def run(x: torch.Tensor, m) -> torch.Tensor:
+        from weightsmith.kernels import ops
+
+        kw = kernel_weight(m, x.dtype, x.device)
+        y = ops.call(getattr(ops, opname), x.reshape(-1, m.in_features), kw).reshape(*x.shape[:-1], m.out_features)
+        return y + m.bias.to(y.dtype) if m.bias is not None else y
+
+    return run
+
+
+def _cuda_unavailable(x: torch.Tensor, m) -> str | None:
+    if x.device.type != "cuda":
+        return "input is not on a CUDA device"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"{x.dtype} activations (the CUDA kernel takes fp16/bf16)"
+    if _rows(x) > CUDA_MAX_M:
+        return f"M = {_rows(x)} > {CUDA_MAX_M}: compute-bound, dequantize + cuBLAS is faster"
+    if m.in_features % 64 or m.out_features % 8:
+        return f"shape {m.in_features}x{m.out_features} (needs in_features % 64 == 0 and out_features % 8 == 0)"
+    from weightsmith.kernels import cuda_ext
+
+    return _layout_reason(m) or cuda_ext.unavailable(x.device.index or 0)
+
+
+def _triton_unavailable(x: torch.Tensor, m) -> str | None:
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if x.device.type != "cuda" and not interpret:
+        return "input is on the CPU (Triton needs a GPU; TRITON_INTERPRET=1 emulates it, slowly)"
+    if x.device.type == "cuda" and _rows(x) > CUDA_MAX_M:
+        return f"M = {_rows(x)} > {CUDA_MAX_M}: compute-bound, dequantize + cuBLAS is faster"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'weightsmith[triton]')"
+    return _layout_reason(m)
+
+
+def _dequant_unavailable(x: torch.Tensor, m) -> str | None:
+    return None if x.device.type == "cuda" else "CPU inputs use the reference (with its cached dequantized weight)"
+
+
+def _dequant_run(x: torch.Tensor, m) -> torch.Tensor:
+    from weightsmith.kernels.reference import dequantize
+
+    w = dequantize(m.qweight, m.qzeros, m.scales, m.g_idx, m.bits, x.dtype)
+    return torch.nn.functional.linear(x, w, m.bias)
+
+
 def _reference_run(x: torch.Tensor, m) -> torch.Tensor:
     return torch.nn.functional.linear(x, m.dequantized_weight(x.dtype, x.device), m.bias)
 
 
-KERNELS: list[Kernel] = [Kernel("reference", lambda x, m: None, _reference_run)]
+KERNELS: list[Kernel] = [
+    Kernel("cuda", _cuda_unavailable, _via_op("gemm_cuda")),
+    Kernel("triton", _triton_unavailable, _via_op("gemm_triton")),
+    Kernel("dequant", _dequant_unavailable, _dequant_run),
+    Kernel("reference", lambda x, m: None, _reference_run),
+]
 
 
 def choose(x: torch.Tensor, module) -> Kernel:
+    forced = os.environ.get("WEIGHTSMITH_KERNEL")
+    if forced:
+        k = next((k for k in KERNELS if k.name == forced), None)
+        if k is None:
+            raise ValueError(f"WEIGHTSMITH_KERNEL={forced}: no such kernel; kernels: {', '.join(k.name for k in KERNELS)}")
+        why = k.unavailable(x, module)
+        if why:
+            raise RuntimeError(f"WEIGHTSMITH_KERNEL={forced} cannot serve this call: {why}")
+        return k
     for k in KERNELS:
         if k.unavailable(x, module) is None:
             return k

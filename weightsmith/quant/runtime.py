@@ -36,6 +36,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
         self._cache: tuple | None = None
+        self._kernel_weight: tuple | None = None  # (key, KernelWeight) repacked for the kernels
 
     @property
     def bits(self) -> int:
@@ -48,6 +49,7 @@ class QuantLinear(nn.Module):
             self.scales.copy_(qw.scales.to(self.scales.dtype))
             self.g_idx.copy_(qw.g_idx)
         self._cache = None
+        self._kernel_weight = None
 
     def codes(self) -> QuantizedWeight:
         q = unpack_dense(self.qweight.T.contiguous(), self.bits, self.in_features)
