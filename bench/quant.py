@@ -46,7 +46,7 @@ SETTINGS = {  # label: (bits, group_size)
 def run_child(cmd: list[str], *, timeout: float | None = None, env: dict | None = None) -> dict:
     """Run a command; return wall seconds, the child's peak RSS (MB), rc and captured output."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
     out_lines: list[str] = []
     deadline = None if timeout is None else t0 + timeout
     import selectors

@@ -214,3 +214,20 @@ def test_dry_run_and_recipe_file(pair, cli, tmp_path):
     assert _bytes(ck, "model.layers.0.self_attn.q_proj.weight") == _bytes(B, "model.layers.0.self_attn.q_proj.weight")
     assert _bytes(ck, "model.layers.0.mlp.up_proj.weight") == _bytes(A, "model.layers.0.mlp.up_proj.weight")
     torch.testing.assert_close(ck.get("model.layers.0.mlp.down_proj.weight"), 0.5 * A.get("model.layers.0.mlp.down_proj.weight") + 0.5 * B.get("model.layers.0.mlp.down_proj.weight"))
+
+
+def test_fp8_strips_equal_whole_tensor(monkeypatch):
+    from weightsmith.merge import maths
+
+    g = torch.Generator().manual_seed(0)
+    ws, ss = [], []
+    for _ in range(2):
+        q, s = quantize_blockwise(torch.randn(300, 200, generator=g), (128, 128))
+        ws.append(q)
+        ss.append(s)
+    whole = maths.merge_fp8(ws, ss, [0.3, 0.7], (128, 128), requantize=True)
+    monkeypatch.setattr(maths, "STRIP_ELEMENTS", 128 * 200)  # one block-row per strip
+    strips = maths.merge_fp8(ws, ss, [0.3, 0.7], (128, 128), requantize=True)
+    assert torch.equal(whole[0].view(torch.uint8), strips[0].view(torch.uint8)) and torch.equal(whole[1], strips[1])
+    ref = quantize_blockwise(0.3 * dequantize_blockwise(ws[0], ss[0]) + 0.7 * dequantize_blockwise(ws[1], ss[1]), (128, 128))
+    assert torch.equal(whole[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(whole[1], ref[1])

@@ -70,7 +70,7 @@ def run(cfg: ImportConfig, ctx, plan: Plan) -> None:
     for name in ctx.report.track(ck.file_order(), desc="copying"):
         dt, how = _target(cfg, ck, name)
         if how == "copy":
-            w.write_bytes(name, ck.read_raw(name))
+            w.copy_from(name, ck)
         elif how == "cast":
             w.write(name, ck.get(name, dtype=dt))
         elif how == "dequant":

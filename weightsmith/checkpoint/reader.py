@@ -339,6 +339,15 @@ class Checkpoint:
             t = t.to(dtype)
         return t
 
+    def raw_span(self, name: str) -> tuple[int, int, int] | None:
+        """(open fd, byte offset, byte count) of a tensor's stored bytes, for kernel-side copies
+        (os.copy_file_range); None for pickled checkpoints."""
+        if self._layout.pickle:
+            return None
+        info = self._layout.entries[name]
+        e = self._layout.offsets[name]
+        return self._fd(info.file), self._layout.data_start[info.file] + e.begin, e.nbytes
+
     def read_raw(self, name: str) -> memoryview:
         """The tensor's bytes exactly as stored (for byte-exact copies)."""
         t = self.get(name)

@@ -196,6 +196,35 @@ class CheckpointWriter:
             view = view[n:]
             pos += n
 
+    def copy_from(self, name: str, ck, src_name: str | None = None) -> None:
+        """Copy a tensor's stored bytes from a checkpoint without passing them through Python:
+        os.copy_file_range (in-kernel, reflinks where the filesystem can), falling back to
+        read + write. The source tensor must have the planned dtype and shape."""
+        src_name = src_name or name
+        slot = self._slots[name]
+        span = ck.raw_span(src_name)
+        info = ck.info(src_name)
+        if span is None or info.dtype != slot.spec.dtype or tuple(info.shape) != slot.spec.shape or not hasattr(os, "copy_file_range"):
+            self.write_bytes(name, ck.read_raw(src_name))
+            return
+        fd_in, off_in, count = span
+        with self._lock:
+            if slot.written:
+                raise WeightsmithError(f"internal error: tensor {name!r} written twice")
+            slot.written = True
+        fd_out, off_out = self._fds[slot.file], slot.offset
+        try:
+            while count:
+                n = os.copy_file_range(fd_in, fd_out, count, off_in, off_out)
+                if n <= 0:
+                    raise OSError("copy_file_range made no progress")
+                off_in, off_out, count = off_in + n, off_out + n, count - n
+        except OSError:  # EXDEV, ENOSYS, filesystems without support: plain copy of the rest
+            data = memoryview(ck.read_raw(src_name))[slot.spec.nbytes - count:]
+            while count:
+                n = os.pwrite(fd_out, data, off_out)
+                data, off_out, count = data[n:], off_out + n, count - n
+
     # ---- non-weight files ----------------------------------------------------------------
     def set_config(self, config) -> None:
         """Write config.json through the transformers config object (never raw JSON edits)."""

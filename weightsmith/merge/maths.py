@@ -9,6 +9,8 @@ import torch
 
 from weightsmith.checkpoint.fp8 import dequantize_blockwise, quantize_blockwise
 
+STRIP_ELEMENTS = 1 << 20  # fp32 elements per strip of an fp8 merge (4 MB)
+
 
 def interpolate(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Σ λ_i W_i in fp32 (parents with λ = 0 may be passed as None and are skipped)."""
@@ -38,8 +40,23 @@ def merge_fp8(weights_fp8: list[torch.Tensor | None], scales: list[torch.Tensor 
     """Dequantize each parent's fp8 weight with its own scales, interpolate, and either requantize
     to the same block format (returns (fp8 weight, fp32 scale_inv)) or return the merged weight in
     `out_dtype` (returns (weight, None))."""
-    deq = [None if w is None else dequantize_blockwise(w, s, block) for w, s in zip(weights_fp8, scales)]
-    merged = interpolate(deq, lambdas)
-    if requantize:
-        return quantize_blockwise(merged, block, ue8m0=ue8m0)
-    return merged.to(out_dtype), None
+    ref = next(w for w in weights_fp8 if w is not None)
+    rows, cols = ref.shape
+    bm = block[0]
+    # strips of whole block-rows: blocks are independent, so this equals the whole-tensor result
+    # while the fp32 working set stays a few MB whatever the tensor size
+    strip = max(bm, (STRIP_ELEMENTS // max(cols, 1)) // bm * bm)
+    out = torch.empty(rows, cols, dtype=ref.dtype if requantize else out_dtype)
+    out_s = torch.empty(-(-rows // bm), -(-cols // block[1]), dtype=torch.float32) if requantize else None
+    for r0 in range(0, rows, strip):
+        r1 = min(rows, r0 + strip)
+        b0, b1 = r0 // bm, -(-r1 // bm)
+        deq = [None if w is None else dequantize_blockwise(w[r0:r1], s[b0:b1], block) for w, s in zip(weights_fp8, scales)]
+        merged = interpolate(deq, lambdas)
+        if requantize:
+            q, sc = quantize_blockwise(merged, block, ue8m0=ue8m0)
+            out[r0:r1] = q
+            out_s[b0:b1] = sc
+        else:
+            out[r0:r1] = merged.to(out_dtype)
+    return out, out_s
