@@ -128,7 +128,7 @@ def test_dry_run_and_inspect(tiny_model, cli, tmp_path):
 def test_smollm2_gptq_beats_rtn(smollm2, cli, tmp_path, hamlet):
     from weightsmith.demo import political_speeches
 
-    calib = ["--calib", political_speeches(), "--calib-field", "speeches", "--calib-samples", "16", "--calib-length", "256"]
+    calib = ["--calib", political_speeches(), "--calib-field", "speeches", "--calib-samples", "32", "--calib-length", "512"]
     g, r = tmp_path / "g", tmp_path / "r"
     assert cli("quant", smollm2, g, "--bits", "3", "--group-size", "64", *calib).code == 0
     assert cli("quant", smollm2, r, "--method", "rtn", "--bits", "3", "--group-size", "64").code == 0

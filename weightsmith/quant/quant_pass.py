@@ -42,7 +42,7 @@ class QuantConfig(CalibConfig):
     group_size: Literal[32, 64, 128, -1] = field(default=128, metadata={"help": "input columns sharing a scale (-1: one per output channel)"})
     sym: bool = field(default=True, metadata={"help": "symmetric grid (fixed zero point; what vLLM's Marlin kernels run)"})
     act_order: Literal["none", "static", "group"] = field(default="static", metadata={"help": "GPTQ column order; all three keep g_idx = column // group (no reordering at inference)"})
-    damp: float = field(default=0.01, metadata={"help": "GPTQ dampening as a fraction of mean(diag H); raised automatically if Cholesky fails"})
+    damp: float = field(default=0.05, metadata={"help": "GPTQ dampening as a fraction of mean(diag H); raised automatically if Cholesky fails (0.05 generalised best across calibration domains on SmolLM2: W3 g64 ppl 166 vs 215 at 0.01, 182 at 0.1)"})
     mse: bool = field(default=False, metadata={"help": "search the clipping range per row (MSE-optimal scales) instead of min/max"})
     block_size: int = field(default=128, metadata={"help": "GPTQ lazy-update block size"})
     true_sequential: bool = field(default=True, metadata={"help": "quantize a layer's sub-modules in dependency order, each with inputs from its quantized predecessors"})
