@@ -160,3 +160,13 @@ def test_example_makefile_reruns_only_what_changed(tiny_model, tmp_path):
     assert ran == ["distill", "quant"], third.stdout
     after = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/manifest.json")}
     assert after["base"] == stamps["base"] and after["pruned"] == stamps["pruned"]
+
+
+def test_example_recipe_parses_and_plans(cli):
+    root = Path(__file__).resolve().parents[1]
+    r = cli("run", root / "examples" / "pipeline.yaml", "--dry-run", "--json")
+    assert r.code == 0, r
+    rows = json.loads(r.out)
+    assert [x["pass"] for x in rows] == ["import", "minitron", "distill", "quant"]
+    assert rows[0]["status"] == "dry-run" and all(x["status"].startswith("pending") for x in rows[1:])
+    assert rows[2]["inputs"][1].endswith("out/base")  # the teacher
