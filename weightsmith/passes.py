@@ -23,6 +23,7 @@ PASS_MODULES = [
     "weightsmith.prune.prune_pass",
     "weightsmith.prune.distill",
     "weightsmith.prune.minitron",
+    "weightsmith.convert.mla.mla_pass",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Architecture conversions (GQA→MLA)."""

@@ -1,0 +1,433 @@
+"""`weightsmith mla SRC DST`: GQA → MLA (TransMLA / MHA2MLA) written as a stock DeepseekV3ForCausalLM.
+
+Orchestration only; the maths is in the sibling modules. Flow: validate the source and the cache
+budget → the engine pushes calibration text through the source one layer at a time, collecting per
+layer the second moment of the attention input and a few windows of it → per layer and per
+candidate (RoPE dims, FreqFold) the conversion is built and scored by the attention-output error
+on those windows → the RoPE width with the smallest total error is chosen (FreqFold per layer) →
+every layer is built again at the chosen setting and written with the DeepSeek names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from weightsmith.arch import arch_for
+from weightsmith.calib import CalibConfig
+from weightsmith.checkpoint.writer import TensorSpec
+from weightsmith.convert.mla import components as comp
+from weightsmith.convert.mla.latent import constant_for
+from weightsmith.convert.mla.layer import SourceAttention, build_layer
+from weightsmith.convert.mla.lowrank import pca_latent, svd_latent
+from weightsmith.convert.mla.rope import longrope_factors, source_inv_freq
+from weightsmith.convert.mla.simulate import relative_error
+from weightsmith.errors import UnsupportedError, UsageError
+from weightsmith.passes import PassSpec, Plan, register
+from weightsmith.util import dtype_from_name
+
+NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default eps (kv_a_layernorm / q_a_layernorm are built without one)
+DENSE_SOURCES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class MlaConfig(CalibConfig):
+    method: Literal["transmla", "mha2mla"] = field(default="transmla", metadata={"help": "transmla: RoRoPE + FreqFold + BKV-PCA (calibrated); mha2mla: partial-RoPE selection + joint/split SVD of the weights"})
+    target: Literal["exact", "engine"] = field(default="exact", metadata={"help": "exact: stock transformers, reproduces the source at full cache (constant latent channel, biases carried); engine: what vLLM/SGLang/FlashMLA serve (no biases, standard RoPE, calibrated latent norm)"})
+    kv_ratio: float | None = field(default=None, metadata={"help": "cache budget as a fraction of the source's KV values per token (default: 1.0 for exact; 512+64 or the full cache for engine)"})
+    kv_lora_rank: int | None = field(default=None, metadata={"help": "latent width (instead of --kv-ratio); the exact target adds one constant channel"})
+    rope_dim: int | None = field(default=None, metadata={"help": "dims of the shared decoupled RoPE key (default: searched on calibration loss)"})
+    freqfold: int | None = field(default=None, metadata={"help": "transmla on the engine target: adjacent frequencies folded per PCA block (default: searched per layer)"})
+    partial_rope: Literal["2norm", "high", "low", "uniform"] = field(default="2norm", metadata={"help": "mha2mla: which frequencies keep RoPE per KV head"})
+    svd: Literal["joint", "split"] = field(default="joint", metadata={"help": "mha2mla: one SVD of [W_k_nope; W_v] or separate ones"})
+    balance_kv: float = field(default=1.0, metadata={"help": "transmla: BKV-PCA balance multiplier (keys scaled to the values' norm / this)"})
+    loss_windows: int = field(default=4, metadata={"help": "calibration windows kept per layer to score candidates"})
+    dtype: Literal["keep", "float32", "bfloat16", "float16"] = field(default="keep", metadata={"help": "output dtype"})
+    calib_samples: int = field(default=32, metadata={"help": "number of calibration windows"})
+    calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
+
+    def __post_init__(self):
+        if self.kv_ratio is not None and self.kv_lora_rank is not None:
+            raise UsageError("give the cache budget as --kv-ratio or as --kv-lora-rank, not both")
+        if self.kv_ratio is not None and not 0 < self.kv_ratio <= 1:
+            raise UsageError(f"--kv-ratio {self.kv_ratio} is outside (0, 1]: it is the fraction of the source's KV cache kept")
+        if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim % 2):
+            raise UsageError(f"--rope-dim {self.rope_dim} must be a positive even number (RoPE turns pairs of dims)")
+        if self.freqfold is not None and (self.freqfold < 1 or self.freqfold & (self.freqfold - 1)):
+            raise UsageError(f"--freqfold {self.freqfold} must be a power of two ≥ 1")
+        if self.loss_windows < 1:
+            raise UsageError("--loss-windows must be ≥ 1")
+
+
+# ---- validation and budget -------------------------------------------------------------------------
+
+
+def _check_source(cfg: MlaConfig, view) -> None:
+    fam = view.family.name
+    if fam not in DENSE_SOURCES:
+        if fam in ("mixtral", "qwen2_moe", "qwen3_moe"):
+            raise UnsupportedError(
+                f"{fam} is a MoE model: DeepseekV3's router (sigmoid scores, group-limited top-k, no shared-expert gate) cannot "
+                "reproduce its softmax routing exactly, so weightsmith mla refuses rather than change which experts fire; dense sources: "
+                + ", ".join(DENSE_SOURCES)
+            )
+        raise UnsupportedError(f"weightsmith mla converts GQA/MHA models ({', '.join(DENSE_SOURCES)}); {fam} is not one")
+    if view.family.attention.norms:
+        raise UnsupportedError(
+            f"{fam} normalises every query and key head (q_norm/k_norm) before RoPE; DeepSeek's layout has one RMSNorm over the "
+            "whole latent and none on the queries or the RoPE key, so per-head normalisation cannot be expressed (exactly or as "
+            "a fixed weight: it is a per-token, per-head scale). Dense sources without QK-norm: llama, mistral, qwen2"
+        )
+    if getattr(view.config, "mlp_bias", False):
+        raise UnsupportedError("mlp_bias=true: DeepseekV3's MLP has no biases, so the source's MLP biases cannot be carried")
+    if view.heads % view.kv_heads:
+        raise UnsupportedError(f"num_attention_heads {view.heads} is not a multiple of num_key_value_heads {view.kv_heads}")
+
+
+@dataclass
+class Budget:
+    total: int | None  # values per token and layer (latent + rope), constant channel excluded
+    rank: int | None  # explicit latent width
+    rope_candidates: list[int]
+    source: int
+
+
+def resolve_budget(cfg: MlaConfig, view) -> Budget:
+    n_kv, d = view.kv_heads, view.head_dim
+    S = 2 * n_kv * d
+    if cfg.target == "engine":
+        valid = [d // c for c in (1, 2, 4) if d % c == 0 and (d // c) % 2 == 0 and d // c >= 8] or [d]
+        if cfg.method == "mha2mla":
+            valid = [d]  # one KV head per frequency: needs the target's frequencies = the source's
+    elif cfg.method == "mha2mla":
+        valid = [n_kv * p for p in range(2, d + 1, 2)]
+    else:
+        valid = list(range(2, n_kv * d + 1, 2))
+    if cfg.rope_dim is not None:
+        if cfg.rope_dim not in valid:
+            near = sorted(valid, key=lambda v: abs(v - cfg.rope_dim))[:4]
+            why = {
+                "engine": f"the engine target's shared standard-RoPE key needs head_dim {d} divisible by it (≤ head_dim)" + ("; mha2mla on the engine target needs exactly head_dim" if cfg.method == "mha2mla" else ""),
+                "exact": f"at most n_kv·head_dim = {n_kv * d}" + (f", a multiple of 2·n_kv = {2 * n_kv}" if cfg.method == "mha2mla" else ""),
+            }[cfg.target]
+            raise UsageError(f"--rope-dim {cfg.rope_dim} is impossible for this source ({why}); nearest valid: {', '.join(map(str, sorted(near)))}")
+        cands = [cfg.rope_dim]
+    else:
+        if cfg.target == "engine":
+            cands = valid
+        elif cfg.method == "mha2mla":
+            cands = sorted({n_kv * p for p in (d // 8, d // 4, d // 2, d) if p >= 2 and p % 2 == 0})
+        else:
+            cands = sorted({v for v in (d // 2, d, 2 * d, 4 * d, n_kv * d) if 2 <= v <= n_kv * d and v % 2 == 0})
+    if cfg.kv_lora_rank is not None:
+        if cfg.kv_lora_rank < 1:
+            raise UsageError("--kv-lora-rank must be ≥ 1")
+        hi = max(S - min(cands), 1)
+        if cfg.kv_lora_rank > S - min(cands):
+            raise UsageError(
+                f"--kv-lora-rank {cfg.kv_lora_rank} is above what this source allows: the latent holds at most "
+                f"2·n_kv·head_dim − rope_dim = {S} − {min(cands)} = {hi} values; valid range 1..{hi}"
+            )
+        cands = [c for c in cands if cfg.kv_lora_rank <= S - c] or cands
+        return Budget(None, cfg.kv_lora_rank, cands, S)
+    ratio = cfg.kv_ratio
+    if ratio is None:
+        if cfg.target == "engine" and S >= 576 and d >= 64:
+            return Budget(None, 512, [64] if cfg.rope_dim is None else cands, S)
+        ratio = 1.0
+    total = int(round(ratio * S))
+    ok = [c for c in cands if 1 <= total - c]
+    if not ok:
+        raise UsageError(f"--kv-ratio {ratio} leaves {total} cached values per layer, not enough for {min(cands)} RoPE dims and a latent; use a ratio ≥ {(min(cands) + 1) / S:.3f}")
+    return Budget(total, None, ok, S)
+
+
+def _latent_rank(b: Budget, d_r: int) -> int:
+    return b.rank if b.rank is not None else b.total - d_r
+
+
+def _folds(cfg: MlaConfig, d: int, d_r: int) -> list[int | None]:
+    if cfg.target == "exact" or cfg.method == "mha2mla":
+        return [None]
+    collapse = d // d_r
+    if cfg.freqfold is not None:
+        if cfg.freqfold % collapse or cfg.freqfold > d // 2:
+            raise UsageError(f"--freqfold {cfg.freqfold} must be a multiple of head_dim/rope_dim = {collapse} and ≤ head_dim/2 = {d // 2}")
+        return [cfg.freqfold]
+    return [f for f in (collapse, 2 * collapse, 4 * collapse, 8 * collapse) if f <= d // 2]
+
+
+# ---- per layer ------------------------------------------------------------------------------------
+
+
+def load_source_attention(ck, view, i: int, inv_freq: torch.Tensor) -> SourceAttention:
+    a = view.attention(i)
+    H = view.hidden
+
+    def aug(role):
+        w = ck.get(a[role] + ".weight").double()
+        b = ck.get(a[role] + ".bias").double() if (a[role] + ".bias") in ck else torch.zeros(w.shape[0], dtype=torch.float64)
+        return torch.cat([w, b[:, None]], 1)
+
+    wo = ck.get(a["o"] + ".weight").double()
+    bo = ck.get(a["o"] + ".bias").double() if (a["o"] + ".bias") in ck else None
+    assert wo.shape[0] == H
+    return SourceAttention(aug("q"), aug("k"), aug("v"), wo, bo, view.heads, view.kv_heads, view.head_dim, inv_freq.double())
+
+
+def rope_setups(cfg: MlaConfig, view, sources: list[SourceAttention], stats: list, d_r: int) -> dict:
+    """fold -> (blocks, basis) for one RoPE width. The RoPE frequency table is one config for the
+    whole model, so the frequencies kept are decided here for all layers at once."""
+    n_h, n_kv, d = view.heads, view.kv_heads, view.head_dim
+    inv = sources[0].inv_freq
+    if cfg.target == "engine":
+        basis = "pca" if cfg.method == "transmla" else "identity"
+        return {f: (comp.freqfold_blocks(n_kv, d, d_r, f, inv), basis) for f in _folds(cfg, d, d_r)}
+    if cfg.method == "transmla":
+        base = comp.single_frequency_blocks(n_kv, d)
+        scores = [comp.block_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d, blocks=base) for s, (C, _) in zip(sources, stats)]
+        counts = comp.allocate_pairs(scores, d_r // 2)
+        return {None: (comp.single_frequency_blocks(n_kv, d, counts), "pca")}
+    score = None
+    if cfg.partial_rope == "2norm":  # summed over layers: the kept frequencies must be the same in every layer
+        score = sum(comp.two_norm_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d) for s, (C, _) in zip(sources, stats))
+    kept = comp.partial_rope_frequencies(cfg.partial_rope, n_kv, d, d_r // (2 * n_kv), score)
+    return {None: (comp.head_selection_blocks(n_kv, d, kept), "identity")}
+
+
+def convert_layer(cfg: MlaConfig, src: SourceAttention, C: torch.Tensor, samples: torch.Tensor, *, blocks, basis: str, rank: int, constant: float | None):
+    split = comp.build_split(src.wk, src.wq, C, n_h=src.n_h, n_kv=src.n_kv, d=src.d, inv_freq=src.inv_freq, blocks=blocks, basis=basis)
+    if cfg.method == "transmla":
+        lat = pca_latent(split.nope_k, src.wv, C, rank, centered=constant is not None, balance=cfg.balance_kv)
+    else:
+        lat = svd_latent(split.nope_k, src.wv, rank, split=cfg.svd == "split")
+        if constant is None:
+            lat.mean.zero_()
+    layer = build_layer(src, split, lat, constant=constant, samples=samples.reshape(-1, samples.shape[-1]), eps=NORM_EPS)
+    return layer, split, lat
+
+
+# ---- plan / run -----------------------------------------------------------------------------------
+
+
+def _validate(cfg: MlaConfig, ctx):
+    ck = ctx.source
+    view = arch_for(ck.config)
+    _check_source(cfg, view)
+    budget = resolve_budget(cfg, view)
+    inv = source_inv_freq(ck.config, view.head_dim)
+    if cfg.target == "engine":
+        rp = dict(getattr(ck.config, "rope_parameters", None) or {})
+        if rp.get("rope_type", "default") != "default":
+            raise UnsupportedError(
+                f"rope_type {rp.get('rope_type')!r}: the engine target needs plain RoPE (vLLM/SGLang rewrite any other DeepSeek rope type "
+                "to deepseek_yarn); use --target exact, which carries the source's frequencies exactly"
+            )
+        for lin in view.linears(0):
+            if lin.group == "attention" and lin.bias and (lin.prefix + ".bias") in ck:
+                raise UnsupportedError(
+                    f"{lin.prefix}.bias: the engine target has no attention biases (vLLM/SGLang build every DeepSeek projection "
+                    "with bias=False); use --target exact, which carries q/k/v/o biases exactly"
+                )
+    return view, budget, inv
+
+
+def plan(cfg: MlaConfig, ctx) -> Plan:
+    view, budget, _ = _validate(cfg, ctx)
+    summary = {
+        "method": cfg.method,
+        "target": cfg.target,
+        "source_kv_values_per_layer": budget.source,
+        "budget_values_per_layer": budget.total if budget.total is not None else f"rank {budget.rank} + rope",
+        "rope_dim_candidates": budget.rope_candidates,
+    }
+    return Plan(tensors=None, config=None, summary=summary)
+
+
+def _out_config(ck, view, cfg: MlaConfig, *, d_n: int, d_r: int, rank: int, q_lora: int | None, freqs: torch.Tensor, dtype):
+    from transformers import DeepseekV3Config
+
+    src = ck.config
+    rp = dict(getattr(src, "rope_parameters", None) or {})
+    base = float(rp.get("rope_theta", getattr(src, "rope_theta", 10000.0)))
+    default = 1.0 / (base ** (torch.arange(0, d_r, 2, dtype=torch.int64).float() / d_r))
+    if torch.equal(default, freqs.float()):
+        rope = {"rope_type": "default", "rope_theta": base}
+    else:
+        fac = longrope_factors(freqs.float(), base)
+        mpe = int(getattr(src, "max_position_embeddings", 4096))
+        rope = {"rope_type": "longrope", "rope_theta": base, "short_factor": fac, "long_factor": fac, "original_max_position_embeddings": mpe, "factor": 1.0, "attention_factor": 1.0}
+    kw = dict(
+        vocab_size=view.vocab, hidden_size=view.hidden, intermediate_size=view.ffn, moe_intermediate_size=view.ffn,
+        num_hidden_layers=view.num_layers, num_attention_heads=view.heads, num_key_value_heads=view.heads,
+        n_shared_experts=1, n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
+        first_k_dense_replace=view.num_layers, kv_lora_rank=rank, q_lora_rank=q_lora, qk_rope_head_dim=d_r,
+        v_head_dim=view.head_dim, qk_nope_head_dim=d_n, hidden_act=getattr(src, "hidden_act", "silu"),
+        max_position_embeddings=int(getattr(src, "max_position_embeddings", 4096)), rms_norm_eps=float(getattr(src, "rms_norm_eps", 1e-6)),
+        tie_word_embeddings=view.tied, rope_parameters=rope, rope_interleave=True, attention_bias=cfg.target == "exact",
+        bos_token_id=getattr(src, "bos_token_id", None), eos_token_id=getattr(src, "eos_token_id", None), pad_token_id=getattr(src, "pad_token_id", None),
+    )
+    out = DeepseekV3Config(**kw)
+    out.architectures = ["DeepseekV3ForCausalLM"]
+    out.dtype = dtype
+    return out
+
+
+class _LayerStats:
+    def __init__(self, hidden: int, keep: int):
+        self.C = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
+        self.rows = 0
+        self.samples: list[torch.Tensor] = []
+        self.keep = keep
+
+    def __call__(self, inp, out):
+        x = inp.detach().to("cpu", torch.float64)
+        flat = x.reshape(-1, x.shape[-1])
+        xa = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=torch.float64)], 1)
+        self.C.addmm_(xa.T, xa)
+        self.rows += flat.shape[0]
+        for b in range(x.shape[0]):
+            if len(self.samples) < self.keep:
+                self.samples.append(x[b].clone())
+
+    def finish(self):
+        return self.C / max(self.rows, 1), torch.stack(self.samples)
+
+
+def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
+    ck = ctx.source
+    view, budget, inv = _validate(cfg, ctx)
+    out_dtype = ck.info(view.family.embed).dtype if cfg.dtype == "keep" else dtype_from_name(cfg.dtype)
+    constant = constant_for(out_dtype) if cfg.target == "exact" else None
+    calib = ctx.calibrate(cfg)
+    engine = ctx.engine()
+    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def process(layer):
+        st = _LayerStats(view.hidden, cfg.loss_windows)
+        layer.run(observe={view.attention(layer.index)["k"]: st}, keep_outputs=False)
+        stats.append(st.finish())
+
+    engine.run(calib.ids, process)
+    engine.close()
+    sources = [load_source_attention(ck, view, i, inv) for i in range(view.num_layers)]
+    # choose the RoPE width (one config key) on the summed calibration loss, FreqFold per layer
+    setups = {d_r: rope_setups(cfg, view, sources, stats, d_r) for d_r in budget.rope_candidates}
+    losses: dict[tuple, list[float]] = {}
+    if sum(len(v) for v in setups.values()) > 1:
+        for d_r, by_fold in ctx.report.track(list(setups.items()), desc="scoring RoPE widths"):
+            for f, (blocks, basis) in by_fold.items():
+                losses[(d_r, f)] = [
+                    relative_error(x, s, convert_layer(cfg, s, C, x, blocks=blocks, basis=basis, rank=_latent_rank(budget, d_r), constant=constant)[0], eps=NORM_EPS)
+                    for s, (C, x) in zip(sources, stats)
+                ]
+        totals = {d_r: sum(min(losses[(d_r, f)][i] for f in setups[d_r]) for i in range(view.num_layers)) for d_r in setups}
+        d_r = min(totals, key=lambda k: (totals[k], -k))
+        ctx.metrics["rope_dim_search"] = {str(k): round(v / view.num_layers, 8) for k, v in sorted(totals.items())}
+        if len(setups[d_r]) > 1:
+            ctx.metrics["freqfold_search"] = {str(f): round(sum(losses[(d_r, f)]) / view.num_layers, 8) for f in setups[d_r]}
+    else:
+        d_r = budget.rope_candidates[0]
+    rank = _latent_rank(budget, d_r)
+    folds = [min(setups[d_r], key=lambda f: losses[(d_r, f)][i]) if len(setups[d_r]) > 1 else next(iter(setups[d_r])) for i in range(view.num_layers)]
+    built, layer_metrics = [], []
+    for i in ctx.report.track(range(view.num_layers), desc="building MLA layers"):
+        (C, x), src = stats[i], sources[i]
+        blocks, basis = setups[d_r][folds[i]]
+        L, split, lat = convert_layer(cfg, src, C, x, blocks=blocks, basis=basis, rank=rank, constant=constant)
+        err = relative_error(x, src, L, eps=NORM_EPS)
+        layer_metrics.append({
+            "layer": i, "attention_output_error": round(err, 8), "latent_error": round(lat.error, 8), "key_nope_error": round(lat.key_error, 8),
+            "value_error": round(lat.value_error, 8), "rope_key_energy_kept": round(split.kept_energy, 6), "freqfold": folds[i], "kv_balance": round(lat.ratio, 6),
+        })
+        built.append(L)
+    del sources, stats
+    L0 = built[0]
+    q_lora = view.hidden + 1 if "q_a" in L0.tensors else None
+    out_cfg = _out_config(ck, view, cfg, d_n=L0.d_n, d_r=d_r, rank=L0.rank, q_lora=q_lora, freqs=L0.rope_freq, dtype=out_dtype)
+    target_view = arch_for(out_cfg)
+    names = {"q": "q", "q_a": "q_a", "q_b": "q_b", "kv_a": "kv_a", "kv_b": "kv_b", "o": "o"}
+    specs, writes = [], []
+    for g in view.global_tensors():
+        specs.append(TensorSpec(g, ck.info(g).shape, out_dtype))
+        writes.append((g, None))
+    for i, L in enumerate(built):
+        ta = target_view.attention(i)
+        tn = target_view.attention_norms(i)
+        t = L.tensors
+        out = {}
+        for role, key in names.items():
+            if key in t and role in ta:
+                out[ta[role] + ".weight"] = t[key]
+        if "kv_a_bias" in t:
+            out[ta["kv_a"] + ".bias"] = t["kv_a_bias"]
+        if "o_bias" in t:
+            out[ta["o"] + ".bias"] = t["o_bias"]
+        if "q_a_bias" in t:
+            out[ta["q_a"] + ".bias"] = t["q_a_bias"]
+        out[tn["kv_a_norm"] + ".weight"] = t["kv_a_norm"]
+        if "q_a_norm" in t:
+            out[tn["q_a_norm"] + ".weight"] = t["q_a_norm"]
+        for name, tensor in out.items():
+            specs.append(TensorSpec(name, tuple(tensor.shape), out_dtype))
+            writes.append((name, tensor))
+        src_mlp, dst_mlp = view.mlp(i), target_view.mlp(i)
+        for role in src_mlp:
+            specs.append(TensorSpec(dst_mlp[role] + ".weight", ck.info(src_mlp[role] + ".weight").shape, out_dtype))
+            writes.append((dst_mlp[role] + ".weight", src_mlp[role] + ".weight"))
+        for role, p in view.layer_norms(i).items():
+            dst = target_view.layer_norms(i)[role]
+            specs.append(TensorSpec(dst + ".weight", ck.info(p + ".weight").shape, out_dtype))
+            writes.append((dst + ".weight", p + ".weight"))
+    ctx.writer.plan(specs)
+    ctx.writer.set_config(out_cfg)
+    for name, what in writes:
+        if what is None:
+            ctx.copy_tensor(name, dtype=out_dtype)
+        elif isinstance(what, str):
+            if ck.info(what).dtype == out_dtype:
+                ctx.writer.write_bytes(name, ck.read_raw(what))
+            else:
+                ctx.writer.write(name, ck.get(what, dtype=out_dtype))
+        else:
+            ctx.writer.write(name, what.to(out_dtype).contiguous())
+    _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, rank, budget)
+
+
+def _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, rank, budget):
+    from weightsmith.eval.accounting import kv_cache
+
+    before = kv_cache(ctx.source.config)
+    after = kv_cache(out_cfg)
+    n_h, H, d = view.heads, view.hidden, view.head_dim
+    L0 = built[0]
+    unabs = sum(int(t.numel()) for L in built for t in L.tensors.values())
+    src_attn = view.num_layers * (H * n_h * d * 2 + H * view.kv_heads * d * 2)
+    # absorbed: q → n_h·(r + d_r)·H, kv_a, o → H·n_h·r (W_O·W_UV), no kv_b
+    absorbed = view.num_layers * (n_h * (L0.rank + d_r) * H + (L0.rank + d_r) * H + H * n_h * L0.rank)
+    ctx.metrics.update({
+        "method": cfg.method, "target": cfg.target, "kv_lora_rank": L0.rank, "data_latent_rank": rank,
+        "constant_latent_channel": cfg.target == "exact", "qk_rope_head_dim": d_r, "qk_nope_head_dim": L0.d_n, "v_head_dim": d,
+        "q_lora_rank": out_cfg.q_lora_rank, "rope_type": out_cfg.rope_parameters.get("rope_type"),
+        "kv_cache_before": before, "kv_cache_after": after,
+        "kv_cache_ratio": round(after["values_per_token"] / before["values_per_token"], 6),
+        "attention_params_before": src_attn, "attention_params_after": unabs, "attention_params_absorbed": absorbed,
+        "mean_attention_output_error": round(sum(m["attention_output_error"] for m in layer_metrics) / len(layer_metrics), 8),
+        "layers": layer_metrics,
+    })
+
+
+register(
+    PassSpec(
+        name="mla",
+        config_cls=MlaConfig,
+        plan=plan,
+        run=run,
+        help="convert a GQA model (Llama, Mistral, Qwen2) to Multi-head Latent Attention as a stock DeepseekV3ForCausalLM (TransMLA / MHA2MLA)",
+        reference_url="https://arxiv.org/abs/2502.07864",
+        tags=("mla", "deepseek_v3"),
+    )
+)
