@@ -47,11 +47,10 @@ def _pair_cov(kr: torch.Tensor, ki: torch.Tensor, C: torch.Tensor) -> torch.Tens
 def _query_energy(wq_heads: torch.Tensor, C: torch.Tensor, d: int) -> torch.Tensor:
     """[n_h, d/2] second moment of each query head's frequency pairs (real + imag)."""
     r, i = half_pairs(d)
-    out = []
-    for w in wq_heads:  # [d, H+1]
-        e = torch.einsum("dh,hk,dk->d", w, C, w)
-        out.append(e[r] + e[i])
-    return torch.stack(out)
+    n_h, d_, H1 = wq_heads.shape
+    w = wq_heads.reshape(-1, H1)
+    e = ((w @ C) * w).sum(-1).reshape(n_h, d_)
+    return e[:, r] + e[:, i]
 
 
 @dataclass
@@ -65,15 +64,16 @@ def _rotate(wk, wq, C, *, n_h, n_kv, d, blocks, basis):
     """Per block: orthonormal basis over its slots, and each component's score and key energy."""
     g = n_h // n_kv
     kr, ki = slot_rows(wk, n_kv, d)
-    wq_heads = wq.reshape(n_h, d, -1)
-    qe = _query_energy(wq_heads, C, d)  # [n_h, d/2]
-    total_k = float(sum(_pair_cov(kr[j], ki[j], C).trace() for j in range(n_kv)))
+    qe = _query_energy(wq.reshape(n_h, d, -1), C, d)  # [n_h, d/2]
+    G = (wk @ C @ wk.T).reshape(n_kv, d, n_kv, d)  # key second moments, all rows at once
+    r_, i_ = half_pairs(d)
+    Gp = G[:, r_][:, :, :, r_] + G[:, i_][:, :, :, i_]  # [n_kv, d/2, n_kv, d/2]: pair covariances
+    total_k = float(sum(Gp[j, :, j, :].trace() for j in range(n_kv)))
     comps = []  # (score, block index, component vector over block slots, key energy)
     for b, blk in enumerate(blocks):
         idx_j = torch.tensor([s[0] for s in blk.slots])
         idx_i = torch.tensor([s[1] for s in blk.slots])
-        br, bi = kr[idx_j, idx_i], ki[idx_j, idx_i]
-        cov = _pair_cov(br, bi, C)
+        cov = Gp[idx_j[:, None], idx_i[:, None], idx_j[None, :], idx_i[None, :]]
         if basis == "pca":
             evals, evecs = torch.linalg.eigh(cov)
             order = torch.argsort(evals, descending=True)
@@ -262,7 +262,7 @@ def two_norm_scores(wk: torch.Tensor, wq: torch.Tensor, C: torch.Tensor, *, n_h:
     """[n_kv, d/2] MHA2MLA's 2-norm score: ‖k pair‖ · Σ_(heads of the group) ‖q pair‖ (RMS over data)."""
     g = n_h // n_kv
     kr, ki = slot_rows(wk, n_kv, d)
-    ke = torch.einsum("jfh,hk,jfk->jf", kr, C, kr) + torch.einsum("jfh,hk,jfk->jf", ki, C, ki)
+    ke = ((kr @ C) * kr).sum(-1) + ((ki @ C) * ki).sum(-1)
     qe = _query_energy(wq.reshape(n_h, d, -1), C, d)
     qs = qe.clamp_min(0).sqrt().reshape(n_kv, g, -1).sum(1)
     return ke.clamp_min(0).sqrt() * qs

@@ -10,7 +10,7 @@ every layer is built again at the chosen setting and written with the DeepSeek n
 
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,7 +24,7 @@ from weightsmith.convert.mla.latent import constant_for
 from weightsmith.convert.mla.layer import SourceAttention, build_layer
 from weightsmith.convert.mla.lowrank import pca_latent, svd_latent
 from weightsmith.convert.mla.rope import longrope_factors, source_inv_freq
-from weightsmith.convert.mla.simulate import relative_error
+from weightsmith.convert.mla.simulate import cast_source, gqa_attention, relative_error
 from weightsmith.errors import UnsupportedError, UsageError
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.util import dtype_from_name
@@ -44,7 +44,7 @@ class MlaConfig(CalibConfig):
     partial_rope: Literal["2norm", "high", "low", "uniform"] = field(default="2norm", metadata={"help": "mha2mla: which frequencies keep RoPE per KV head"})
     svd: Literal["joint", "split"] = field(default="joint", metadata={"help": "mha2mla: one SVD of [W_k_nope; W_v] or separate ones"})
     balance_kv: float = field(default=1.0, metadata={"help": "transmla: BKV-PCA balance multiplier (keys scaled to the values' norm / this)"})
-    loss_windows: int = field(default=4, metadata={"help": "calibration windows kept per layer to score candidates"})
+    loss_windows: int = field(default=2, metadata={"help": "calibration windows kept per layer to score candidates"})
     dtype: Literal["keep", "float32", "bfloat16", "float16"] = field(default="keep", metadata={"help": "output dtype"})
     calib_samples: int = field(default=32, metadata={"help": "number of calibration windows"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
@@ -276,6 +276,18 @@ def _out_config(ck, view, cfg: MlaConfig, *, d_n: int, d_r: int, rank: int, q_lo
     return out
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """The conversion maths is many small eigendecompositions and matmuls: OpenMP's threading costs
+    more than it gains there (10× slower on a loaded 2-core machine), so run it on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class _LayerStats:
     def __init__(self, hidden: int, keep: int):
         self.C = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
@@ -313,38 +325,40 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
 
     engine.run(calib.ids, process)
     engine.close()
-    sources = [load_source_attention(ck, view, i, inv) for i in range(view.num_layers)]
-    # choose the RoPE width (one config key) on the summed calibration loss, FreqFold per layer
-    setups = {d_r: rope_setups(cfg, view, sources, stats, d_r) for d_r in budget.rope_candidates}
-    losses: dict[tuple, list[float]] = {}
-    if sum(len(v) for v in setups.values()) > 1:
-        for d_r, by_fold in ctx.report.track(list(setups.items()), desc="scoring RoPE widths"):
-            for f, (blocks, basis) in by_fold.items():
-                losses[(d_r, f)] = [
-                    relative_error(x, s, convert_layer(cfg, s, C, x, blocks=blocks, basis=basis, rank=_latent_rank(budget, d_r), constant=constant)[0], eps=NORM_EPS)
-                    for s, (C, x) in zip(sources, stats)
-                ]
-        totals = {d_r: sum(min(losses[(d_r, f)][i] for f in setups[d_r]) for i in range(view.num_layers)) for d_r in setups}
-        d_r = min(totals, key=lambda k: (totals[k], -k))
-        ctx.metrics["rope_dim_search"] = {str(k): round(v / view.num_layers, 8) for k, v in sorted(totals.items())}
-        if len(setups[d_r]) > 1:
-            ctx.metrics["freqfold_search"] = {str(f): round(sum(losses[(d_r, f)]) / view.num_layers, 8) for f in setups[d_r]}
-    else:
-        d_r = budget.rope_candidates[0]
-    rank = _latent_rank(budget, d_r)
-    folds = [min(setups[d_r], key=lambda f: losses[(d_r, f)][i]) if len(setups[d_r]) > 1 else next(iter(setups[d_r])) for i in range(view.num_layers)]
-    built, layer_metrics = [], []
-    for i in ctx.report.track(range(view.num_layers), desc="building MLA layers"):
-        (C, x), src = stats[i], sources[i]
-        blocks, basis = setups[d_r][folds[i]]
-        L, split, lat = convert_layer(cfg, src, C, x, blocks=blocks, basis=basis, rank=rank, constant=constant)
-        err = relative_error(x, src, L, eps=NORM_EPS)
-        layer_metrics.append({
-            "layer": i, "attention_output_error": round(err, 8), "latent_error": round(lat.error, 8), "key_nope_error": round(lat.key_error, 8),
-            "value_error": round(lat.value_error, 8), "rope_key_energy_kept": round(split.kept_energy, 6), "freqfold": folds[i], "kv_balance": round(lat.ratio, 6),
-        })
-        built.append(L)
-    del sources, stats
+    with _one_thread():
+        sources = [load_source_attention(ck, view, i, inv) for i in range(view.num_layers)]
+        refs = [gqa_attention(x.float(), cast_source(s, torch.float32)) for s, (_, x) in zip(sources, stats)]
+        # choose the RoPE width (one config key) on the summed calibration loss, FreqFold per layer
+        setups = {d_r: rope_setups(cfg, view, sources, stats, d_r) for d_r in budget.rope_candidates}
+        losses: dict[tuple, list[float]] = {}
+        if sum(len(v) for v in setups.values()) > 1:
+            for d_r, by_fold in ctx.report.track(list(setups.items()), desc="scoring RoPE widths"):
+                for f, (blocks, basis) in by_fold.items():
+                    losses[(d_r, f)] = [
+                        relative_error(x, s, convert_layer(cfg, s, C, x, blocks=blocks, basis=basis, rank=_latent_rank(budget, d_r), constant=constant)[0], eps=NORM_EPS, ref=ref)
+                        for s, (C, x), ref in zip(sources, stats, refs)
+                    ]
+            totals = {d_r: sum(min(losses[(d_r, f)][i] for f in setups[d_r]) for i in range(view.num_layers)) for d_r in setups}
+            d_r = min(totals, key=lambda k: (totals[k], -k))
+            ctx.metrics["rope_dim_search"] = {str(k): round(v / view.num_layers, 8) for k, v in sorted(totals.items())}
+            if len(setups[d_r]) > 1:
+                ctx.metrics["freqfold_search"] = {str(f): round(sum(losses[(d_r, f)]) / view.num_layers, 8) for f in setups[d_r]}
+        else:
+            d_r = budget.rope_candidates[0]
+        rank = _latent_rank(budget, d_r)
+        folds = [min(setups[d_r], key=lambda f: losses[(d_r, f)][i]) if len(setups[d_r]) > 1 else next(iter(setups[d_r])) for i in range(view.num_layers)]
+        built, layer_metrics = [], []
+        for i in ctx.report.track(range(view.num_layers), desc="building MLA layers"):
+            (C, x), src = stats[i], sources[i]
+            blocks, basis = setups[d_r][folds[i]]
+            L, split, lat = convert_layer(cfg, src, C, x, blocks=blocks, basis=basis, rank=rank, constant=constant)
+            err = relative_error(x, src, L, eps=NORM_EPS, ref=refs[i])
+            layer_metrics.append({
+                "layer": i, "attention_output_error": round(err, 8), "latent_error": round(lat.error, 8), "key_nope_error": round(lat.key_error, 8),
+                "value_error": round(lat.value_error, 8), "rope_key_energy_kept": round(split.kept_energy, 6), "freqfold": folds[i], "kv_balance": round(lat.ratio, 6),
+            })
+            built.append(L)
+        del sources, stats, refs
     L0 = built[0]
     q_lora = view.hidden + 1 if "q_a" in L0.tensors else None
     out_cfg = _out_config(ck, view, cfg, d_n=L0.d_n, d_r=d_r, rank=L0.rank, q_lora=q_lora, freqs=L0.rope_freq, dtype=out_dtype)

@@ -70,13 +70,16 @@ def longrope_factors(inv_freq: torch.Tensor, base: float) -> list[float]:
     ideal = (1.0 / (target.double() * denom.double())).float()
     out = ideal.clone()
     for p in range(inv_freq.numel()):
-        best = ideal[p]
-        cand = ideal[p]
-        for _ in range(64):
-            got = 1.0 / (cand.reshape(1) * denom[p : p + 1])
-            if got.item() == target[p].item():
-                best = cand
-                break
-            cand = torch.nextafter(cand, torch.tensor(math.inf) if got.item() > target[p].item() else torch.tensor(0.0))
-        out[p] = best
+        # candidates: the ideal factor ± 32 float32 ulps; exact reproduction when one exists,
+        # otherwise the closest (float32 rounding can skip a value: then it is 1 ulp off)
+        cands = [ideal[p]]
+        up = down = ideal[p]
+        for _ in range(32):
+            up = torch.nextafter(up, torch.tensor(math.inf))
+            down = torch.nextafter(down, torch.tensor(0.0))
+            cands += [up, down]
+        c = torch.stack(cands)
+        got = 1.0 / (c * denom[p])
+        err = (got.double() - target[p].double()).abs()
+        out[p] = c[int(torch.argmin(err))]
     return [float(x) for x in out.tolist()]

@@ -76,8 +76,20 @@ def mla_attention(x: torch.Tensor, L: MlaLayer, n_h: int, *, eps: float = 1e-6) 
     return out + t["o_bias"] if "o_bias" in t else out
 
 
-def relative_error(x: torch.Tensor, src: SourceAttention, L: MlaLayer, *, eps: float = 1e-6) -> float:
-    """‖o_mla − o_src‖² / ‖o_src‖² of the attention output on calibration inputs x [B, T, H]."""
-    ref = gqa_attention(x, src)
-    got = mla_attention(x, L, src.n_h, eps=eps)
-    return float((got - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+def cast_layer(L: MlaLayer, dtype: torch.dtype) -> MlaLayer:
+    return MlaLayer({k: v.to(dtype) for k, v in L.tensors.items()}, L.d_n, L.d_r, L.rank, L.rope_freq)
+
+
+def cast_source(s: SourceAttention, dtype: torch.dtype) -> SourceAttention:
+    c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return SourceAttention(c(s.wq), c(s.wk), c(s.wv), c(s.wo), c(s.bo), s.n_h, s.n_kv, s.d, s.inv_freq)
+
+
+def relative_error(x: torch.Tensor, src: SourceAttention, L: MlaLayer, *, eps: float = 1e-6, ref: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> float:
+    """‖o_mla − o_src‖² / ‖o_src‖² of the attention output on calibration inputs x [B, T, H],
+    computed in `dtype` (float32: what the written model computes); `ref` = a cached source output."""
+    x = x.to(dtype)
+    if ref is None:
+        ref = gqa_attention(x, cast_source(src, dtype))
+    got = mla_attention(x, cast_layer(L, dtype), src.n_h, eps=eps)
+    return float((got.double() - ref.double()).pow(2).sum() / ref.double().pow(2).sum().clamp_min(1e-30))
