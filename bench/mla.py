@@ -1,0 +1,92 @@
+"""GQA→MLA on SmolLM2-135M: training-free perplexity at 100/50/25/12.5% of the source KV cache.
+
+    .venv/bin/python bench/mla.py [--ratios 1 0.5 0.25 0.125] [--methods transmla mha2mla]
+                                  [--targets exact engine] [--windows 16] [--length 512]
+
+Calibration: political_data.json ("speeches" field), evaluation: hamlet.txt (non-overlapping
+windows). Each conversion runs as its own `weightsmith mla` process, so its wall time and peak RSS
+are its own. Every output is loaded with plain transformers (DeepseekV3ForCausalLM) to measure it.
+Timings on a shared machine are noisy; re-run on a quiet one before publishing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import print_table, save  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
+    ap.add_argument("--methods", nargs="+", default=["transmla", "mha2mla"])
+    ap.add_argument("--targets", nargs="+", default=["exact", "engine"])
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-length", type=int, default=256)
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from weightsmith.demo import hamlet, political_speeches, smollm2_gguf
+    from weightsmith.eval.perplexity import perplexity
+    from weightsmith.eval.text import read_text, token_windows
+
+    ws = str(Path(sys.executable).with_name("weightsmith"))
+    rows = []
+    with tempfile.TemporaryDirectory() as td:
+        base = Path(td) / "smollm2"
+        subprocess.run([ws, "import", str(smollm2_gguf()), str(base)], check=True, capture_output=True)
+        tok = AutoTokenizer.from_pretrained(base)
+        wins = token_windows(tok, read_text(hamlet()), args.length, args.windows, source="hamlet.txt")
+
+        def ppl(path):
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            return perplexity(m, wins)["perplexity"], type(m).__name__
+
+        p0, _ = ppl(base)
+        rows.append({"method": "original (llama GQA)", "target": "—", "KV %": 100.0, "KV values/token": 30 * 384, "ppl": p0})
+        print(f"original: ppl {p0:.3f}", flush=True)
+        for method in args.methods:
+            for target in args.targets:
+                for ratio in args.ratios:
+                    out = Path(td) / f"{method}-{target}-{ratio}"
+                    cmd = [ws, "mla", str(base), str(out), "--method", method, "--target", target, "--kv-ratio", str(ratio),
+                           "--calib", str(political_speeches()), "--calib-field", "speeches",
+                           "--calib-samples", str(args.calib_samples), "--calib-length", str(args.calib_length)]
+                    t = time.perf_counter()
+                    r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
+                    secs = time.perf_counter() - t
+                    row = {"method": method, "target": target, "KV %": 100 * ratio}
+                    if r.returncode != 0:
+                        row["note"] = r.stderr.strip().splitlines()[-2][:120] if len(r.stderr.strip().splitlines()) > 1 else r.stderr.strip()
+                        rows.append(row)
+                        print(row, flush=True)
+                        continue
+                    rss = int(r.stderr.strip().splitlines()[-1]) / 1024
+                    met = json.loads((out / "manifest.json").read_text())["metrics"]
+                    p, arch = ppl(out)
+                    row.update({
+                        "KV values/token": met["kv_cache_after"]["values_per_token"], "rope dim": met["qk_rope_head_dim"],
+                        "latent": met["kv_lora_rank"], "ppl": p, "Δppl": p - p0, "attn err": met["mean_attention_output_error"],
+                        "convert s": secs, "peak RSS MB": rss, "loads as": arch,
+                    })
+                    rows.append(row)
+                    print({k: row[k] for k in ("method", "target", "KV %", "rope dim", "ppl", "convert s")}, flush=True)
+                    subprocess.run(["rm", "-rf", str(out)])
+    cols = ["method", "target", "KV %", "KV values/token", "rope dim", "latent", "ppl", "Δppl", "attn err", "convert s", "peak RSS MB"]
+    print_table(rows, cols, f"SmolLM2-135M → MLA, training-free, hamlet ppl ({args.windows} × {args.length} tokens, fp32, CPU)")
+    save("mla", {"rows": rows, "args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
