@@ -288,6 +288,25 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
+class _Sources:
+    """Each layer's source attention, read from the (memory-mapped) checkpoint when asked for, so
+    that only one layer's float64 copy is alive at a time."""
+
+    def __init__(self, ck, view, inv):
+        self.ck, self.view, self.inv = ck, view, inv
+
+    def __len__(self):
+        return self.view.num_layers
+
+    def __getitem__(self, i: int) -> SourceAttention:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return load_source_attention(self.ck, self.view, i, self.inv)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 class _LayerStats:
     def __init__(self, hidden: int, keep: int):
         self.C = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
@@ -326,7 +345,7 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     engine.run(calib.ids, process)
     engine.close()
     with _one_thread():
-        sources = [load_source_attention(ck, view, i, inv) for i in range(view.num_layers)]
+        sources = _Sources(ck, view, inv)
         refs = [gqa_attention(x.float(), cast_source(s, torch.float32)) for s, (_, x) in zip(sources, stats)]
         # choose the RoPE width (one config key) on the summed calibration loss, FreqFold per layer
         setups = {d_r: rope_setups(cfg, view, sources, stats, d_r) for d_r in budget.rope_candidates}
