@@ -154,3 +154,26 @@ def test_smollm2_exact_full_cache(smollm2, tmp_path, cli):
     name, got, _ = _logits(dst, ids)
     assert name == "DeepseekV3ForCausalLM"
     assert (got - ref).abs().max() <= 1e-3
+
+
+def test_budget_resolution_and_engine_default_is_flashmla_shape():
+    from transformers import LlamaConfig
+
+    from weightsmith.arch import arch_for
+    from weightsmith.convert.mla.mla_pass import MlaConfig, resolve_budget
+    from weightsmith.errors import UsageError
+
+    big = arch_for(LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=2, vocab_size=10, intermediate_size=64))
+    b = resolve_budget(MlaConfig(target="engine"), big)
+    assert (b.rank, b.rope_candidates) == (512, [64])  # what FlashMLA / vLLM's MLA kernels want
+    smol = arch_for(LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=2, vocab_size=10, intermediate_size=64))
+    b = resolve_budget(MlaConfig(kv_ratio=0.5), smol)
+    assert b.total == 192 and b.source == 384 and max(b.rope_candidates) < 192
+    b = resolve_budget(MlaConfig(target="engine"), smol)  # too small for 512+64: full cache, width searched
+    assert b.total == 384 and b.rope_candidates == [64, 32, 16]
+    with pytest.raises(UsageError, match="valid range 1..382"):
+        resolve_budget(MlaConfig(kv_lora_rank=400, rope_dim=2), smol)
+    with pytest.raises(UsageError, match="at most n_kv·head_dim = 192"):
+        resolve_budget(MlaConfig(rope_dim=256), smol)
+    with pytest.raises(UsageError, match="head_dim 64"):
+        resolve_budget(MlaConfig(rope_dim=96, target="engine"), smol)
