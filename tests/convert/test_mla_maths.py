@@ -183,3 +183,32 @@ def test_reference_attentions_agree_at_identity_conversion():
     split = comp.build_split(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, inv_freq=s.inv_freq, blocks=comp.single_frequency_blocks(N_KV, D, [N_KV] * (D // 2)))
     L = build_layer(s, split, pca_latent(split.nope_k, s.wv, C, N_KV * D, centered=True), constant=2.0**26)
     torch.testing.assert_close(mla_attention(x, L, N_H), gqa_attention(x, s))
+
+
+def test_weighted_pca_is_exact_at_full_rank_and_optimal_under_its_metric():
+    from weightsmith.convert.mla.layer import attention_metric
+    from weightsmith.convert.mla.lowrank import weighted_pca_latent
+
+    s, x, C = source(True)
+    blocks = comp.single_frequency_blocks(N_KV, D, [1] * (D // 2))
+    split = comp.build_split(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, inv_freq=s.inv_freq, blocks=blocks)
+    M = attention_metric(s, split, C)
+    rows = split.nope_k.shape[0] + N_KV * D
+    full = weighted_pca_latent(split.nope_k, s.wv, C, rows, M, centered=True)
+    assert full.error < 1e-12
+    rank = rows // 3
+    w = weighted_pca_latent(split.nope_k, s.wv, C, rank, M, centered=True)
+    p = pca_latent(split.nope_k, s.wv, C, rank, centered=True, balance=1.0)
+    Y = torch.cat([split.nope_k, s.wv])
+    S = Y @ C @ Y.T - torch.outer(w.mean, w.mean)
+
+    def cost(dec, enc):
+        P = torch.eye(rows, dtype=F64) - dec @ enc
+        return float((M @ P @ S @ P.T).trace())
+
+    # the plain PCA decoder/encoder (in unbalanced coordinates) costs more under the metric
+    Bp = p.basis.clone()
+    Bp[: split.nope_k.shape[0]] *= p.ratio
+    enc_p = p.basis.T.clone()
+    enc_p[:, : split.nope_k.shape[0]] /= p.ratio
+    assert cost(w.basis, w.encode) <= cost(Bp, enc_p) * (1 + 1e-9)

@@ -131,7 +131,7 @@ def test_conversion_is_deterministic(tiny_model, tmp_path, cli, hamlet):
     src = _tiny(tiny_model, "qwen2")
     outs = []
     for k in range(2):
-        r = _run(cli, src, tmp_path / f"o{k}", hamlet, "--kv-ratio", "0.5")
+        r = _run(cli, src, tmp_path / f"o{k}", hamlet, "--kv-ratio", "0.5", "--pca-metric", "auto")
         assert r.code == 0, r
         outs.append((tmp_path / f"o{k}" / "model.safetensors").read_bytes())
     assert outs[0] == outs[1]

@@ -80,11 +80,12 @@ def build_layer(src: SourceAttention, split: Split, lat: Latent, *, constant: fl
         mcols.append(muv[gidx])
     kv_b = torch.cat(cols)  # [n_h·(d_n+d), r]
     kv_mean = torch.cat(mcols)
-    lat_rows = B.T @ Y  # [r, H+1]: c = Bᵀ y (+ bias part)
+    E = lat.encode  # [r, rows of y]
+    lat_rows = E @ Y  # [r, H+1]: c = E y (+ bias part)
     t: dict[str, torch.Tensor] = {}
     if constant is not None:
         lat_rows = lat_rows.clone()
-        lat_rows[:, -1] -= B.T @ mu  # centered: c = Bᵀ(y − μ)
+        lat_rows[:, -1] -= E @ mu  # centered: c = E(y − μ)
         const_row = torch.zeros(1, H + 1, dtype=B.dtype)
         const_row[0, -1] = constant
         kv_a = torch.cat([lat_rows, const_row, split.rope_k])
@@ -121,3 +122,29 @@ def build_layer(src: SourceAttention, split: Split, lat: Latent, *, constant: fl
     else:
         t["q"] = q_full[:, :H]
     return MlaLayer(t, d_n, d_r, rank, split.rope_freq)
+
+
+def attention_metric(src: SourceAttention, split: Split, C: torch.Tensor) -> torch.Tensor:
+    """What an error in each latent row costs downstream, as a PSD matrix over y = [k_nope; v].
+
+    Keys: an error Δk changes head h's logit by q_hᵀT_hᵀΔk/√d → Σ_h e_h·T_h E[q_h q_hᵀ] T_hᵀ / d,
+    weighted by e_h = E‖W_O^h v‖² (the size of the output a logit error moves). Values: an error
+    Δv of KV group g moves the output by Σ_(h in g) W_O^h Δv → blockdiag_g Σ_h W_O^hᵀ W_O^h."""
+    n_h, n_kv, d = src.n_h, src.n_kv, src.d
+    g = n_h // n_kv
+    m = split.nope_k.shape[0]
+    wq = src.wq.reshape(n_h, d, -1)
+    wv = src.wv.reshape(n_kv, d, -1)
+    wo = src.wo.reshape(src.wo.shape[0], n_h, d)
+    M = torch.zeros(m + n_kv * d, m + n_kv * d, dtype=src.wq.dtype)
+    for h in range(n_h):
+        j = h // g
+        Cv = wv[j] @ C @ wv[j].T
+        Oh = wo[:, h, :]  # [H, d]
+        e_h = float((Oh @ Cv @ Oh.T).trace())
+        if m:
+            T = split.nope_q[h]  # [m, d]
+            M[:m, :m] += e_h * (T @ (wq[h] @ C @ wq[h].T) @ T.T) / d
+        sl = slice(m + j * d, m + (j + 1) * d)
+        M[sl, sl] += Oh.T @ Oh
+    return M

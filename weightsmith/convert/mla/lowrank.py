@@ -22,6 +22,11 @@ class Latent:
     error: float  # relative second-moment error of the reconstruction ‖y − ŷ‖² / ‖y‖² (on C)
     key_error: float
     value_error: float
+    encoder: torch.Tensor | None = None  # [r, rows of y]: c = encoder·(y − μ); None = basisᵀ (orthonormal PCA)
+
+    @property
+    def encode(self) -> torch.Tensor:
+        return self.basis.T if self.encoder is None else self.encoder
 
 
 def second_moment(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -87,6 +92,40 @@ def pca_latent(nope_k: torch.Tensor, v: torch.Tensor, C: torch.Tensor, rank: int
         B = _top(S, rank)
     e, ek, ev = _errors(Y, C, B, mean, nk)
     return Latent(B, mean, ratio, e, ek, ev)
+
+
+def _sqrtm(M: torch.Tensor, damp: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    M = (M + M.T) / 2
+    M = M + damp * M.diagonal().mean().clamp_min(1e-30) * torch.eye(M.shape[0], dtype=M.dtype)
+    ev, U = torch.linalg.eigh(M)
+    ev = ev.clamp_min(ev.max() * 1e-12)
+    return (U * ev.sqrt()) @ U.T, (U * ev.rsqrt()) @ U.T
+
+
+def weighted_pca_latent(nope_k: torch.Tensor, v: torch.Tensor, C: torch.Tensor, rank: int, metric: torch.Tensor, *, centered: bool) -> Latent:
+    """PCA under a metric: minimise E[(y − ŷ)ᵀ M (y − ŷ)] instead of ‖y − ŷ‖² (M: what an error in
+    each key/value direction costs downstream — query-weighted for keys, o_proj-weighted for values).
+
+    Whitened problem: y' = M^½ y, top-r PCA basis B' of y'; encoder B'ᵀM^½, decoder M^-½B'."""
+    Y = torch.cat([nope_k, v])
+    if rank > Y.shape[0]:
+        raise ValueError(f"rank {rank} exceeds the {Y.shape[0]} rows the latent can hold")
+    mean = Y @ C[-1] if centered else torch.zeros(Y.shape[0], dtype=Y.dtype)
+    S = second_moment(Y, C) - (torch.outer(mean, mean) if centered else 0)
+    Mh, Mih = _sqrtm(metric)
+    Bp = _top(Mh @ S @ Mh, rank)
+    dec, enc = Mih @ Bp, Bp.T @ Mh
+    nk = nope_k.shape[0]
+    # reported errors in plain (unweighted) terms, like the other latents
+    P = torch.eye(Y.shape[0], dtype=Y.dtype) - dec @ enc
+    R = P @ S @ P.T
+    tot = second_moment(Y, C).diagonal()
+
+    def rel(sl):
+        t = float(tot[sl].sum())
+        return float(R.diagonal()[sl].sum()) / t if t > 0 else 0.0
+
+    return Latent(dec, mean, 1.0, rel(slice(None)), rel(slice(0, nk)), rel(slice(nk, None)), encoder=enc)
 
 
 def svd_latent(nope_k: torch.Tensor, v: torch.Tensor, rank: int, *, split: bool = False) -> Latent:

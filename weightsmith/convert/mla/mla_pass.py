@@ -21,8 +21,8 @@ from weightsmith.calib import CalibConfig
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.convert.mla import components as comp
 from weightsmith.convert.mla.latent import constant_for
-from weightsmith.convert.mla.layer import SourceAttention, build_layer
-from weightsmith.convert.mla.lowrank import pca_latent, svd_latent
+from weightsmith.convert.mla.layer import SourceAttention, attention_metric, build_layer
+from weightsmith.convert.mla.lowrank import pca_latent, svd_latent, weighted_pca_latent
 from weightsmith.convert.mla.rope import longrope_factors, source_inv_freq
 from weightsmith.convert.mla.simulate import cast_source, gqa_attention, relative_error
 from weightsmith.errors import UnsupportedError, UsageError
@@ -43,6 +43,7 @@ class MlaConfig(CalibConfig):
     freqfold: int | None = field(default=None, metadata={"help": "transmla on the engine target: adjacent frequencies folded per PCA block (default: searched per layer)"})
     partial_rope: Literal["2norm", "high", "low", "uniform"] = field(default="2norm", metadata={"help": "mha2mla: which frequencies keep RoPE per KV head"})
     svd: Literal["joint", "split"] = field(default="joint", metadata={"help": "mha2mla: one SVD of [W_k_nope; W_v] or separate ones"})
+    pca_metric: Literal["bkv", "attention", "auto"] = field(default="bkv", metadata={"help": "transmla latent PCA: bkv = TransMLA's balanced K/V PCA; attention = weighted by what each key/value direction costs the attention output (queries for keys, o_proj for values); auto = per layer, whichever of the two has the lower calibration loss"})
     balance_kv: float = field(default=1.0, metadata={"help": "transmla: BKV-PCA balance multiplier (keys scaled to the values' norm / this)"})
     loss_windows: int = field(default=2, metadata={"help": "calibration windows kept per layer to score candidates"})
     dtype: Literal["keep", "float32", "bfloat16", "float16"] = field(default="keep", metadata={"help": "output dtype"})
@@ -198,9 +199,12 @@ def rope_setups(cfg: MlaConfig, view, sources: list[SourceAttention], stats: lis
     return {None: (comp.head_selection_blocks(n_kv, d, kept), "identity")}
 
 
-def convert_layer(cfg: MlaConfig, src: SourceAttention, C: torch.Tensor, samples: torch.Tensor, *, blocks, basis: str, rank: int, constant: float | None):
+def convert_layer(cfg: MlaConfig, src: SourceAttention, C: torch.Tensor, samples: torch.Tensor, *, blocks, basis: str, rank: int, constant: float | None, metric: str | None = None):
     split = comp.build_split(src.wk, src.wq, C, n_h=src.n_h, n_kv=src.n_kv, d=src.d, inv_freq=src.inv_freq, blocks=blocks, basis=basis)
-    if cfg.method == "transmla":
+    metric = metric or ("bkv" if cfg.pca_metric == "auto" else cfg.pca_metric)
+    if cfg.method == "transmla" and metric == "attention":
+        lat = weighted_pca_latent(split.nope_k, src.wv, C, rank, attention_metric(src, split, C), centered=constant is not None)
+    elif cfg.method == "transmla":
         lat = pca_latent(split.nope_k, src.wv, C, rank, centered=constant is not None, balance=cfg.balance_kv)
     else:
         lat = svd_latent(split.nope_k, src.wv, rank, split=cfg.svd == "split")
@@ -370,11 +374,18 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
         for i in ctx.report.track(range(view.num_layers), desc="building MLA layers"):
             (C, x), src = stats[i], sources[i]
             blocks, basis = setups[d_r][folds[i]]
-            L, split, lat = convert_layer(cfg, src, C, x, blocks=blocks, basis=basis, rank=rank, constant=constant)
-            err = relative_error(x, src, L, eps=NORM_EPS, ref=refs[i])
+            metrics = ["bkv", "attention"] if cfg.method == "transmla" and cfg.pca_metric == "auto" else [None]
+            best = None
+            for metric in metrics:
+                L, split, lat = convert_layer(cfg, src, C, x, blocks=blocks, basis=basis, rank=rank, constant=constant, metric=metric)
+                err = relative_error(x, src, L, eps=NORM_EPS, ref=refs[i])
+                if best is None or err < best[0]:
+                    best = (err, L, split, lat, metric)
+            err, L, split, lat, metric = best
             layer_metrics.append({
                 "layer": i, "attention_output_error": round(err, 8), "latent_error": round(lat.error, 8), "key_nope_error": round(lat.key_error, 8),
                 "value_error": round(lat.value_error, 8), "rope_key_energy_kept": round(split.kept_energy, 6), "freqfold": folds[i], "kv_balance": round(lat.ratio, 6),
+                **({"pca_metric": metric} if metric else {}),
             })
             built.append(L)
         del sources, stats, refs
