@@ -177,3 +177,17 @@ def test_budget_resolution_and_engine_default_is_flashmla_shape():
         resolve_budget(MlaConfig(rope_dim=256), smol)
     with pytest.raises(UsageError, match="head_dim 64"):
         resolve_budget(MlaConfig(rope_dim=96, target="engine"), smol)
+
+
+def test_exact_target_carries_llama3_rope_scaling(tmp_path, cli, hamlet):
+    from tiny import build_tiny
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    src = build_tiny("llama", tmp_path / "src", initializer_range=0.25, rope_parameters=rope, max_position_embeddings=256)
+    r = _run(cli, src, tmp_path / "mla", hamlet)
+    assert r.code == 0, r
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(2))
+    _, ref, _ = _logits(src, ids)
+    _, got, _ = _logits(tmp_path / "mla", ids)
+    assert json.loads((tmp_path / "mla" / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
+    assert (got - ref).abs().max() <= 1e-3

@@ -258,7 +258,9 @@ def _out_config(ck, view, cfg: MlaConfig, *, d_n: int, d_r: int, rank: int, q_lo
     rp = dict(getattr(src, "rope_parameters", None) or {})
     base = float(rp.get("rope_theta", getattr(src, "rope_theta", 10000.0)))
     default = 1.0 / (base ** (torch.arange(0, d_r, 2, dtype=torch.int64).float() / d_r))
-    if torch.equal(default, freqs.float()):
+    if cfg.target == "engine" or torch.equal(default, freqs.float()):
+        # engine: the kept pairs turn at source frequencies p·(d/d_r), which *are* the standard table
+        # over d_r dims (float32 may differ in the last bit; vLLM only serves plain tables)
         rope = {"rope_type": "default", "rope_theta": base}
     else:
         fac = longrope_factors(freqs.float(), base)
