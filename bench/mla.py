@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/mla.py [--ratios 1 0.5 0.25 0.125] [--methods transmla mha2mla]
                                   [--targets exact engine] [--windows 16] [--length 512]
+                                  [--extra=--pca-metric=auto --name mla-auto]
 
 Calibration: political_data.json ("speeches" field), evaluation: hamlet.txt (non-overlapping
 windows). Each conversion runs as its own `weightsmith mla` process, so its wall time and peak RSS
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-length", type=int, default=256)
+    ap.add_argument("--extra", nargs="*", default=[], help="more `weightsmith mla` options, e.g. --extra=--pca-metric=auto")
+    ap.add_argument("--name", default="mla", help="results file bench/results/NAME.json")
     args = ap.parse_args()
 
     import torch
@@ -62,7 +65,7 @@ def main() -> None:
                     out = Path(td) / f"{method}-{target}-{ratio}"
                     cmd = [ws, "mla", str(base), str(out), "--method", method, "--target", target, "--kv-ratio", str(ratio),
                            "--calib", str(political_speeches()), "--calib-field", "speeches",
-                           "--calib-samples", str(args.calib_samples), "--calib-length", str(args.calib_length)]
+                           "--calib-samples", str(args.calib_samples), "--calib-length", str(args.calib_length), *args.extra]
                     t = time.perf_counter()
                     r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
                     secs = time.perf_counter() - t
@@ -79,13 +82,15 @@ def main() -> None:
                         "KV values/token": met["kv_cache_after"]["values_per_token"], "rope dim": met["qk_rope_head_dim"],
                         "latent": met["kv_lora_rank"], "ppl": p, "Δppl": p - p0, "attn err": met["mean_attention_output_error"],
                         "convert s": secs, "peak RSS MB": rss, "loads as": arch,
+                        "rope_dim_search": met.get("rope_dim_search"), "freqfold_search": met.get("freqfold_search"),
+                        "freqfold per layer": [m_["freqfold"] for m_ in met["layers"]],
                     })
                     rows.append(row)
                     print({k: row[k] for k in ("method", "target", "KV %", "rope dim", "ppl", "convert s")}, flush=True)
                     subprocess.run(["rm", "-rf", str(out)])
     cols = ["method", "target", "KV %", "KV values/token", "rope dim", "latent", "ppl", "Δppl", "attn err", "convert s", "peak RSS MB"]
     print_table(rows, cols, f"SmolLM2-135M → MLA, training-free, hamlet ppl ({args.windows} × {args.length} tokens, fp32, CPU)")
-    save("mla", {"rows": rows, "args": vars(args)})
+    save(args.name, {"rows": rows, "args": vars(args)})
 
 
 if __name__ == "__main__":
