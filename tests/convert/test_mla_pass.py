@@ -118,6 +118,7 @@ def test_engine_target_matches_the_deepseek_layout_vllm_expects(tiny_model, tmp_
         ("llama", ("--rope-dim", "40"), "nearest valid"),
         ("llama", ("--rope-dim", "32", "--target", "engine"), "nearest valid: 8, 16"),
         ("llama", ("--kv-ratio", "1.5"), "outside"),
+        ("llama", ("--method", "mha2mla", "--target", "engine", "--partial-rope", "high"), "--partial-rope 2norm"),
         ("llama", ("--kv-ratio", "0.01"), "ratio ≥"),
     ],
 )

@@ -223,6 +223,11 @@ def _validate(cfg: MlaConfig, ctx):
     _check_source(cfg, view)
     budget = resolve_budget(cfg, view)
     inv = source_inv_freq(ck.config, view.head_dim)
+    if cfg.target == "engine" and cfg.method == "mha2mla" and cfg.partial_rope != "2norm":
+        raise UsageError(
+            f"--partial-rope {cfg.partial_rope} keeps the same frequencies in every KV head, which one shared standard-RoPE key "
+            "(the engine target) cannot hold; use --partial-rope 2norm (each frequency kept for its best KV head) or --target exact"
+        )
     if cfg.target == "engine":
         rp = dict(getattr(ck.config, "rope_parameters", None) or {})
         if rp.get("rope_type", "default") != "default":
