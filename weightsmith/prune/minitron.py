@@ -4,9 +4,10 @@ Importance is collected once (activations and Block Influence, layer by layer). 
 the (hidden, query heads per KV group, layers, MLP width) combinations within --max-width-pruning
 and --max-depth-pruning whose parameter count is within 5% below the budget (the MLP width is
 solved for each; hidden sizes respect hidden % heads == 0). Each candidate is pruned with the
-same importance ranking, written to a scratch directory and scored by the KL divergence of its
-logits from the source on held-out calibration windows; the top-k may be distilled briefly and
-re-scored; the best is written. The table of candidates goes to the manifest.
+same importance ranking, written to a scratch directory and scored on held-out calibration
+windows by the KL divergence of its logits from the source's (cached once) or, with
+--rank-by loss, by its own next-token loss; the top-k may be distilled briefly and re-scored; the
+best is written. The ranked table of candidates goes to the log and to the manifest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -37,6 +39,7 @@ class MinitronConfig(CalibConfig):
     top_k: int = field(default=2, metadata={"help": "best candidates kept for the distillation round"})
     distill_tokens: int = field(default=0, metadata={"help": "distill each top-k candidate on this many tokens before choosing (0: choose by pruned KL)"})
     score_windows: int = field(default=8, metadata={"help": "held-out calibration windows used to score candidates"})
+    rank_by: Literal["kl", "loss"] = field(default="kl", metadata={"help": "rank candidates by mean KL(source ‖ candidate) or by their own LM loss on the held-out windows"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward batch"})
     calib_samples: int = field(default=64, metadata={"help": "calibration windows (importance and scoring)"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
@@ -98,10 +101,24 @@ def plan(cfg: MinitronConfig, ctx) -> Plan:
     return Plan(tensors=None, config=None, summary={"budget": budget, "params_before": src_params, "candidates": [_label(c) for c in cands]})
 
 
+def _score(model, held: torch.Tensor, teacher_logits: list[torch.Tensor], batch: int) -> dict:
+    """Mean KL(source ‖ model) against cached source logits, and the model's own next-token loss."""
+    from weightsmith.prune.distill import kd_loss
+
+    kl, nll, n = 0.0, 0.0, 0
+    with torch.inference_mode():
+        for k, t in enumerate(teacher_logits):
+            ids = held[k * batch:(k + 1) * batch]
+            s = model(input_ids=ids).logits.float()
+            kl += float(kd_loss(s, t)) * ids.numel()
+            nll += float(torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+            n += ids.numel()
+    return {"kl": kl / n, "loss": nll / (n - held.shape[0])}
+
+
 def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     import weightsmith
     from weightsmith.checkpoint.writer import CheckpointWriter
-    from weightsmith.eval.perplexity import divergence
     from weightsmith.prune import scores as sc
 
     ck = ctx.source
@@ -112,6 +129,9 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     calib = ctx.calibrate(cfg, default="self")
     held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]):]
     teacher = weightsmith.load(ck.root)
+    with torch.inference_mode():
+        teacher_logits = [teacher(input_ids=held[k:k + cfg.batch_size]).logits.float() for k in range(0, held.shape[0], cfg.batch_size)]
+    src_score = _score(teacher, held, teacher_logits, cfg.batch_size)
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix=".minitron-", dir=ctx.writer.tmp.parent))
     try:
@@ -126,35 +146,44 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
                 write_pruned(ctx_like, ck, view, roles, keep)
                 w.copy_aux_files(ck.root, ck.aux_files())
                 w.finalize()
-            kl = divergence(teacher, weightsmith.load(path), held)["mean_kl"]
-            rows.append({"candidate": _label(t), "params": count_params(out_cfg), "kl": kl, "path": path, "targets": t, "keep": keep})
-            ctx.report.log(f"candidate {_label(t)}: {rows[-1]['params']:,} params, KL {kl:.4f}")
-        rows.sort(key=lambda r: r["kl"])
+            sc_ = _score(weightsmith.load(path), held, teacher_logits, cfg.batch_size)
+            rows.append({"candidate": _label(t), "params": count_params(out_cfg), **sc_, "path": path, "targets": t, "keep": keep})
+            ctx.report.log(f"candidate {_label(t)}: {rows[-1]['params']:,} params, KL {sc_['kl']:.4f}, loss {sc_['loss']:.4f}")
+        key = cfg.rank_by
+        rows.sort(key=lambda r: r[key])
         best = rows[0]
         if cfg.distill_tokens > 0:
+            train = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
             for r in rows[: cfg.top_k]:
-                model = _quick_distill(cfg, teacher, weightsmith.load(r["path"]), calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids)
-                r["kl_after_distill"] = divergence(teacher, model, held)["mean_kl"]
+                model = _quick_distill(cfg, teacher, weightsmith.load(r["path"]), train)
+                after = _score(model, held, teacher_logits, cfg.batch_size)
+                r[f"{key}_after_distill"] = after[key]
                 r["model"] = model
-                if r["kl_after_distill"] >= r["kl"]:  # the short round did not help: keep the pruned weights
+                if after[key] >= r[key]:  # the short round did not help: keep the pruned weights
                     del r["model"]
-            best = min(rows[: cfg.top_k], key=lambda r: min(r["kl"], r["kl_after_distill"]))
+            best = min(rows[: cfg.top_k], key=lambda r: min(r[key], r[f"{key}_after_distill"]))
         chosen_cfg = pruned_config(ck.config, best["keep"], _widths(best["targets"]))
         ctx.writer.plan(output_specs(ck, view, roles, best["keep"]))
         ctx.writer.set_config(chosen_cfg)
         if "model" in best:
-            from weightsmith.prune.distill import _write_student
             from weightsmith.checkpoint.reader import Checkpoint
+            from weightsmith.prune.distill import _write_student
 
             _write_student(ctx, Checkpoint(best["path"]), best["model"])
         else:
             write_pruned(ctx, ck, view, roles, best["keep"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    table = [{k: v for k, v in r.items() if k in ("candidate", "params", "kl", "loss", f"{key}_after_distill")} for r in rows]
+    ctx.report.log(f"candidates ranked by {key} (source loss {src_score['loss']:.4f} on {held.shape[0]} held-out windows):")
+    for i, r in enumerate(table, 1):
+        extra = f", after distillation {r[key + '_after_distill']:.4f}" if key + "_after_distill" in r else ""
+        ctx.report.log(f"  {i}. {r['candidate']}: {r['params']:,} params, KL {r['kl']:.4f}, loss {r['loss']:.4f}{extra}")
     ctx.metrics.update({
         "budget": budget, "params_before": src_params, "params_after": best["params"], "chosen": best["candidate"],
-        "kept": best["keep"].as_json(), "score": "mean KL(source ‖ candidate) on held-out calibration windows",
-        "candidates": [{k: v for k, v in r.items() if k in ("candidate", "params", "kl", "kl_after_distill")} for r in rows],
+        "kept": best["keep"].as_json(), "rank_by": key, "source_loss": src_score["loss"],
+        "score": f"{'mean KL(source ‖ candidate)' if key == 'kl' else 'next-token loss'} on {held.shape[0]} held-out calibration windows",
+        "candidates": table,
     })
 
 
