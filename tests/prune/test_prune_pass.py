@@ -67,6 +67,8 @@ def test_families_load_and_generate(fam, args, tiny_model, cli, tmp_path, hamlet
     assert m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
     meta = json.loads((out / "manifest.json").read_text())["metrics"]
     assert meta["params_after"] < meta["params_before"] and meta["params_after"] == sum(p.numel() for p in m.parameters())
+    emb = m.get_input_embeddings().weight.numel() + (0 if m.config.tie_word_embeddings else m.get_output_embeddings().weight.numel())
+    assert meta["non_embedding_params_after"] == meta["params_after"] - emb
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["head_dim"] == 16 or fam == "qwen2"
 
