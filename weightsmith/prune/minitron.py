@@ -25,8 +25,8 @@ from weightsmith.arch import arch_for
 from weightsmith.calib.config import CalibConfig
 from weightsmith.errors import UsageError
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.prune.prune_pass import (Targets, _prefix_keep, _source_widths, _widths, count_params, decide_keep, output_specs,
-                                          parse_params, write_pruned)
+from weightsmith.prune.prune_pass import (Targets, _prefix_keep, _source_widths, _widths, count_params, decide_keep, ffn_for_budget,
+                                          output_specs, parse_params, write_pruned)
 from weightsmith.prune.structure import TensorRoles, pruned_config
 
 
@@ -63,13 +63,8 @@ def enumerate_candidates(view, budget: int, cfg: MinitronConfig) -> list[Targets
         for hid in _spread(hiddens, 5):
             for layers in layer_opts:
                 base = Targets(hid, hpg, src["kv_heads"], src["ffn"], None, None, layers)
-                # params are affine in the MLP width: solve for the widest MLP within the budget
-                p_full = count_params(pruned_config(view.config, _prefix_keep(view, base), _widths(base)))
-                half = Targets(**{**base.__dict__, "ffn": src["ffn"] // 2})
-                p_half = count_params(pruned_config(view.config, _prefix_keep(view, half), _widths(half)))
-                slope = (p_full - p_half) / (src["ffn"] - src["ffn"] // 2)
-                ffn = min(src["ffn"], int((budget - (p_full - slope * src["ffn"])) / slope) // 32 * 32) if slope > 0 else src["ffn"]
-                if ffn < max(32, src["ffn"] // 4):
+                ffn = ffn_for_budget(view, base, budget, src["ffn"])
+                if ffn is None or ffn < max(32, src["ffn"] // 4):
                     continue
                 cand = Targets(**{**base.__dict__, "ffn": ffn})
                 n = count_params(pruned_config(view.config, _prefix_keep(view, cand), _widths(cand)))
