@@ -139,7 +139,7 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
         else:
             ctx.notes.append(f"{state_dir}: a saved state of another job (other options or inputs) was ignored")
     t0 = time.perf_counter()
-    for step in range(start, steps):
+    for step in ctx.report.track(range(start, steps), desc="distilling"):  # a bar on a terminal; KL and tokens/s in the log lines
         batch = ids[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(accel.device)
         with torch.no_grad():
             t_logits = teacher(batch).logits
