@@ -50,6 +50,7 @@ def political_speeches() -> Path:
 DEMO_STEPS = [
     "weightsmith.quant.demo",
     "weightsmith.convert.mla.demo",
+    "weightsmith.prune.demo",
 ]
 
 

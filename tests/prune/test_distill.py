@@ -38,6 +38,7 @@ def test_distill_lowers_divergence_and_resumes_exactly(student, tiny_model, cli,
     assert r.code == 0, r
     m = json.loads((out / "manifest.json").read_text())
     assert m["metrics"]["steps"] == 8 and m["metrics"]["kl_last_steps"] < m["metrics"]["kl_first_steps"]
+    assert "tokens/s" in r.err
     assert _kl(teacher, out, hamlet) < 0.8 * _kl(teacher, student, hamlet)
     assert [s["pass"]["name"] for s in m["chain"]] == ["prune"]
     # interrupted after step 5 (state saved at step 4), then resumed: the same bytes

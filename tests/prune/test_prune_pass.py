@@ -67,6 +67,8 @@ def test_families_load_and_generate(fam, args, tiny_model, cli, tmp_path, hamlet
     assert m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
     meta = json.loads((out / "manifest.json").read_text())["metrics"]
     assert meta["params_after"] < meta["params_before"] and meta["params_after"] == sum(p.numel() for p in m.parameters())
+    emb = m.get_input_embeddings().weight.numel() + (0 if m.config.tie_word_embeddings else m.get_output_embeddings().weight.numel())
+    assert meta["non_embedding_params_after"] == meta["params_after"] - emb
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["head_dim"] == 16 or fam == "qwen2"
 
@@ -84,6 +86,34 @@ def test_depth_pruning_drops_the_least_influential_layer(tiny_model, cli, tmp_pa
     new = m["kept"]["layers"].index(3) if 3 in m["kept"]["layers"] else None
     if new is not None:
         torch.testing.assert_close(out_m.model.layers[new].mlp.up_proj.weight, src_ck.model.layers[3].mlp.up_proj.weight)
+
+
+def test_tied_embeddings_are_sliced_once_and_stay_tied(tiny_model, cli, tmp_path, hamlet):
+    src = tiny_model("llama", tie_word_embeddings=True)
+    r = cli("prune", src, tmp_path / "n", "--calib", hamlet, *CAL)
+    assert r.code == 0, r
+    torch.testing.assert_close(_logits(tmp_path / "n", IDS), _logits(src, IDS), rtol=0, atol=1e-5)
+    out = tmp_path / "o"
+    assert cli("prune", src, out, "--hidden", "48", "--calib", hamlet, *CAL).code == 0
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.tie_word_embeddings and m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    assert m.model.embed_tokens.weight.shape == (256, 48)
+    kept = json.loads((out / "manifest.json").read_text())["metrics"]["kept"]["hidden"]
+    ref = AutoModelForCausalLM.from_pretrained(src)
+    torch.testing.assert_close(m.model.embed_tokens.weight, ref.model.embed_tokens.weight[:, kept])
+
+
+def test_depth_by_measured_loss_drops_one_contiguous_block(tiny_model, cli, tmp_path, hamlet):
+    src = tiny_model("llama", layers=6)
+    out = tmp_path / "o"
+    r = cli("prune", src, out, "--layers", "4", "--depth-metric", "loss", "--contiguous", "--calib", hamlet, *CAL)
+    assert r.code == 0, r
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    loss = m["layer_scores"]["values"]
+    dropped = sorted(set(range(6)) - set(m["kept"]["layers"]))
+    assert len(dropped) == 2 and dropped[1] == dropped[0] + 1 and 0 not in dropped and 5 not in dropped
+    assert dropped[0] == min(range(1, 4), key=lambda s: (loss[s] + loss[s + 1], s))
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
 
 
 def test_impossible_targets_name_the_valid_values(tiny_model, cli, tmp_path, hamlet):
@@ -115,3 +145,11 @@ def test_smollm2_activation_beats_magnitude(smollm2, cli, tmp_path, hamlet):
         assert cli("prune", smollm2, out, "--ffn", "1024", "--importance", imp, *calib).code == 0
         ppl[imp] = json.loads(cli("eval", out, "--text", hamlet, "--windows", "4", "--json").out)["perplexity"]
     assert ppl["activation"] < ppl["magnitude"], ppl
+    # the pruned SmolLM2 (tied embeddings, 9 heads / 3 KV) loads in stock transformers and generates
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "activation")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "activation")
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, ids.shape[1] + 4) and model.config.intermediate_size == 1024 and model.config.tie_word_embeddings

@@ -139,7 +139,7 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
         else:
             ctx.notes.append(f"{state_dir}: a saved state of another job (other options or inputs) was ignored")
     t0 = time.perf_counter()
-    for step in range(start, steps):
+    for step in ctx.report.track(range(start, steps), desc="distilling"):  # a bar on a terminal; KL and tokens/s in the log lines
         batch = ids[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(accel.device)
         with torch.no_grad():
             t_logits = teacher(batch).logits
@@ -151,7 +151,7 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         done = step + 1
         if done % max(1, steps // 10) == 0 or done == steps:
             rate = (done - start) * cfg.batch_size * cfg.calib_length / max(time.perf_counter() - t0, 1e-9)
@@ -160,6 +160,9 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
             _save_state(state_dir, {"job": job, "step": done, "losses": losses, "student": accel.unwrap_model(student).state_dict(),
                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()})
         _maybe_interrupt(done)
+    train_seconds = time.perf_counter() - t0
+    ctx.report.log(f"distilled {(steps - start) * cfg.batch_size * cfg.calib_length:,} tokens in {train_seconds:.0f} s "
+                   f"({(steps - start) * cfg.batch_size * cfg.calib_length / max(train_seconds, 1e-9):,.1f} tokens/s; timings stay out of the manifest)")
     model = accel.unwrap_model(student).eval()
     _write_student(ctx, student_ck, model)
     shutil.rmtree(state_dir, ignore_errors=True)

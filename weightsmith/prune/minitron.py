@@ -4,9 +4,10 @@ Importance is collected once (activations and Block Influence, layer by layer). 
 the (hidden, query heads per KV group, layers, MLP width) combinations within --max-width-pruning
 and --max-depth-pruning whose parameter count is within 5% below the budget (the MLP width is
 solved for each; hidden sizes respect hidden % heads == 0). Each candidate is pruned with the
-same importance ranking, written to a scratch directory and scored by the KL divergence of its
-logits from the source on held-out calibration windows; the top-k may be distilled briefly and
-re-scored; the best is written. The table of candidates goes to the manifest.
+same importance ranking, written to a scratch directory and scored on held-out calibration
+windows by the KL divergence of its logits from the source's (cached once) or, with
+--rank-by loss, by its own next-token loss; the top-k may be distilled briefly and re-scored; the
+best is written. The ranked table of candidates goes to the log and to the manifest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -23,8 +25,8 @@ from weightsmith.arch import arch_for
 from weightsmith.calib.config import CalibConfig
 from weightsmith.errors import UsageError
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.prune.prune_pass import (Targets, _prefix_keep, _source_widths, _widths, count_params, decide_keep, output_specs,
-                                          parse_params, write_pruned)
+from weightsmith.prune.prune_pass import (Targets, _prefix_keep, _source_widths, _widths, count_params, decide_keep, ffn_for_budget,
+                                          output_specs, parse_params, write_pruned)
 from weightsmith.prune.structure import TensorRoles, pruned_config
 
 
@@ -37,6 +39,7 @@ class MinitronConfig(CalibConfig):
     top_k: int = field(default=2, metadata={"help": "best candidates kept for the distillation round"})
     distill_tokens: int = field(default=0, metadata={"help": "distill each top-k candidate on this many tokens before choosing (0: choose by pruned KL)"})
     score_windows: int = field(default=8, metadata={"help": "held-out calibration windows used to score candidates"})
+    rank_by: Literal["kl", "loss"] = field(default="kl", metadata={"help": "rank candidates by mean KL(source ‖ candidate) or by their own LM loss on the held-out windows"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward batch"})
     calib_samples: int = field(default=64, metadata={"help": "calibration windows (importance and scoring)"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
@@ -60,13 +63,8 @@ def enumerate_candidates(view, budget: int, cfg: MinitronConfig) -> list[Targets
         for hid in _spread(hiddens, 5):
             for layers in layer_opts:
                 base = Targets(hid, hpg, src["kv_heads"], src["ffn"], None, None, layers)
-                # params are affine in the MLP width: solve for the widest MLP within the budget
-                p_full = count_params(pruned_config(view.config, _prefix_keep(view, base), _widths(base)))
-                half = Targets(**{**base.__dict__, "ffn": src["ffn"] // 2})
-                p_half = count_params(pruned_config(view.config, _prefix_keep(view, half), _widths(half)))
-                slope = (p_full - p_half) / (src["ffn"] - src["ffn"] // 2)
-                ffn = min(src["ffn"], int((budget - (p_full - slope * src["ffn"])) / slope) // 32 * 32) if slope > 0 else src["ffn"]
-                if ffn < max(32, src["ffn"] // 4):
+                ffn = ffn_for_budget(view, base, budget, src["ffn"])
+                if ffn is None or ffn < max(32, src["ffn"] // 4):
                     continue
                 cand = Targets(**{**base.__dict__, "ffn": ffn})
                 n = count_params(pruned_config(view.config, _prefix_keep(view, cand), _widths(cand)))
@@ -98,10 +96,24 @@ def plan(cfg: MinitronConfig, ctx) -> Plan:
     return Plan(tensors=None, config=None, summary={"budget": budget, "params_before": src_params, "candidates": [_label(c) for c in cands]})
 
 
+def _score(model, held: torch.Tensor, teacher_logits: list[torch.Tensor], batch: int) -> dict:
+    """Mean KL(source ‖ model) against cached source logits, and the model's own next-token loss."""
+    from weightsmith.prune.distill import kd_loss
+
+    kl, nll, n = 0.0, 0.0, 0
+    with torch.inference_mode():
+        for k, t in enumerate(teacher_logits):
+            ids = held[k * batch:(k + 1) * batch]
+            s = model(input_ids=ids).logits.float()
+            kl += float(kd_loss(s, t)) * ids.numel()
+            nll += float(torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+            n += ids.numel()
+    return {"kl": kl / n, "loss": nll / (n - held.shape[0])}
+
+
 def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     import weightsmith
     from weightsmith.checkpoint.writer import CheckpointWriter
-    from weightsmith.eval.perplexity import divergence
     from weightsmith.prune import scores as sc
 
     ck = ctx.source
@@ -112,6 +124,9 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     calib = ctx.calibrate(cfg, default="self")
     held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]):]
     teacher = weightsmith.load(ck.root)
+    with torch.inference_mode():
+        teacher_logits = [teacher(input_ids=held[k:k + cfg.batch_size]).logits.float() for k in range(0, held.shape[0], cfg.batch_size)]
+    src_score = _score(teacher, held, teacher_logits, cfg.batch_size)
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix=".minitron-", dir=ctx.writer.tmp.parent))
     try:
@@ -126,35 +141,44 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
                 write_pruned(ctx_like, ck, view, roles, keep)
                 w.copy_aux_files(ck.root, ck.aux_files())
                 w.finalize()
-            kl = divergence(teacher, weightsmith.load(path), held)["mean_kl"]
-            rows.append({"candidate": _label(t), "params": count_params(out_cfg), "kl": kl, "path": path, "targets": t, "keep": keep})
-            ctx.report.log(f"candidate {_label(t)}: {rows[-1]['params']:,} params, KL {kl:.4f}")
-        rows.sort(key=lambda r: r["kl"])
+            sc_ = _score(weightsmith.load(path), held, teacher_logits, cfg.batch_size)
+            rows.append({"candidate": _label(t), "params": count_params(out_cfg), **sc_, "path": path, "targets": t, "keep": keep})
+            ctx.report.log(f"candidate {_label(t)}: {rows[-1]['params']:,} params, KL {sc_['kl']:.4f}, loss {sc_['loss']:.4f}")
+        key = cfg.rank_by
+        rows.sort(key=lambda r: r[key])
         best = rows[0]
         if cfg.distill_tokens > 0:
+            train = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
             for r in rows[: cfg.top_k]:
-                model = _quick_distill(cfg, teacher, weightsmith.load(r["path"]), calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids)
-                r["kl_after_distill"] = divergence(teacher, model, held)["mean_kl"]
+                model = _quick_distill(cfg, teacher, weightsmith.load(r["path"]), train)
+                after = _score(model, held, teacher_logits, cfg.batch_size)
+                r[f"{key}_after_distill"] = after[key]
                 r["model"] = model
-                if r["kl_after_distill"] >= r["kl"]:  # the short round did not help: keep the pruned weights
+                if after[key] >= r[key]:  # the short round did not help: keep the pruned weights
                     del r["model"]
-            best = min(rows[: cfg.top_k], key=lambda r: min(r["kl"], r["kl_after_distill"]))
+            best = min(rows[: cfg.top_k], key=lambda r: min(r[key], r[f"{key}_after_distill"]))
         chosen_cfg = pruned_config(ck.config, best["keep"], _widths(best["targets"]))
         ctx.writer.plan(output_specs(ck, view, roles, best["keep"]))
         ctx.writer.set_config(chosen_cfg)
         if "model" in best:
-            from weightsmith.prune.distill import _write_student
             from weightsmith.checkpoint.reader import Checkpoint
+            from weightsmith.prune.distill import _write_student
 
             _write_student(ctx, Checkpoint(best["path"]), best["model"])
         else:
             write_pruned(ctx, ck, view, roles, best["keep"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    table = [{k: v for k, v in r.items() if k in ("candidate", "params", "kl", "loss", f"{key}_after_distill")} for r in rows]
+    ctx.report.log(f"candidates ranked by {key} (source loss {src_score['loss']:.4f} on {held.shape[0]} held-out windows):")
+    for i, r in enumerate(table, 1):
+        extra = f", after distillation {r[key + '_after_distill']:.4f}" if key + "_after_distill" in r else ""
+        ctx.report.log(f"  {i}. {r['candidate']}: {r['params']:,} params, KL {r['kl']:.4f}, loss {r['loss']:.4f}{extra}")
     ctx.metrics.update({
         "budget": budget, "params_before": src_params, "params_after": best["params"], "chosen": best["candidate"],
-        "kept": best["keep"].as_json(), "score": "mean KL(source ‖ candidate) on held-out calibration windows",
-        "candidates": [{k: v for k, v in r.items() if k in ("candidate", "params", "kl", "kl_after_distill")} for r in rows],
+        "kept": best["keep"].as_json(), "rank_by": key, "source_loss": src_score["loss"],
+        "score": f"{'mean KL(source ‖ candidate)' if key == 'kl' else 'next-token loss'} on {held.shape[0]} held-out calibration windows",
+        "candidates": table,
     })
 
 
