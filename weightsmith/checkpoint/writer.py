@@ -19,6 +19,7 @@ name (layers stay together), so equal inputs give byte-identical shards.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -61,6 +62,7 @@ class _Slot:
     offset: int  # absolute offset in the file
     spec: TensorSpec
     written: bool = False
+    parts: list[tuple[int, int]] | None = None  # byte ranges written so far by write_range (sorted)
 
 
 def shard_names(n: int) -> list[str]:
@@ -185,12 +187,47 @@ class CheckpointWriter:
         if len(data) != slot.spec.nbytes:
             raise WeightsmithError(f"internal error: tensor {name!r} has {len(data)} bytes, planned {slot.spec.nbytes}")
         with self._lock:
-            if slot.written:
+            if slot.written or slot.parts:
                 raise WeightsmithError(f"internal error: tensor {name!r} written twice")
             slot.written = True
         fd = self._fds[slot.file]
         view = memoryview(data)
         pos = slot.offset
+        while view:
+            n = os.pwrite(fd, view, pos)
+            view = view[n:]
+            pos += n
+
+    def write_range(self, name: str, start: int, data: torch.Tensor | memoryview | bytes) -> None:
+        """Write bytes [start, start + len) of a planned tensor (a row block, a chunk of a flat
+        tensor): several threads may fill one tensor in parts. Overlaps are refused; the tensor
+        counts as written once its ranges cover it. A tensor argument must have the planned dtype
+        and finite values, like `write`."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise WeightsmithError(f"internal error: tensor {name!r} was not in the output plan")
+        if isinstance(data, torch.Tensor):
+            if data.dtype != slot.spec.dtype:
+                raise WeightsmithError(f"internal error: part of tensor {name!r} is {data.dtype}, planned {slot.spec.dtype}")
+            if data.is_floating_point() and data.dtype not in FP8_DTYPES and not bool(torch.isfinite(data).all()):
+                raise WeightsmithError(f"refusing to write tensor {name!r}: it contains NaN or Inf")
+            data = memoryview(data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""
+        view = memoryview(data).cast("B")
+        end = start + len(view)
+        if start < 0 or end > slot.spec.nbytes:
+            raise WeightsmithError(f"internal error: bytes {start}..{end} are outside tensor {name!r} ({slot.spec.nbytes} bytes)")
+        with self._lock:
+            if slot.written:
+                raise WeightsmithError(f"internal error: tensor {name!r} written twice")
+            parts = slot.parts if slot.parts is not None else []
+            i = bisect.bisect_left(parts, (start, end))
+            if (i > 0 and parts[i - 1][1] > start) or (i < len(parts) and parts[i][0] < end):
+                raise WeightsmithError(f"internal error: bytes {start}..{end} of tensor {name!r} written twice")
+            parts.insert(i, (start, end))
+            slot.parts = parts
+            if sum(e - b for b, e in parts) == slot.spec.nbytes:
+                slot.written, slot.parts = True, None
+        fd, pos = self._fds[slot.file], slot.offset + start
         while view:
             n = os.pwrite(fd, view, pos)
             view = view[n:]
@@ -209,7 +246,7 @@ class CheckpointWriter:
             return
         fd_in, off_in, count = span
         with self._lock:
-            if slot.written:
+            if slot.written or slot.parts:
                 raise WeightsmithError(f"internal error: tensor {name!r} written twice")
             slot.written = True
         fd_out, off_out = self._fds[slot.file], slot.offset
