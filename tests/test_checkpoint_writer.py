@@ -172,3 +172,15 @@ def test_write_range_fills_a_tensor_in_parts(tmp_path):
         w.set_config(_Cfg())
         w.finalize()
     assert torch.equal(Checkpoint(tmp_path / "o").get("t"), full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_catches_nan_and_inf(dtype):
+    from weightsmith.checkpoint.writer import all_finite
+
+    t = torch.randn(1000).to(dtype)
+    assert all_finite(t) and all_finite(t[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[517] = bad
+        assert not all_finite(u), (dtype, bad)
