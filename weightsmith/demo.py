@@ -49,6 +49,7 @@ def political_speeches() -> Path:
 # least {"label": ..., "path": ...} (the output to evaluate) and anything else worth printing.
 DEMO_STEPS = [
     "weightsmith.quant.demo",
+    "weightsmith.merge.demo",
 ]
 
 
