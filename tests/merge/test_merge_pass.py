@@ -30,14 +30,15 @@ def perturbed(src: Path, dst: Path, seed: int, scale: float = 0.5) -> Path:
     return dst
 
 
-def to_fp8(src: Path, dst: Path) -> Path:
-    """DeepSeek-style fp8 copy: 2-D linear weights as e4m3 with block scale_inv (16x16 blocks here)."""
+def to_fp8(src: Path, dst: Path, *, only_divisible: bool = False) -> Path:
+    """DeepSeek-style fp8 copy: 2-D linear weights as e4m3 with block scale_inv (16x16 blocks here;
+    `only_divisible`: only shapes the blocks divide, which is all transformers' CPU loader takes)."""
     shutil.copytree(src, dst)
     f = dst / "model.safetensors"
     t = load_file(f)
     out = {}
     for k, v in t.items():
-        if v.dim() == 2 and "proj" in k:
+        if v.dim() == 2 and "proj" in k and not (only_divisible and (v.shape[0] % BLOCK[0] or v.shape[1] % BLOCK[1])):
             q, s = quantize_blockwise(v.float(), tuple(BLOCK))
             out[k], out[k + "_scale_inv"] = q, s
         else:
@@ -269,3 +270,26 @@ def test_parts_cover_tensors_exactly():
             assert ps[0].start == 0 and ps[-1].stop == total and all(p.stop == q.start for p, q in zip(ps, ps[1:]))
             if block:
                 assert all(p.rows[0] % 128 == 0 for p in ps) and ps[-1].block_rows[1] == 3
+
+
+def test_fp8_outputs_load_with_transformers_fp8_loader(tiny_model, cli, tmp_path):
+    """transformers' fine-grained fp8 loader (on CPU it dequantizes to bf16) reads the Chimera and
+    the requantized interpolation; what it holds equals our own dequantization of the output."""
+    from transformers import AutoModelForCausalLM
+
+    a = to_fp8(tiny_model("deepseek_v3"), tmp_path / "v3", only_divisible=True)
+    b = to_fp8(perturbed(tiny_model("deepseek_v3"), tmp_path / "r1-bf", 5), tmp_path / "r1", only_divisible=True)
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    for label, args in (("chimera", ["--weights", "parent:0", "--rule", "group:routed_experts=parent:1"]), ("mix", ["--weights", "0.5,0.5"])):
+        out = tmp_path / label
+        assert cli("merge", out, "--parent", a, "--parent", b, *args).code == 0
+        ck = Checkpoint(out)
+        assert ck.info(name).dtype == torch.float8_e4m3fn
+        model = AutoModelForCausalLM.from_pretrained(out)
+        sd = model.state_dict()
+        mine = ck.get(name, dequantize=True, dtype=torch.bfloat16)
+        theirs = [v for k, v in sd.items() if k == name] or [v[2] for k, v in sd.items() if k == "model.layers.1.mlp.experts.down_proj"]
+        assert theirs, sorted(sd)[:20]
+        # transformers multiplies in bf16 (we in fp32, rounded once): equal up to a bf16 rounding or two
+        torch.testing.assert_close(theirs[0].float(), mine.float(), rtol=2**-7, atol=1e-6)
+        assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
