@@ -55,16 +55,6 @@ def square_sums(x: torch.Tensor, row: int) -> list[float]:
     return out
 
 
-def relative_difference(w: torch.Tensor, base: torch.Tensor) -> float:
-    """‖W − W_base‖_F / ‖W_base‖_F in fp32 (∞ when the base is all zeros and W is not)."""
-    b = base.float()
-    num = float(torch.linalg.vector_norm(w.float() - b))
-    den = float(torch.linalg.vector_norm(b))
-    if den == 0:
-        return 0.0 if num == 0 else float("inf")
-    return num / den
-
-
 def merge_fp8(weights_fp8: list[torch.Tensor | None], scales: list[torch.Tensor | None], lambdas: list[float],
               block: tuple[int, int], *, requantize: bool, ue8m0: bool = False, out_dtype: torch.dtype = torch.bfloat16):
     """Dequantize each parent's fp8 weight with its own scales, interpolate, and either requantize
