@@ -293,3 +293,25 @@ def test_fp8_outputs_load_with_transformers_fp8_loader(tiny_model, cli, tmp_path
         # transformers multiplies in bf16 (we in fp32, rounded once): equal up to a bf16 rounding or two
         torch.testing.assert_close(theirs[0].float(), mine.float(), rtol=2**-7, atol=1e-6)
         assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_three_parents_like_r1t2(tiny_model, cli, tmp_path):
+    """Three parents: attention from the third, routed-free llama MLPs mixed three ways, the rest
+    from the base; the dry run explains each group in words."""
+    a = tiny_model("llama")
+    b, c = perturbed(a, tmp_path / "b", 7), perturbed(a, tmp_path / "c", 8)
+    args = ["--parent", a, "--parent", b, "--parent", c, "--weights", "parent:0", "--rule", "group:attention=parent:2", "--rule", "mlp=0.2,0.3,0.5"]
+    r = cli("merge", tmp_path / "o", *args, "--dry-run")
+    assert r.code == 0 and "attention: 8 tensor(s) from parent 2 (bytes copied)" in r.err and "= 0.2·parent 0 + 0.3·parent 1 + 0.5·parent 2" in r.err, r
+    assert cli("merge", tmp_path / "o", *args).code == 0
+    ck, A, B, C = Checkpoint(tmp_path / "o"), Checkpoint(a), Checkpoint(b), Checkpoint(c)
+    for n in A.names:
+        if ".self_attn." in n:
+            assert _bytes(ck, n) == _bytes(C, n)
+        elif ".mlp." in n:
+            ref = 0.2 * A.get(n).float() + 0.3 * B.get(n).float() + 0.5 * C.get(n).float()
+            torch.testing.assert_close(ck.get(n).float(), ref.to(A.info(n).dtype).float(), rtol=1e-6, atol=1e-7)
+        else:
+            assert _bytes(ck, n) == _bytes(A, n)
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())["metrics"]
+    assert m["bytes_read_per_parent"][1] == sum(B.info(n).nbytes for n in B.names if ".mlp." in n)

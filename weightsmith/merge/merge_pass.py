@@ -202,6 +202,10 @@ def plan(cfg: MergeConfig, ctx) -> Plan:
         g = groups.setdefault(u.group, {"tensors": 0, "rules": {}})
         g["tensors"] += 1
         g["rules"][u.rule.text] = g["rules"].get(u.rule.text, 0) + 1
+    by_rule = {u.rule.text: u.rule for u in units}
+    for gname, g in groups.items():
+        for text, count in g["rules"].items():
+            ctx.notes.append(f"plan: {gname}: {count} tensor(s) {_describe(by_rule[text], cfg.delta, cfg.out_dtype)}  [{text}]")
     reads = [0] * len(cks)
     for u in units:
         for k in u.have:
@@ -213,6 +217,14 @@ def plan(cfg: MergeConfig, ctx) -> Plan:
     ctx.tokenizer_from = tok_from
     ctx.merge_units = units
     return Plan(tensors=tensors, config=out_cfg, summary=summary, layout=layout or None)
+
+
+def _describe(rule: Rule, delta: float, out_dtype: str) -> str:
+    if rule.selects is not None:
+        return f"from parent {rule.selects} " + ("(bytes copied)" if out_dtype == "keep" else f"(as {out_dtype})")
+    d = rule.delta if rule.delta is not None else delta
+    mix = " + ".join(f"{w:g}·parent {k}" for k, w in enumerate(rule.weights) if w)
+    return f"= {mix}" + (f" where a parent differs from the base by > δ={d:g}, else from parent 0" if d > 0 else "")
 
 
 class _Stats:
