@@ -209,7 +209,7 @@ def plan(cfg: MergeConfig, ctx) -> Plan:
     reads = [0] * len(cks)
     for u in units:
         for k in u.have:
-            if u.rule.weights[k] != 0 or (u.action == "interpolate" and (cfg.delta > 0 or u.rule.delta) and k == 0):
+            if u.rule.weights[k] != 0 or (u.action == "interpolate" and _delta(cfg, u) > 0 and k == 0):
                 reads[k] += cks[k].info(u.name).nbytes + (cks[k].info(u.scale).nbytes if u.scale else 0)
     summary = {"parents": [str(ck.root) for ck in cks], "groups": groups, "select": sum(u.action == "select" for u in units),
                "interpolate": sum(u.action == "interpolate" for u in units), "delta": cfg.delta, "tokenizer_from": tok_from,
