@@ -315,3 +315,18 @@ def test_three_parents_like_r1t2(tiny_model, cli, tmp_path):
             assert _bytes(ck, n) == _bytes(A, n)
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())["metrics"]
     assert m["bytes_read_per_parent"][1] == sum(B.info(n).nbytes for n in B.names if ".mlp." in n)
+
+
+def test_chimera_to_bf16_dequantizes_each_parent_with_its_own_scales(fp8_pair, cli, tmp_path):
+    v3, r1 = fp8_pair
+    out = tmp_path / "bf"
+    r = cli("merge", out, "--parent", v3, "--parent", r1, "--weights", "parent:0", "--rule", "group:routed_experts=parent:1", "--out-dtype", "bfloat16")
+    assert r.code == 0, r
+    ck, A, B = Checkpoint(out), Checkpoint(v3), Checkpoint(r1)
+    assert not [n for n in ck.names if n.endswith("_scale_inv")]
+    for n in ck.names:
+        src = B if ".mlp.experts." in n else A
+        want = src.get(n, dequantize=src.info(n).dtype == torch.float8_e4m3fn, dtype=torch.bfloat16)
+        assert torch.equal(ck.get(n), want), n
+    m = json.loads((out / "manifest.json").read_text())["metrics"]["groups"]
+    assert m["routed_experts"]["selected"] == {"1": 12} and m["attention"]["selected"] == {"0": 14}
