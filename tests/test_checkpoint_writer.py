@@ -139,3 +139,48 @@ def test_plan_layout_keeps_given_shards(tmp_path):
         by_file.setdefault(ck.info(n).file, []).append(n)
     assert sorted(map(sorted, by_file.values())) == [["t0", "t2"], ["t1", "t3", "t4"], ["t5"]]
     assert torch.equal(ck.get("t3"), torch.full((4,), 3.0))
+
+
+def test_write_range_fills_a_tensor_in_parts(tmp_path):
+    """Parts from any order/thread assemble the tensor; overlaps and out-of-range parts are refused."""
+    import torch
+
+    from weightsmith.checkpoint.reader import Checkpoint
+
+    full = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    raw = memoryview(full.reshape(-1).view(torch.uint8).numpy())
+    with CheckpointWriter(tmp_path / "o") as w:
+        w.plan([TensorSpec("t", (3, 4), torch.float32), TensorSpec("u", (2,), torch.float32)])
+        w.write_range("t", 32, full[2])  # last row first, as a tensor
+        with pytest.raises(WeightsmithError, match="written twice"):
+            w.write_range("t", 40, full[2, 2:])
+        with pytest.raises(WeightsmithError, match="outside"):
+            w.write_range("t", 40, bytes(16))
+        with pytest.raises(WeightsmithError, match="planned"):
+            w.write_range("t", 0, torch.zeros(2, dtype=torch.float16))
+        with pytest.raises(WeightsmithError, match="NaN"):
+            w.write_range("t", 0, torch.tensor([float("nan")]))
+        w.write_range("t", 0, raw[:16])
+        assert w.missing() == ["t", "u"]
+        with pytest.raises(WeightsmithError, match="written twice"):
+            w.write("t", full)  # partially written: a whole write would overlap
+        w.write_range("t", 16, raw[16:32])
+        assert w.missing() == ["u"]
+        with pytest.raises(WeightsmithError, match="written twice"):
+            w.write_range("t", 0, raw[:4])
+        w.write("u", torch.ones(2))
+        w.set_config(_Cfg())
+        w.finalize()
+    assert torch.equal(Checkpoint(tmp_path / "o").get("t"), full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_catches_nan_and_inf(dtype):
+    from weightsmith.checkpoint.writer import all_finite
+
+    t = torch.randn(1000).to(dtype)
+    assert all_finite(t) and all_finite(t[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[517] = bad
+        assert not all_finite(u), (dtype, bad)

@@ -51,6 +51,7 @@ DEMO_STEPS = [
     "weightsmith.quant.demo",
     "weightsmith.convert.mla.demo",
     "weightsmith.prune.demo",
+    "weightsmith.merge.demo",
 ]
 
 

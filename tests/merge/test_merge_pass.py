@@ -30,14 +30,15 @@ def perturbed(src: Path, dst: Path, seed: int, scale: float = 0.5) -> Path:
     return dst
 
 
-def to_fp8(src: Path, dst: Path) -> Path:
-    """DeepSeek-style fp8 copy: 2-D linear weights as e4m3 with block scale_inv (16x16 blocks here)."""
+def to_fp8(src: Path, dst: Path, *, only_divisible: bool = False) -> Path:
+    """DeepSeek-style fp8 copy: 2-D linear weights as e4m3 with block scale_inv (16x16 blocks here;
+    `only_divisible`: only shapes the blocks divide, which is all transformers' CPU loader takes)."""
     shutil.copytree(src, dst)
     f = dst / "model.safetensors"
     t = load_file(f)
     out = {}
     for k, v in t.items():
-        if v.dim() == 2 and "proj" in k:
+        if v.dim() == 2 and "proj" in k and not (only_divisible and (v.shape[0] % BLOCK[0] or v.shape[1] % BLOCK[1])):
             q, s = quantize_blockwise(v.float(), tuple(BLOCK))
             out[k], out[k + "_scale_inv"] = q, s
         else:
@@ -231,3 +232,101 @@ def test_fp8_strips_equal_whole_tensor(monkeypatch):
     assert torch.equal(whole[0].view(torch.uint8), strips[0].view(torch.uint8)) and torch.equal(whole[1], strips[1])
     ref = quantize_blockwise(0.3 * dequantize_blockwise(ws[0], ss[0]) + 0.7 * dequantize_blockwise(ws[1], ss[1]), (128, 128))
     assert torch.equal(whole[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(whole[1], ref[1])
+
+
+def test_parts_and_workers_do_not_change_the_output(pair, fp8_pair, cli, tmp_path, monkeypatch):
+    """Tensors cut into many small parts (flat ranges, fp8 block-row strips, δ-gated tensors read
+    part by part) give byte-identical outputs to whole-tensor parts, with 1 or 3 workers."""
+    from weightsmith.merge import stream
+
+    monkeypatch.setattr(stream, "REDUCE_ELEMS", 64)  # the δ gate's fixed grid; parts of 300 bytes then cut every tensor
+    cases = [(pair, ["--weights", "0.3,0.7"]), (pair, ["--weights", "0.5,0.5", "--delta", "0.3"]),
+             (fp8_pair, ["--weights", "0.5,0.5"]), (fp8_pair, ["--weights", "0.5,0.5", "--out-dtype", "bfloat16"]),
+             (fp8_pair, ["--weights", "0.5,0.5", "--delta", "0.2"])]
+    for i, ((a, b), args) in enumerate(cases):
+        outs = []
+        for part_bytes, workers in ((1 << 30, "1"), (300, "3")):
+            monkeypatch.setattr(stream, "PART_BYTES", part_bytes)
+            out = tmp_path / f"o{i}-{part_bytes}"
+            r = cli("merge", out, "--parent", a, "--parent", b, "--workers", workers, *args)
+            assert r.code == 0, r
+            outs.append(out)
+        names = sorted(p.name for p in outs[0].iterdir())
+        assert names == sorted(p.name for p in outs[1].iterdir())
+        for n in names:
+            assert (outs[0] / n).read_bytes() == (outs[1] / n).read_bytes(), (args, n)
+    m = json.loads((outs[1] / "manifest.json").read_text())["metrics"]["groups"]
+    assert sum(g["interpolated"] + g["copied_below_delta"] for g in m.values()) > 0
+
+
+def test_parts_cover_tensors_exactly():
+    from weightsmith.merge.stream import parts_of
+
+    for shape, dtype, block in [((1000,), torch.bfloat16, None), ((300, 200), torch.float8_e4m3fn, (128, 128)), ((7,), torch.float32, None), ((0,), torch.float32, None)]:
+        for pb in (1, 100, 4096, 1 << 30):
+            ps = parts_of(shape, dtype, fp8_block=block, part_bytes=pb)
+            esize = torch.empty((), dtype=dtype).element_size()
+            total = esize * (shape[0] * (shape[1] if len(shape) > 1 else 1))
+            assert ps[0].start == 0 and ps[-1].stop == total and all(p.stop == q.start for p, q in zip(ps, ps[1:]))
+            if block:
+                assert all(p.rows[0] % 128 == 0 for p in ps) and ps[-1].block_rows[1] == 3
+
+
+def test_fp8_outputs_load_with_transformers_fp8_loader(tiny_model, cli, tmp_path):
+    """transformers' fine-grained fp8 loader (on CPU it dequantizes to bf16) reads the Chimera and
+    the requantized interpolation; what it holds equals our own dequantization of the output."""
+    from transformers import AutoModelForCausalLM
+
+    a = to_fp8(tiny_model("deepseek_v3"), tmp_path / "v3", only_divisible=True)
+    b = to_fp8(perturbed(tiny_model("deepseek_v3"), tmp_path / "r1-bf", 5), tmp_path / "r1", only_divisible=True)
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    for label, args in (("chimera", ["--weights", "parent:0", "--rule", "group:routed_experts=parent:1"]), ("mix", ["--weights", "0.5,0.5"])):
+        out = tmp_path / label
+        assert cli("merge", out, "--parent", a, "--parent", b, *args).code == 0
+        ck = Checkpoint(out)
+        assert ck.info(name).dtype == torch.float8_e4m3fn
+        model = AutoModelForCausalLM.from_pretrained(out)
+        sd = model.state_dict()
+        mine = ck.get(name, dequantize=True, dtype=torch.bfloat16)
+        theirs = [v for k, v in sd.items() if k == name] or [v[2] for k, v in sd.items() if k == "model.layers.1.mlp.experts.down_proj"]
+        assert theirs, sorted(sd)[:20]
+        # transformers multiplies in bf16 (we in fp32, rounded once): equal up to a bf16 rounding or two
+        torch.testing.assert_close(theirs[0].float(), mine.float(), rtol=2**-7, atol=1e-6)
+        assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_three_parents_like_r1t2(tiny_model, cli, tmp_path):
+    """Three parents: attention from the third, routed-free llama MLPs mixed three ways, the rest
+    from the base; the dry run explains each group in words."""
+    a = tiny_model("llama")
+    b, c = perturbed(a, tmp_path / "b", 7), perturbed(a, tmp_path / "c", 8)
+    args = ["--parent", a, "--parent", b, "--parent", c, "--weights", "parent:0", "--rule", "group:attention=parent:2", "--rule", "mlp=0.2,0.3,0.5"]
+    r = cli("merge", tmp_path / "o", *args, "--dry-run")
+    assert r.code == 0 and "attention: 8 tensor(s) from parent 2 (bytes copied)" in r.err and "= 0.2·parent 0 + 0.3·parent 1 + 0.5·parent 2" in r.err, r
+    assert cli("merge", tmp_path / "o", *args).code == 0
+    ck, A, B, C = Checkpoint(tmp_path / "o"), Checkpoint(a), Checkpoint(b), Checkpoint(c)
+    for n in A.names:
+        if ".self_attn." in n:
+            assert _bytes(ck, n) == _bytes(C, n)
+        elif ".mlp." in n:
+            ref = 0.2 * A.get(n).float() + 0.3 * B.get(n).float() + 0.5 * C.get(n).float()
+            torch.testing.assert_close(ck.get(n).float(), ref.to(A.info(n).dtype).float(), rtol=1e-6, atol=1e-7)
+        else:
+            assert _bytes(ck, n) == _bytes(A, n)
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())["metrics"]
+    assert m["bytes_read_per_parent"][1] == sum(B.info(n).nbytes for n in B.names if ".mlp." in n)
+
+
+def test_chimera_to_bf16_dequantizes_each_parent_with_its_own_scales(fp8_pair, cli, tmp_path):
+    v3, r1 = fp8_pair
+    out = tmp_path / "bf"
+    r = cli("merge", out, "--parent", v3, "--parent", r1, "--weights", "parent:0", "--rule", "group:routed_experts=parent:1", "--out-dtype", "bfloat16")
+    assert r.code == 0, r
+    ck, A, B = Checkpoint(out), Checkpoint(v3), Checkpoint(r1)
+    assert not [n for n in ck.names if n.endswith("_scale_inv")]
+    for n in ck.names:
+        src = B if ".mlp.experts." in n else A
+        want = src.get(n, dequantize=src.info(n).dtype == torch.float8_e4m3fn, dtype=torch.bfloat16)
+        assert torch.equal(ck.get(n), want), n
+    m = json.loads((out / "manifest.json").read_text())["metrics"]["groups"]
+    assert m["routed_experts"]["selected"] == {"1": 12} and m["attention"]["selected"] == {"0": 14}

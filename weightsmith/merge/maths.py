@@ -25,14 +25,34 @@ def interpolate(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tens
     return out
 
 
-def relative_difference(w: torch.Tensor, base: torch.Tensor) -> float:
-    """‖W − W_base‖_F / ‖W_base‖_F in fp32 (∞ when the base is all zeros and W is not)."""
-    b = base.float()
-    num = float(torch.linalg.vector_norm(w.float() - b))
-    den = float(torch.linalg.vector_norm(b))
-    if den == 0:
-        return 0.0 if num == 0 else float("inf")
-    return num / den
+def interpolate_into(tensors: list[torch.Tensor | None], weights: list[float] | tuple[float, ...], out: torch.Tensor) -> torch.Tensor:
+    """out = Σ λ_i W_i for equal-shaped parts (None where λ = 0), computed in fp32 and rounded to
+    out's dtype once. Two parents of out's dtype take one fused lerp, A + λ_B (B − A), which
+    rounds the same fp32 value once (weights sum to 1)."""
+    active = [(t, w) for t, w in zip(tensors, weights) if t is not None and w != 0]
+    if not active:
+        raise ValueError("interpolate_into: every weight is zero")
+    if len(active) == 1 and active[0][1] == 1:
+        return out.copy_(active[0][0])
+    if len(active) == 2 and all(t.dtype == out.dtype for t, _ in active) and abs(active[0][1] + active[1][1] - 1) < 1e-12:
+        (a, _), (b, wb) = active
+        return torch.lerp(a, b, wb, out=out)
+    return out.copy_(interpolate([t for t, _ in active], [w for _, w in active]))
+
+
+def square_sums(x: torch.Tensor, row: int) -> list[float]:
+    """Σ x² per row, in float64: the rows of a 2-D part, or consecutive `row`-element runs of a flat
+    part (a shorter last run). Each row is reduced whole by one thread, so with parts that start
+    on row boundaries the list does not depend on how a tensor was cut or on the thread count;
+    `math.fsum` of all rows then gives the same total for any cut."""
+    if x.dim() == 2:
+        return x.double().square().sum(dim=1).tolist()
+    x = x.reshape(-1)
+    full = x.numel() // row * row
+    out = x[:full].double().view(-1, row).square().sum(dim=1).tolist() if full else []
+    if full < x.numel():
+        out.append(float(x[full:].double().square().sum()))
+    return out
 
 
 def merge_fp8(weights_fp8: list[torch.Tensor | None], scales: list[torch.Tensor | None], lambdas: list[float],

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
+import re
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -27,10 +29,11 @@ from weightsmith.arch import arch_for
 from weightsmith.checkpoint.fp8 import SCALE_SUFFIX, dequantize_blockwise
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import CheckpointError, UsageError
-from weightsmith.merge.maths import merge_fp8, relative_difference
+from weightsmith.merge import stream
+from weightsmith.merge.maths import interpolate_into, merge_fp8, square_sums
 from weightsmith.merge.rules import Rule, parse_rule, parse_weights, resolve
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name, dtype_name
+from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name, dtype_name, element_size
 
 # files that make up a tokenizer: parents must agree on them (or the user picks one)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -39,7 +42,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 STRUCTURAL_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads",
                    "num_key_value_heads", "intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts",
                    "num_local_experts", "first_k_dense_replace", "kv_lora_rank", "q_lora_rank", "head_dim", "tie_word_embeddings")
-CHUNK_BYTES = 64 << 20  # fp32 working set per interpolation step
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,10 @@ def _units(cfg: MergeConfig, ctx) -> tuple[list[Unit], list[Rule], Rule]:
     for u in units:
         sel = u.rule.selects
         u.action = "select" if sel is not None else "interpolate"
+        dt = cks[u.have[0]].info(u.name).dtype
+        if u.action == "interpolate" and not (dt in FLOAT_DTYPES or dt in FP8_DTYPES):
+            raise UsageError(f"tensor {u.name!r} is {dtype_name(dt)} and cannot be interpolated (rule {u.rule.text!r}); "
+                             f"select it from one parent with a rule before this one, e.g. --rule '{re.escape(u.name)}=parent:0'")
     return units, rules, default
 
 
@@ -196,10 +202,14 @@ def plan(cfg: MergeConfig, ctx) -> Plan:
         g = groups.setdefault(u.group, {"tensors": 0, "rules": {}})
         g["tensors"] += 1
         g["rules"][u.rule.text] = g["rules"].get(u.rule.text, 0) + 1
+    by_rule = {u.rule.text: u.rule for u in units}
+    for gname, g in groups.items():
+        for text, count in g["rules"].items():
+            ctx.notes.append(f"plan: {gname}: {count} tensor(s) {_describe(by_rule[text], cfg.delta, cfg.out_dtype)}  [{text}]")
     reads = [0] * len(cks)
     for u in units:
         for k in u.have:
-            if u.rule.weights[k] != 0 or (u.action == "interpolate" and (cfg.delta > 0 or u.rule.delta) and k == 0):
+            if u.rule.weights[k] != 0 or (u.action == "interpolate" and _delta(cfg, u) > 0 and k == 0):
                 reads[k] += cks[k].info(u.name).nbytes + (cks[k].info(u.scale).nbytes if u.scale else 0)
     summary = {"parents": [str(ck.root) for ck in cks], "groups": groups, "select": sum(u.action == "select" for u in units),
                "interpolate": sum(u.action == "interpolate" for u in units), "delta": cfg.delta, "tokenizer_from": tok_from,
@@ -209,13 +219,21 @@ def plan(cfg: MergeConfig, ctx) -> Plan:
     return Plan(tensors=tensors, config=out_cfg, summary=summary, layout=layout or None)
 
 
+def _describe(rule: Rule, delta: float, out_dtype: str) -> str:
+    if rule.selects is not None:
+        return f"from parent {rule.selects} " + ("(bytes copied)" if out_dtype == "keep" else f"(as {out_dtype})")
+    d = rule.delta if rule.delta is not None else delta
+    mix = " + ".join(f"{w:g}·parent {k}" for k, w in enumerate(rule.weights) if w)
+    return f"= {mix}" + (f" where a parent differs from the base by > δ={d:g}, else from parent 0" if d > 0 else "")
+
+
 class _Stats:
     def __init__(self, n: int):
         self.lock = threading.Lock()
         self.groups: dict[str, dict] = {}
         self.read = [0] * n
 
-    def add(self, group: str, key: str, read: dict[int, int], diff: float | None = None) -> None:
+    def count(self, group: str, key: str, diff: float | None = None) -> None:
         with self.lock:
             g = self.groups.setdefault(group, {"selected": {}, "interpolated": 0, "copied_below_delta": 0})
             if key.startswith("selected:"):
@@ -225,97 +243,140 @@ class _Stats:
                 g[key] += 1
             if diff is not None:
                 g["max_relative_difference"] = max(g.get("max_relative_difference", 0.0), diff)
-            for k, b in read.items():
-                self.read[k] += b
+
+    def add_read(self, k: int, nbytes: int) -> None:
+        with self.lock:
+            self.read[k] += nbytes
 
 
-def _do_unit(cfg: MergeConfig, cks, w, u: Unit, stats: _Stats) -> None:
+def _delta(cfg: MergeConfig, u: Unit) -> float:
+    return u.rule.delta if u.rule.delta is not None else cfg.delta
+
+
+def _parts(cks, u: Unit) -> list[stream.Part]:
+    k = u.have[0]
+    info = cks[k].info(u.name)
+    return stream.parts_of(tuple(info.shape), info.dtype, fp8_block=cks[k].fp8_block if u.scale is not None else None)
+
+
+def _tasks(cfg: MergeConfig, cks, units: list[Unit]):
+    """(function, args) per unit of work, in the given order: whole-tensor kernel copies for
+    selections, one task per part for interpolations (and casts), one task per δ-gated tensor
+    (its decision needs the whole tensor's difference first)."""
+    for u in units:
+        if u.action == "select" and cks[u.rule.selects].info(u.name).dtype == u.out_dtype:
+            yield _copy_unit, (cks, u, u.rule.selects, f"selected:{u.rule.selects}", None)
+        elif u.action == "interpolate" and _delta(cfg, u) > 0:
+            yield _gated_unit, (cfg, cks, u)
+        else:
+            lam = u.rule.weights
+            key = "interpolated" if u.action == "interpolate" else f"selected:{u.rule.selects}"
+            for part in _parts(cks, u):
+                yield _merge_part, (cfg, cks, u, lam, part, key)
+
+
+def _copy_unit(cks, u: Unit, k: int, key: str, diff: float | None, *, w, stats: _Stats) -> None:
+    """Parent k's tensor (and fp8 scale) byte for byte, copied in the kernel."""
+    ck = cks[k]
+    w.copy_from(u.name, ck)
+    stats.add_read(k, ck.info(u.name).nbytes)
+    if u.scale is not None:
+        w.copy_from(u.scale, ck, ck.scale_of(u.name))
+        stats.add_read(k, ck.info(ck.scale_of(u.name)).nbytes)
+    stats.count(u.group, key, diff)
+
+
+def _read_values(cks, u: Unit, k: int, part: stream.Part, slot: str):
+    """Parent k's part as stored: a flat tensor, or (fp8 rows, their block scales) for block-scaled fp8."""
+    ck = cks[k]
+    info = ck.info(u.name)
+    raw = stream.read_part(ck, u.name, part.start, part.stop, f"{slot}{k}")
+    if u.scale is None:
+        return stream.typed(raw, info.dtype)
+    (r0, r1), (b0, b1) = part.rows, part.block_rows
+    sname = ck.scale_of(u.name)
+    sinfo = ck.info(sname)
+    srow = sinfo.shape[1] * element_size(sinfo.dtype)
+    sc = stream.typed(stream.read_part(ck, sname, b0 * srow, b1 * srow, f"{slot}s{k}"), sinfo.dtype, (b1 - b0, sinfo.shape[1]))
+    return stream.typed(raw, info.dtype, (r1 - r0, info.shape[1])), sc
+
+
+def _merge_part(cfg: MergeConfig, cks, u: Unit, lam, part: stream.Part, key: str, *, w, stats: _Stats) -> None:
+    """One part of Σ λ_i W_i (a one-hot λ with a cast is a selection that changes dtype)."""
+    need = [k for k in range(len(cks)) if lam[k] != 0]
+    vals = {k: _read_values(cks, u, k, part, "in") for k in need}
+    for k in need:
+        stats.add_read(k, part.stop - part.start + (vals[k][1].numel() * vals[k][1].element_size() if u.scale is not None else 0))
+    if u.scale is not None:
+        requant = u.out_dtype in FP8_DTYPES
+        q, s = merge_fp8([vals[k][0] if k in vals else None for k in range(len(cks))], [vals[k][1] if k in vals else None for k in range(len(cks))],
+                         list(lam), cks[need[0]].fp8_block, requantize=requant, ue8m0=cfg.ue8m0, out_dtype=u.out_dtype)
+        (r0, _r1), (b0, _b1) = part.rows, part.block_rows
+        w.write_range(u.name, r0 * q.shape[1] * q.element_size(), q)
+        if s is not None:
+            sdt = cks[need[0]].info(u.scale).dtype
+            w.write_range(u.scale, b0 * s.shape[1] * s.element_size(), s.to(sdt))
+    else:
+        ref = vals[need[0]]
+        if not ref.is_floating_point():
+            raise CheckpointError(f"cannot interpolate {u.name!r} ({dtype_name(ref.dtype)}); select it from one parent with a rule (…=parent:N)")
+        out = stream.out_buffer(u.out_dtype, ref.numel())
+        interpolate_into([vals.get(k) for k in range(len(cks))], lam, out)
+        w.write_range(u.name, part.start // ref.element_size() * out.element_size(), out)
+    if part.index == 0:
+        stats.count(u.group, key)
+
+
+def _gated_unit(cfg: MergeConfig, cks, u: Unit, *, w, stats: _Stats) -> None:
+    """Assembly-of-Experts δ gate: ‖W_k − W_base‖/‖W_base‖ over the whole tensor (part by part),
+    then either the base's bytes or the interpolation."""
     lam = u.rule.weights
-    n = len(cks)
-    delta = u.rule.delta if u.rule.delta is not None else cfg.delta
-    fp8 = u.scale is not None
-    sel = u.rule.selects
-    if u.action == "select":
-        _emit(cks, sel, w, u, stats, f"selected:{sel}")
-        return
-    need = sorted({k for k in range(n) if lam[k] != 0} | ({0} if delta > 0 else set()))
-    raw = {k: cks[k].get(u.name) for k in need}
-    scales = {k: cks[k].get(cks[k].scale_of(u.name)) for k in need} if fp8 else {}
-    read = {k: raw[k].numel() * raw[k].element_size() + (scales[k].numel() * 4 if fp8 else 0) for k in need}
-    diff = None
-    if delta > 0:
-        block = cks[0].fp8_block if fp8 else None
-
+    others = [k for k in range(1, len(cks)) if lam[k] != 0]
+    parts = _parts(cks, u)
+    num: dict[int, list[float]] = {k: [] for k in others}
+    den: list[float] = []
+    for part in parts:
         def value(k):
-            return dequantize_blockwise(raw[k], scales[k], block) if fp8 else raw[k]
+            v = _read_values(cks, u, k, part, "gate" if k else "base")
+            return dequantize_blockwise(v[0], v[1], cks[k].fp8_block) if u.scale is not None else v
 
         base = value(0)
-        diff = max((relative_difference(value(k), base) for k in range(1, n) if lam[k] != 0), default=0.0)
-        del base
-        if diff <= delta:
-            _emit(cks, 0, w, u, stats, "copied_below_delta", tensors=(raw[0], scales.get(0)), read=read, diff=diff)
-            return
-    if fp8:
-        q, s = merge_fp8([raw.get(k) if lam[k] else None for k in range(n)], [scales.get(k) if lam[k] else None for k in range(n)],
-                         list(lam), cks[0].fp8_block, requantize=u.out_dtype in FP8_DTYPES, ue8m0=cfg.ue8m0, out_dtype=u.out_dtype)
-        w.write(u.name, q)
-        if s is not None:
-            w.write(u.scale, s.to(cks[0].info(u.scale).dtype))
-    else:
-        w.write(u.name, _interpolate_chunked([raw.get(k) if lam[k] else None for k in range(n)], lam, u.out_dtype))
-    stats.add(u.group, "interpolated", read, diff)
-
-
-def _emit(cks, k: int, w, u: Unit, stats: _Stats, key: str, *, tensors=None, read=None, diff=None) -> None:
-    """Write parent k's tensor (and scale) unchanged: raw bytes when the dtype is kept."""
-    ck = cks[k]
-    read = dict(read or {})
-    info = ck.info(u.name)
-    scale_name = ck.scale_of(u.name) if u.scale is not None else None
-    if info.dtype == u.out_dtype:
-        if tensors is not None:
-            w.write_bytes(u.name, memoryview(tensors[0].contiguous().view(-1).view(torch.uint8).numpy()))
-            if u.scale is not None:
-                w.write(u.scale, tensors[1])
+        den += square_sums(base, stream.REDUCE_ELEMS)
+        for k in others:
+            num[k] += square_sums(value(k).double() - base.double(), stream.REDUCE_ELEMS)
+    for k in [0, *others]:
+        stats.add_read(k, cks[k].info(u.name).nbytes + (cks[k].info(cks[k].scale_of(u.name)).nbytes if u.scale is not None else 0))
+    diff = max((_ratio(math.fsum(num[k]), math.fsum(den)) for k in others), default=0.0)
+    if diff <= _delta(cfg, u):
+        if cks[0].info(u.name).dtype == u.out_dtype:
+            _copy_unit(cks, u, 0, "copied_below_delta", diff, w=w, stats=stats)
         else:
-            w.copy_from(u.name, ck)
-            if u.scale is not None:
-                w.copy_from(u.scale, ck, scale_name)
-            read[k] = read.get(k, 0) + info.nbytes + (ck.info(scale_name).nbytes if scale_name else 0)
-    else:  # --out-dtype: dequantize fp8 / cast
-        w.write(u.name, ck.get(u.name, dequantize=u.scale is not None, dtype=u.out_dtype))
-        if tensors is None:
-            read[k] = read.get(k, 0) + info.nbytes
-    stats.add(u.group, key, read, diff)
+            for part in parts:
+                _merge_part(cfg, cks, u, tuple(1.0 if i == 0 else 0.0 for i in range(len(cks))), part, "copied_below_delta", w=w, stats=_NoCount(stats))
+            stats.count(u.group, "copied_below_delta", diff)
+        return
+    for part in parts:
+        _merge_part(cfg, cks, u, lam, part, "interpolated", w=w, stats=_NoCount(stats))
+    stats.count(u.group, "interpolated", diff)
 
 
-def _interpolate_chunked(ts: list[torch.Tensor | None], lam, out_dtype: torch.dtype) -> torch.Tensor:
-    """Σ λ_i W_i in fp32, a row block at a time (the fp32 working set stays ~CHUNK_BYTES)."""
-    ref = next(t for t in ts if t is not None)
-    if not ref.is_floating_point():
-        raise CheckpointError(f"cannot interpolate a {dtype_name(ref.dtype)} tensor; select it from one parent with a rule (…=parent:N)")
-    out = torch.empty(ref.shape, dtype=out_dtype)
-    flat_out = out.view(-1)
-    flats = [None if t is None else t.reshape(-1) for t in ts]
-    step = max(1, CHUNK_BYTES // 4)
-    active = [(f, l) for f, l in zip(flats, lam) if f is not None and l != 0]
-    if len(active) == 2 and ref.dtype == out_dtype:
-        # two parents: one fused, vectorised lerp (fp32 math inside, rounded once), W = A + λ_B (B − A)
-        (fa, _), (fb, lb) = active
-        for a in range(0, ref.numel(), step):
-            b = min(a + step, ref.numel())
-            torch.lerp(fa[a:b], fb[a:b], lb, out=flat_out[a:b])
-        return out
-    for a in range(0, ref.numel(), step):
-        b = min(a + step, ref.numel())
-        acc = None
-        for f, l in zip(flats, lam):
-            if f is None or l == 0:
-                continue
-            x = f[a:b].float()
-            acc = x.mul_(l) if acc is None else acc.add_(x, alpha=l)
-        flat_out[a:b] = acc
-    return out
+class _NoCount:
+    """Stats view for parts run inside a gated unit: reads counted, the unit counted once by it."""
+
+    def __init__(self, stats: _Stats):
+        self.stats = stats
+
+    def add_read(self, k: int, nbytes: int) -> None:
+        self.stats.add_read(k, nbytes)
+
+    def count(self, *a, **kw) -> None:
+        pass
+
+
+def _ratio(num2: float, den2: float) -> float:
+    if den2 == 0:
+        return 0.0 if num2 == 0 else float("inf")
+    return (num2 / den2) ** 0.5
 
 
 def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
@@ -331,12 +392,12 @@ def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
             pending = set()
-            for nm in ctx.report.track(order, desc="merging"):
-                if len(pending) >= 2 * workers:  # bounded read-ahead: memory stays a few tensors
+            for fn, args in _tasks(cfg, cks, ctx.report.track([by_name[nm] for nm in order], desc="merging")):
+                if len(pending) >= 2 * workers:  # bounded read-ahead: memory stays a few parts per worker
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
                         f.result()
-                pending.add(pool.submit(_do_unit, cfg, cks, ctx.writer, by_name[nm], stats))
+                pending.add(pool.submit(fn, *args, w=ctx.writer, stats=stats))
             for f in pending:
                 f.result()
     finally:
