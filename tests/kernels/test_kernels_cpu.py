@@ -122,6 +122,9 @@ def test_dispatcher_explains_and_falls_back(monkeypatch):
     why = dispatch.explain(x, m)
     assert why["cuda"] == "input is not on a CUDA device" and why["reference"] is None
     assert why["dequant"].startswith("CPU inputs")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # even with the interpreter on, CPU calls never pick it unforced
+    assert "only used when forced" in dispatch.explain(x, m)["triton"]
+    assert dispatch.choose(x, m).name == "reference"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "TRITON_INTERPRET" in dispatch.explain(x, m)["triton"]
     assert dispatch.choose(x, m).name == "reference"

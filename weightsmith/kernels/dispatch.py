@@ -5,7 +5,8 @@ when it cannot, why:
 
 - `cuda`      weightsmith's Marlin-style CUDA kernel (sm_80+, fp16/bf16 activations, 2/3/4 bits,
               M <= CUDA_MAX_M: the memory-bound regime it is built for);
-- `triton`    the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1);
+- `triton`    the Triton kernel (GPU; on the CPU only when forced with WEIGHTSMITH_KERNEL=triton
+              under TRITON_INTERPRET=1 -- the interpreter is for testing, thousands of times slower);
 - `dequant`   dequantize once per call + the vendor matmul (cuBLAS on GPUs): large M, where the
               GEMM is compute-bound and a dense matmul wins;
 - `reference` dequantize + matmul in plain PyTorch, always available (the CPU path, and the
@@ -33,6 +34,13 @@ class Kernel:
     unavailable: Callable[[torch.Tensor, "object"], str | None]  # (x, module) -> reason or None
     run: Callable[[torch.Tensor, "object"], torch.Tensor]
     layout: str | None = None  # the repacked weight layout it reads (LAYOUTS), if any
+    emulated_on_cpu: bool = False  # serves CPU inputs only in an emulator: never picked automatically there
+
+    def reason(self, x: torch.Tensor, module, forced: bool = False) -> str | None:
+        why = self.unavailable(x, module)
+        if why is None and self.emulated_on_cpu and x.device.type != "cuda" and not forced:
+            why = "input is on the CPU: the Triton interpreter is only used when forced (WEIGHTSMITH_KERNEL=triton)"
+        return why
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -125,7 +133,7 @@ def _reference_run(x: torch.Tensor, m) -> torch.Tensor:
 
 KERNELS: list[Kernel] = [
     Kernel("cuda", _cuda_unavailable, _via_op("gemm_cuda", "marlin"), "marlin"),
-    Kernel("triton", _triton_unavailable, _via_op("gemm_triton", "planes"), "planes"),
+    Kernel("triton", _triton_unavailable, _via_op("gemm_triton", "planes"), "planes", emulated_on_cpu=True),
     Kernel("dequant", _dequant_unavailable, _dequant_run),
     Kernel("reference", lambda x, m: None, _reference_run),
 ]
@@ -137,19 +145,19 @@ def choose(x: torch.Tensor, module) -> Kernel:
         k = next((k for k in KERNELS if k.name == forced), None)
         if k is None:
             raise ValueError(f"WEIGHTSMITH_KERNEL={forced}: no such kernel; kernels: {', '.join(k.name for k in KERNELS)}")
-        why = k.unavailable(x, module)
+        why = k.reason(x, module, forced=True)
         if why:
             raise RuntimeError(f"WEIGHTSMITH_KERNEL={forced} cannot serve this call: {why}")
         return k
     for k in KERNELS:
-        if k.unavailable(x, module) is None:
+        if k.reason(x, module) is None:
             return k
     raise RuntimeError("no kernel available (the reference should always be)")
 
 
 def explain(x: torch.Tensor, module) -> dict[str, str | None]:
     """For each kernel, None if it would serve this call, else why not."""
-    return {k.name: k.unavailable(x, module) for k in KERNELS}
+    return {k.name: k.reason(x, module) for k in KERNELS}
 
 
 def quant_matmul(x: torch.Tensor, module) -> torch.Tensor:
