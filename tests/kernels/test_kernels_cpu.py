@@ -73,6 +73,8 @@ def test_triton_matches_reference(bits, group, sym, m):
 
 
 def test_ops_have_fake_implementations():
+    from test_marlin_layout import marlin_weight
+
     from weightsmith.kernels import ops
 
     qw = random_codes(3, 64, 128, 32, False)
@@ -80,11 +82,27 @@ def test_ops_have_fake_implementations():
     x = torch.randn(5, 128)
     args = (x, kw.planes[0], kw.planes[1], kw.scales, kw.zeros_scaled, 3, 32, 64)
     torch.library.opcheck(torch.ops.weightsmith.gemm_ref.default, args)
+    mw = marlin_weight(qw)
+    bias = torch.randn(64).half()
+    cuda_args = (x.half(), mw.planes[0], mw.planes[1], mw.scales, mw.zeros_scaled, bias, 3, 32, 64)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in cuda_args]
         out = torch.ops.weightsmith.gemm_cuda(*fake)
-        assert out.shape == (5, 64) and out.dtype == torch.float32
+        assert out.shape == (5, 64) and out.dtype == torch.float16
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        assert torch.ops.weightsmith.gemm_triton(*fake).shape == (5, 64)
     torch.testing.assert_close(ops.call(ops.gemm_ref, x, kw), x @ layout.dequantize(kw), rtol=1e-5, atol=1e-5)
+
+
+def test_ops_trace_under_torch_compile():
+    """The fake implementations let torch.compile trace a graph through the op (no graph break)."""
+    from weightsmith.kernels import ops
+
+    qw = random_codes(4, 64, 128, 32, True)
+    kw = kernel_weight(qw, torch.float32)
+    x = torch.randn(3, 128)
+    fn = torch.compile(lambda a: ops.call(ops.gemm_ref, a, kw) * 2, backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(x), 2 * (x @ layout.dequantize(kw)), rtol=1e-5, atol=1e-5)
 
 
 def _quant_linear(bits=4, group=32, sym=True, k=128, n=64):

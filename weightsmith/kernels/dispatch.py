@@ -3,8 +3,8 @@
 KERNELS is an ordered registry (fastest first); each entry says whether it can serve a call and,
 when it cannot, why:
 
-- `cuda`      weightsmith's CUDA kernel (sm_80+, fp16/bf16 activations, M <= CUDA_MAX_M: the
-              memory-bound regime it is built for);
+- `cuda`      weightsmith's Marlin-style CUDA kernel (sm_80+, fp16/bf16 activations, 2/3/4 bits,
+              M <= CUDA_MAX_M: the memory-bound regime it is built for);
 - `triton`    the Triton kernel (GPU; on the CPU only when forced with WEIGHTSMITH_KERNEL=triton
               under TRITON_INTERPRET=1 -- the interpreter is for testing, thousands of times slower);
 - `dequant`   dequantize once per call + the vendor matmul (cuBLAS on GPUs): large M, where the
@@ -12,8 +12,9 @@ when it cannot, why:
 - `reference` dequantize + matmul in plain PyTorch, always available (the CPU path, and the
               oracle the others are tested against).
 
-The kernels read weights repacked once into the bit-plane layout (kernels/layout.py), cached on
-the module per device and dtype.
+Each kernel names the weight layout it reads — `marlin` (kernels/marlin_layout.py: mma fragment
+order) for CUDA, `planes` (kernels/layout.py: bit planes) for Triton — and the module's weights are
+repacked into it once, on first use, cached on the module per (layout, dtype, device).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Kernel:
     name: str
     unavailable: Callable[[torch.Tensor, "object"], str | None]  # (x, module) -> reason or None
     run: Callable[[torch.Tensor, "object"], torch.Tensor]
+    layout: str | None = None  # the repacked weight layout it reads (LAYOUTS), if any
     emulated_on_cpu: bool = False  # serves CPU inputs only in an emulator: never picked automatically there
 
     def reason(self, x: torch.Tensor, module, forced: bool = False) -> str | None:
@@ -51,25 +53,40 @@ def _layout_reason(m) -> str | None:
     return check_repackable(m.bits, m.in_features, m.out_features, m.g_idx, m.quant.group_size)
 
 
-def kernel_weight(m, dtype: torch.dtype, device: torch.device):
-    """The module's weights in the kernel layout (repacked once per device/dtype)."""
+def _repack_planes(m, dtype):
     from weightsmith.kernels.layout import repack
 
-    key = (dtype, str(device))
+    return repack(m.qweight, m.qzeros, m.scales, m.g_idx, m.bits, m.quant.group_size, m.quant.sym, dtype)
+
+
+def _repack_marlin(m, dtype):
+    from weightsmith.kernels.marlin_layout import repack
+
+    return repack(m.qweight, m.qzeros, m.scales, m.g_idx, m.bits, m.quant.group_size, m.quant.sym, dtype)
+
+
+LAYOUTS = {"planes": _repack_planes, "marlin": _repack_marlin}
+
+
+def kernel_weight(m, dtype: torch.dtype, device: torch.device, layout: str = "planes"):
+    """The module's weights in a kernel layout, repacked once per (layout, dtype, device). One entry
+    is kept: a module served by one kernel holds one extra copy of its packed weights."""
+    key = (layout, dtype, str(device))
     cache = getattr(m, "_kernel_weight", None)
     if cache is None or cache[0] != key:
-        kw = repack(m.qweight, m.qzeros, m.scales, m.g_idx, m.bits, m.quant.group_size, m.quant.sym, dtype).to(device)
-        m._kernel_weight = cache = (key, kw)
+        m._kernel_weight = None  # free the old copy before making the new one
+        m._kernel_weight = cache = (key, LAYOUTS[layout](m, dtype).to(device))
     return cache[1]
 
 
-def _via_op(opname: str):
+def _via_op(opname: str, layout: str):
     def run(x: torch.Tensor, m) -> torch.Tensor:
         from weightsmith.kernels import ops
 
-        kw = kernel_weight(m, x.dtype, x.device)
-        y = ops.call(getattr(ops, opname), x.reshape(-1, m.in_features), kw).reshape(*x.shape[:-1], m.out_features)
-        return y + m.bias.to(y.dtype) if m.bias is not None else y
+        kw = kernel_weight(m, x.dtype, x.device, layout)
+        bias = None if m.bias is None else m.bias.to(device=x.device, dtype=x.dtype)
+        y = ops.call(getattr(ops, opname), x.reshape(-1, m.in_features), kw, bias)
+        return y.reshape(*x.shape[:-1], m.out_features)
 
     return run
 
@@ -81,11 +98,9 @@ def _cuda_unavailable(x: torch.Tensor, m) -> str | None:
         return f"{x.dtype} activations (the CUDA kernel takes fp16/bf16)"
     if _rows(x) > CUDA_MAX_M:
         return f"M = {_rows(x)} > {CUDA_MAX_M}: compute-bound, dequantize + cuBLAS is faster"
-    if m.in_features % 64 or m.out_features % 8:
-        return f"shape {m.in_features}x{m.out_features} (needs in_features % 64 == 0 and out_features % 8 == 0)"
-    from weightsmith.kernels import cuda_ext
+    from weightsmith.kernels import cuda_ext, marlin_layout
 
-    return _layout_reason(m) or cuda_ext.unavailable(x.device.index or 0)
+    return marlin_layout.check(m.bits, m.in_features, m.out_features, m.quant.group_size, m.g_idx) or cuda_ext.unavailable(x.device.index or 0)
 
 
 def _triton_unavailable(x: torch.Tensor, m) -> str | None:
@@ -117,8 +132,8 @@ def _reference_run(x: torch.Tensor, m) -> torch.Tensor:
 
 
 KERNELS: list[Kernel] = [
-    Kernel("cuda", _cuda_unavailable, _via_op("gemm_cuda")),
-    Kernel("triton", _triton_unavailable, _via_op("gemm_triton"), emulated_on_cpu=True),
+    Kernel("cuda", _cuda_unavailable, _via_op("gemm_cuda", "marlin"), "marlin"),
+    Kernel("triton", _triton_unavailable, _via_op("gemm_triton", "planes"), "planes", emulated_on_cpu=True),
     Kernel("dequant", _dequant_unavailable, _dequant_run),
     Kernel("reference", lambda x, m: None, _reference_run),
 ]

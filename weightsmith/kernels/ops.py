@@ -1,7 +1,11 @@
 """torch.library ops for the low-bit GEMM, with fake (meta) implementations so that they trace
 under torch.compile / FakeTensor, and one op per implementation so the dispatcher's choice is
-visible in profiles: weightsmith::gemm_cuda, weightsmith::gemm_triton, weightsmith::gemm_ref.
-All take the kernel layout's tensors (kernels/layout.py)."""
+visible in profiles:
+
+- weightsmith::gemm_cuda    Marlin-style CUDA kernel, fragment layout (kernels/marlin_layout.py),
+                            bias fused;
+- weightsmith::gemm_triton  Triton kernel, bit-plane layout (kernels/layout.py);
+- weightsmith::gemm_ref     plain PyTorch over the bit-plane layout (the oracle)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from weightsmith.kernels import layout
+from weightsmith.kernels import layout, marlin_layout
 
 
 def _kw(p0, p1, scales, zs, bits, group_size, k, n) -> layout.KernelWeight:
@@ -33,22 +37,33 @@ def gemm_triton(x: torch.Tensor, p0: torch.Tensor, p1: Optional[torch.Tensor], s
 
 @torch.library.custom_op("weightsmith::gemm_cuda", mutates_args=())
 def gemm_cuda(x: torch.Tensor, p0: torch.Tensor, p1: Optional[torch.Tensor], scales: torch.Tensor, zeros_scaled: Optional[torch.Tensor],
-              bits: int, group_size: int, n: int) -> torch.Tensor:
+              bias: Optional[torch.Tensor], bits: int, group_size: int, n: int) -> torch.Tensor:
     from weightsmith.kernels import cuda_ext
 
     planes = [p0] + ([p1] if p1 is not None else [])
-    return cuda_ext.quant_gemm(x.contiguous(), planes, scales, zeros_scaled, None, bits, group_size, n)
+    return cuda_ext.quant_gemm(x.contiguous(), planes, scales, zeros_scaled, bias, bits, group_size, n)
 
 
 def _fake(x, p0, p1, scales, zeros_scaled, bits, group_size, n):
-    torch._check(x.shape[-1] % 32 == 0)
+    torch._check(x.dim() == 2 and x.shape[-1] % 32 == 0)
     return x.new_empty((x.shape[0], n))
 
 
-for _op in (gemm_ref, gemm_triton, gemm_cuda):
-    _op.register_fake(_fake)
+def _fake_cuda(x, p0, p1, scales, zeros_scaled, bias, bits, group_size, n):
+    torch._check(x.dim() == 2 and x.shape[-1] % marlin_layout.KB == 0)
+    torch._check(n % marlin_layout.NT == 0)
+    return x.new_empty((x.shape[0], n))
 
 
-def call(op, x2d: torch.Tensor, kw: layout.KernelWeight) -> torch.Tensor:
+gemm_ref.register_fake(_fake)
+gemm_triton.register_fake(_fake)
+gemm_cuda.register_fake(_fake_cuda)
+
+
+def call(op, x2d: torch.Tensor, kw, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Run an op on a repacked weight (KernelWeight for ref/triton, MarlinWeight for cuda)."""
     p1 = kw.planes[1] if len(kw.planes) > 1 else None
-    return op(x2d, kw.planes[0], p1, kw.scales, kw.zeros_scaled, kw.bits, kw.group_size, kw.n)
+    if op is gemm_cuda:
+        return op(x2d, kw.planes[0], p1, kw.scales, kw.zeros_scaled, bias, kw.bits, kw.group_size, kw.n)
+    y = op(x2d, kw.planes[0], p1, kw.scales, kw.zeros_scaled, kw.bits, kw.group_size, kw.n)
+    return y if bias is None else y + bias.to(y.dtype)
