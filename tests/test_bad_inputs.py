@@ -124,15 +124,18 @@ def test_failure_injected_midway(tiny_model, cli, tmp_path, monkeypatch):
     from weightsmith.checkpoint import writer as wmod
 
     calls = {"n": 0}
-    orig = wmod.CheckpointWriter.write_bytes
 
-    def flaky(self, name, data):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError(28, "No space left on device")
-        return orig(self, name, data)
+    def flaky(orig):  # the disk fills on the 5th tensor, whichever way it is written (bytes or in-kernel copy)
+        def f(self, *args):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise OSError(28, "No space left on device")
+            return orig(self, *args)
 
-    monkeypatch.setattr(wmod.CheckpointWriter, "write_bytes", flaky)
+        return f
+
+    for meth in ("write_bytes", "copy_from"):
+        monkeypatch.setattr(wmod.CheckpointWriter, meth, flaky(getattr(wmod.CheckpointWriter, meth)))
     dst = tmp_path / "out"
     r = cli("import", tiny_model("llama"), dst)
     assert r.code == 1 and "No space left" in r.err
