@@ -8,6 +8,11 @@ Calibration: political_data.json ("speeches" field), evaluation: hamlet.txt (non
 windows). Each conversion runs as its own `weightsmith mla` process, so its wall time and peak RSS
 are its own. Every output is loaded with plain transformers (DeepseekV3ForCausalLM) to measure it.
 Timings on a shared machine are noisy; re-run on a quiet one before publishing them.
+
+Baseline rows ("plain SVD"): the most naive conversion of the same size, for TransMLA to beat:
+mha2mla's machinery with the highest frequencies kept for RoPE in every head (`--partial-rope
+high`) and separate truncated SVDs of W_k_nope and W_v (`--svd split`), weight-only, no
+calibration. Run at --baseline-ratios on the exact target.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     ap.add_argument("--methods", nargs="+", default=["transmla", "mha2mla"])
     ap.add_argument("--targets", nargs="+", default=["exact", "engine"])
+    ap.add_argument("--baseline-ratios", type=float, nargs="*", default=[0.5, 0.25], help="ratios for the plain-SVD rows (none: skip)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=16)
@@ -59,35 +65,36 @@ def main() -> None:
         p0, _ = ppl(base)
         rows.append({"method": "original (llama GQA)", "target": "—", "KV %": 100.0, "KV values/token": 30 * 384, "ppl": p0})
         print(f"original: ppl {p0:.3f}", flush=True)
-        for method in args.methods:
-            for target in args.targets:
-                for ratio in args.ratios:
-                    out = Path(td) / f"{method}-{target}-{ratio}"
-                    cmd = [ws, "mla", str(base), str(out), "--method", method, "--target", target, "--kv-ratio", str(ratio),
-                           "--calib", str(political_speeches()), "--calib-field", "speeches",
-                           "--calib-samples", str(args.calib_samples), "--calib-length", str(args.calib_length), *args.extra]
-                    t = time.perf_counter()
-                    r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
-                    secs = time.perf_counter() - t
-                    row = {"method": method, "target": target, "KV %": 100 * ratio}
-                    if r.returncode != 0:
-                        row["note"] = r.stderr.strip().splitlines()[-2][:120] if len(r.stderr.strip().splitlines()) > 1 else r.stderr.strip()
-                        rows.append(row)
-                        print(row, flush=True)
-                        continue
-                    rss = int(r.stderr.strip().splitlines()[-1]) / 1024
-                    met = json.loads((out / "manifest.json").read_text())["metrics"]
-                    p, arch = ppl(out)
-                    row.update({
-                        "KV values/token": met["kv_cache_after"]["values_per_token"], "rope dim": met["qk_rope_head_dim"],
-                        "latent": met["kv_lora_rank"], "ppl": p, "Δppl": p - p0, "attn err": met["mean_attention_output_error"],
-                        "convert s": secs, "peak RSS MB": rss, "loads as": arch,
-                        "rope_dim_search": met.get("rope_dim_search"), "freqfold_search": met.get("freqfold_search"),
-                        "freqfold per layer": [m_["freqfold"] for m_ in met["layers"]],
-                    })
-                    rows.append(row)
-                    print({k: row[k] for k in ("method", "target", "KV %", "rope dim", "ppl", "convert s")}, flush=True)
-                    subprocess.run(["rm", "-rf", str(out)])
+        runs = [(m, m, t, r, args.extra) for m in args.methods for t in args.targets for r in args.ratios]
+        runs += [("plain SVD", "mha2mla", "exact", r, ["--partial-rope", "high", "--svd", "split"]) for r in args.baseline_ratios]
+        for label, method, target, ratio, extra in runs:
+            out = Path(td) / f"{label.replace(' ', '-')}-{target}-{ratio}"
+            cmd = [ws, "mla", str(base), str(out), "--method", method, "--target", target, "--kv-ratio", str(ratio),
+                   "--calib", str(political_speeches()), "--calib-field", "speeches",
+                   "--calib-samples", str(args.calib_samples), "--calib-length", str(args.calib_length), *extra]
+            t = time.perf_counter()
+            r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
+            secs = time.perf_counter() - t
+            row = {"method": label, "target": target, "KV %": 100 * ratio}
+            if r.returncode != 0:
+                row["note"] = r.stderr.strip().splitlines()[-2][:120] if len(r.stderr.strip().splitlines()) > 1 else r.stderr.strip()
+                rows.append(row)
+                print(row, flush=True)
+                continue
+            rss = int(r.stderr.strip().splitlines()[-1]) / 1024
+            met = json.loads((out / "manifest.json").read_text())["metrics"]
+            p, arch = ppl(out)
+            row.update({
+                "KV values/token": met["kv_cache_after"]["values_per_token"], "rope dim": met["qk_rope_head_dim"],
+                "latent": met["kv_lora_rank"], "ppl": p, "Δppl": p - p0, "attn err": met["mean_attention_output_error"],
+                "convert s": secs, "peak RSS MB": rss, "loads as": arch,
+                "rope_dim_search": met.get("rope_dim_search"), "freqfold_search": met.get("freqfold_search"),
+                "freqfold per layer": [m_["freqfold"] for m_ in met["layers"]],
+            })
+            rows.append(row)
+            save(args.name, {"rows": rows, "args": vars(args), "partial": True})  # survives an interrupted run
+            print({k: row[k] for k in ("method", "target", "KV %", "rope dim", "ppl", "convert s")}, flush=True)
+            subprocess.run(["rm", "-rf", str(out)])
     cols = ["method", "target", "KV %", "KV values/token", "rope dim", "latent", "ppl", "Δppl", "attn err", "convert s", "peak RSS MB"]
     print_table(rows, cols, f"SmolLM2-135M → MLA, training-free, hamlet ppl ({args.windows} × {args.length} tokens, fp32, CPU)")
     save(args.name, {"rows": rows, "args": vars(args)})
