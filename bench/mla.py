@@ -77,7 +77,8 @@ def main() -> None:
             secs = time.perf_counter() - t
             row = {"method": label, "target": target, "KV %": 100 * ratio}
             if r.returncode != 0:
-                row["note"] = r.stderr.strip().splitlines()[-2][:120] if len(r.stderr.strip().splitlines()) > 1 else r.stderr.strip()
+                lines = [ln for ln in r.stderr.strip().splitlines() if ln and not ln.startswith("Command exited") and not ln.isdigit()]
+                row["note"] = next((ln for ln in reversed(lines) if ln.startswith("Error")), lines[-1] if lines else "failed")[:160]
                 rows.append(row)
                 print(row, flush=True)
                 continue
