@@ -192,3 +192,24 @@ def test_exact_target_carries_llama3_rope_scaling(tmp_path, cli, hamlet):
     _, got, _ = _logits(tmp_path / "mla", ids)
     assert json.loads((tmp_path / "mla" / "config.json").read_text())["rope_parameters"]["rope_type"] == "longrope"
     assert (got - ref).abs().max() <= 1e-3
+
+
+def test_engine_target_serves_both_methods_at_reduced_cache(tiny_model, tmp_path, cli, hamlet):
+    from weightsmith.convert.mla import components as comp
+
+    score = torch.tensor([[5.0, 1, 9, 1, 1, 1, 0, 2], [1.0, 7, 1, 1, 3, 1, 4, 1]])  # [n_kv=2, d/2=8]
+    blocks = comp.engine_head_selection_blocks(2, 16, 8, score, torch.arange(8, dtype=torch.float64))
+    kept = [(b.slots[0], float(b.freqs[0])) for b in blocks if b.keep]
+    assert kept == [((0, 0), 0.0), ((0, 2), 2.0), ((1, 4), 4.0), ((1, 6), 6.0)]  # every collapse-th frequency, its best head
+
+    src = _tiny(tiny_model, "llama")
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(2))
+    for method in ("transmla", "mha2mla"):
+        dst = tmp_path / method
+        r = _run(cli, src, dst, hamlet, "--target", "engine", "--method", method, "--kv-ratio", "0.5")
+        assert r.code == 0, r
+        cfg = json.loads((dst / "config.json").read_text())
+        assert cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 32 and cfg["rope_parameters"]["rope_type"] == "default"
+        name, got, model = _logits(dst, ids)
+        assert name == "DeepseekV3ForCausalLM" and torch.isfinite(got).all()
+        model.generate(ids[:, :8], max_new_tokens=3, do_sample=False)

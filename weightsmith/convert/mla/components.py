@@ -233,6 +233,25 @@ def head_selection_blocks(n_kv: int, d: int, kept: list[list[int]]) -> list[Bloc
     return blocks
 
 
+def engine_head_selection_blocks(n_kv: int, d: int, d_r: int, score: torch.Tensor, inv_freq: torch.Tensor) -> list[Block]:
+    """MHA2MLA partial RoPE for one shared standard-RoPE key of d_r dims (the engine target): target
+    pair p turns at source frequency i = p·collapse (collapse = d/d_r), so each of those frequencies
+    keeps RoPE, exactly, in the KV head with the highest 2-norm score there; every other pair
+    (other frequencies, other heads) loses RoPE and goes to the latent.
+
+    score: [n_kv, d/2] 2-norm scores (two_norm_scores summed over layers)."""
+    if d % d_r:
+        raise ValueError(f"rope dim {d_r} must divide head_dim {d}")
+    collapse = d // d_r
+    blocks = []
+    for i in range(d // 2):
+        best = int(torch.argmax(score[:, i])) if i % collapse == 0 else -1
+        for j in range(n_kv):
+            keep = int(j == best)
+            blocks.append(Block([(j, i)], keep=keep, freqs=inv_freq[[i]] if keep else None))
+    return blocks
+
+
 def partial_rope_frequencies(strategy: str, n_kv: int, d: int, per_head: int, score: torch.Tensor | None = None) -> list[list[int]]:
     """Frequencies kept per KV head (MHA2MLA's S_high, S_low, S_uniform, S_2-norm).
 

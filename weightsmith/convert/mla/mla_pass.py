@@ -184,9 +184,11 @@ def rope_setups(cfg: MlaConfig, view, sources: list[SourceAttention], stats: lis
     whole model, so the frequencies kept are decided here for all layers at once."""
     n_h, n_kv, d = view.heads, view.kv_heads, view.head_dim
     inv = sources[0].inv_freq
+    if cfg.target == "engine" and cfg.method == "mha2mla":  # 2norm: each target frequency in its best KV head
+        score = sum(comp.two_norm_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d) for s, (C, _) in zip(sources, stats))
+        return {None: (comp.engine_head_selection_blocks(n_kv, d, d_r, score, inv), "identity")}
     if cfg.target == "engine":
-        basis = "pca" if cfg.method == "transmla" else "identity"
-        return {f: (comp.freqfold_blocks(n_kv, d, d_r, f, inv), basis) for f in _folds(cfg, d, d_r)}
+        return {f: (comp.freqfold_blocks(n_kv, d, d_r, f, inv), "pca") for f in _folds(cfg, d, d_r)}
     if cfg.method == "transmla":
         base = comp.single_frequency_blocks(n_kv, d)
         scores = [comp.block_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d, blocks=base) for s, (C, _) in zip(sources, stats)]
