@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, save  # noqa: E402
+from common import RESULTS, print_table, save  # noqa: E402
 
 
 def main() -> None:
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--calib-length", type=int, default=256)
     ap.add_argument("--extra", nargs="*", default=[], help="more `weightsmith mla` options, e.g. --extra=--pca-metric=auto")
     ap.add_argument("--name", default="mla", help="results file bench/results/NAME.json")
+    ap.add_argument("--fill", action="store_true", help="keep the finished rows of bench/results/NAME.json; run only the missing or failed ones")
     args = ap.parse_args()
 
     import torch
@@ -63,11 +64,17 @@ def main() -> None:
             return perplexity(m, wins)["perplexity"], type(m).__name__
 
         p0, _ = ppl(base)
-        rows.append({"method": "original (llama GQA)", "target": "—", "KV %": 100.0, "KV values/token": 30 * 384, "ppl": p0})
         print(f"original: ppl {p0:.3f}", flush=True)
         runs = [(m, m, t, r, args.extra) for m in args.methods for t in args.targets for r in args.ratios]
         runs += [("plain SVD", "mha2mla", "exact", r, ["--partial-rope", "high", "--svd", "split"]) for r in args.baseline_ratios]
+        done = {}
+        if args.fill and (RESULTS / f"{args.name}.json").exists():
+            done = {(r["method"], r["target"], r["KV %"]): r for r in json.loads((RESULTS / f"{args.name}.json").read_text())["rows"] if "ppl" in r}
+        rows.append({"method": "original (llama GQA)", "target": "—", "KV %": 100.0, "KV values/token": 30 * 384, "ppl": p0})
         for label, method, target, ratio, extra in runs:
+            if (label, target, 100 * ratio) in done:
+                rows.append(done[(label, target, 100 * ratio)])
+                continue
             out = Path(td) / f"{label.replace(' ', '-')}-{target}-{ratio}"
             cmd = [ws, "mla", str(base), str(out), "--method", method, "--target", target, "--kv-ratio", str(ratio),
                    "--calib", str(political_speeches()), "--calib-field", "speeches",
