@@ -37,7 +37,8 @@ class GPTQv1:
         if in_features % unit_k:
             raise UsageError(
                 f"{prefix}: in_features {in_features} cannot be packed at {b} bits in the gptq format (needs a multiple of {unit_k}); "
-                f"skip this module with --override '{re.escape(prefix)}$:skip' or choose bits in {{4, 8}}"
+                f"skip this module with --override '{re.escape(prefix)}$:skip'"
+                + ("" if in_features % 8 else " or choose bits in {2, 4, 8}")  # 3-bit words need 32 values; the others 16/8/4
             )
         if out_features % unit_k:
             raise UsageError(
