@@ -60,6 +60,17 @@ class Block:
     freqs: torch.Tensor | None = None  # [keep] target frequencies (None: component's own, exact)
 
 
+def _query_rows(v, idx_i, idx_j, *, n_h: int, g: int, d: int, dtype) -> torch.Tensor:
+    """[n_h, 2, d]: a key component v over (kv head, frequency) slots, as the query-side rows
+    (real and imaginary halves) of every query head of each KV group."""
+    tq = torch.zeros(n_h, 2, d, dtype=dtype)
+    for h in range(n_h):
+        mask = idx_j == h // g
+        tq[h, 0, idx_i[mask]] = v[mask]
+        tq[h, 1, idx_i[mask] + d // 2] = v[mask]
+    return tq
+
+
 def _rotate(wk, wq, C, *, n_h, n_kv, d, blocks, basis):
     """Per block: orthonormal basis over its slots, and each component's score and key energy."""
     g = n_h // n_kv
@@ -156,11 +167,7 @@ def build_split(
             ks.sort(key=lambda n: -centre[n])  # highest frequency first, like the target table
         for slot_n, n in enumerate(ks):
             v = comps[n][2]
-            tq = torch.zeros(n_h, 2, d, dtype=wk.dtype)
-            for h in range(n_h):
-                mask = idx_j == h // g
-                tq[h, 0, idx_i[mask]] = v[mask]
-                tq[h, 1, idx_i[mask] + d // 2] = v[mask]
+            tq = _query_rows(v, idx_i, idx_j, n_h=n_h, g=g, d=d, dtype=wk.dtype)
             rope_k.append(torch.stack([v @ br, v @ bi]))
             rope_q.append(tq)
             if blk.freqs is None:
@@ -177,11 +184,7 @@ def build_split(
             if n in keep_set:
                 continue
             v = comps[n][2]
-            tq = torch.zeros(n_h, 2, d, dtype=wk.dtype)
-            for h in range(n_h):
-                mask = idx_j == h // g
-                tq[h, 0, idx_i[mask]] = v[mask]
-                tq[h, 1, idx_i[mask] + d // 2] = v[mask]
+            tq = _query_rows(v, idx_i, idx_j, n_h=n_h, g=g, d=d, dtype=wk.dtype)
             nope_k.append(torch.stack([v @ br, v @ bi]))
             nope_q.append(tq)
     def cat_k(rows):
