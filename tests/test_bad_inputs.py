@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,11 @@ def test_usage_errors_exit_2(cli, tiny_model, tmp_path):
     assert r.code == 2 and not (tmp_path / "o").exists()
     r = cli("eval", tiny_model("llama"), "--text", tmp_path / "nope.txt")
     assert r.code == 2 and "no such text file" in r.err
+
+
+def test_eval_text_takes_the_embedded_hamlet_by_name(tiny_model, cli, hamlet):
+    from weightsmith.eval.text import read_text
+
+    assert read_text("demo:hamlet") == Path(hamlet).read_text(encoding="utf-8")
+    r = cli("eval", tiny_model("llama"), "--text", "demo:nope", "--windows", "1")
+    assert r.code != 0 and "unknown embedded text; available: demo:hamlet" in r.err
