@@ -171,9 +171,12 @@ def test_example_makefile_reruns_only_what_changed(tiny_model, tmp_path):
     assert after["base"] == stamps["base"] and after["pruned"] == stamps["pruned"] and after["mla"] == stamps["mla"]
 
 
-def test_example_recipe_parses_and_plans(cli):
+def test_example_recipe_parses_and_plans(cli, tmp_path):
+    import shutil
+
     root = Path(__file__).resolve().parents[1]
-    r = cli("run", root / "examples" / "pipeline.yaml", "--dry-run", "--json")
+    recipe = shutil.copy(root / "examples" / "pipeline.yaml", tmp_path)  # outputs resolve next to it: none yet
+    r = cli("run", recipe, "--dry-run", "--json")
     assert r.code == 0, r
     rows = json.loads(r.out)
     assert [x["pass"] for x in rows] == ["import", "minitron", "mla", "distill", "quant"]
