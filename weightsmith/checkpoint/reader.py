@@ -101,6 +101,17 @@ def _load_index(root: Path, index_name: str) -> dict[str, str]:
     return wm
 
 
+def pread_exact(fd: int, buf: torch.Tensor, pos: int, where, name: str) -> None:
+    """Fill the uint8 tensor `buf` with the file's bytes from `pos` (os.preadv, no mmap); a file
+    that ends early (truncated after opening) is a CheckpointError naming the tensor."""
+    view = memoryview(buf.numpy())
+    while view:
+        n = os.preadv(fd, [view], pos)
+        if n <= 0:
+            raise CheckpointError(f"{where}: file ended while reading tensor {name!r}; it was truncated after opening")
+        view, pos = view[n:], pos + n
+
+
 class Checkpoint:
     """A checkpoint directory opened lazily. Use `open_checkpoint()` to resolve paths, Hub ids and GGUF files."""
 
@@ -302,13 +313,7 @@ class Checkpoint:
         e = self._layout.offsets[name]
         buf = torch.empty(e.nbytes, dtype=torch.uint8)
         if e.nbytes:
-            view = memoryview(buf.numpy())
-            pos, fd = self._layout.data_start[info.file] + e.begin, self._fd(info.file)
-            while view:
-                n = os.preadv(fd, [view], pos)
-                if n <= 0:
-                    raise CheckpointError(f"{self.root / info.file}: file ended while reading tensor {name!r}; it was truncated after opening")
-                view, pos = view[n:], pos + n
+            pread_exact(self._fd(info.file), buf, self._layout.data_start[info.file] + e.begin, self.root / info.file, name)
         return buf.view(info.dtype).reshape(info.shape) if info.shape else buf.view(info.dtype).reshape(())
 
     def close(self) -> None:

@@ -75,6 +75,13 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
+def _finite_bytes(name: str, tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes as stored, refusing NaN/Inf in floating (non-fp8) data."""
+    if tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES and not all_finite(tensor):
+        raise WeightsmithError(f"refusing to write tensor {name!r}: it contains NaN or Inf")
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+
+
 def shard_names(n: int) -> list[str]:
     if n == 1:
         return [ST_SINGLE]
@@ -188,10 +195,7 @@ class CheckpointWriter:
             raise WeightsmithError(
                 f"internal error: tensor {name!r} is {list(tensor.shape)} {tensor.dtype}, planned {list(slot.spec.shape)} {slot.spec.dtype}"
             )
-        if tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES and not all_finite(tensor):
-            raise WeightsmithError(f"refusing to write tensor {name!r}: it contains NaN or Inf")
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        self.write_bytes(name, memoryview(data))
+        self.write_bytes(name, _finite_bytes(name, tensor))
 
     def write_bytes(self, name: str, data: memoryview | bytes) -> None:
         """Write a tensor's raw bytes (for byte-exact copies)."""
@@ -215,9 +219,7 @@ class CheckpointWriter:
         if isinstance(data, torch.Tensor):
             if data.dtype != slot.spec.dtype:
                 raise WeightsmithError(f"internal error: part of tensor {name!r} is {data.dtype}, planned {slot.spec.dtype}")
-            if data.is_floating_point() and data.dtype not in FP8_DTYPES and not all_finite(data):
-                raise WeightsmithError(f"refusing to write tensor {name!r}: it contains NaN or Inf")
-            data = memoryview(data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""
+            data = _finite_bytes(name, data)
         view = memoryview(data).cast("B")
         end = start + len(view)
         if start < 0 or end > slot.spec.nbytes:

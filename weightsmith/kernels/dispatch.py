@@ -39,7 +39,7 @@ class Kernel:
     def reason(self, x: torch.Tensor, module, forced: bool = False) -> str | None:
         why = self.unavailable(x, module)
         if why is None and self.emulated_on_cpu and x.device.type != "cuda" and not forced:
-            why = "input is on the CPU: the Triton interpreter is only used when forced (WEIGHTSMITH_KERNEL=triton)"
+            why = f"input is on the CPU: the {self.name} kernel's emulator is only used when forced (WEIGHTSMITH_KERNEL={self.name})"
         return why
 
 

@@ -22,6 +22,7 @@ tests check it against the original codes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +55,9 @@ class KernelWeight:
     def sym(self) -> bool:
         return self.zeros_scaled is None
 
-    def to(self, device) -> "KernelWeight":
-        return KernelWeight([p.to(device) for p in self.planes], self.scales.to(device),
-                            None if self.zeros_scaled is None else self.zeros_scaled.to(device), self.bits, self.group_size, self.k, self.n)
+    def to(self, device) -> "KernelWeight":  # same class: subclasses (other plane layouts) keep theirs
+        return dataclasses.replace(self, planes=[p.to(device) for p in self.planes], scales=self.scales.to(device),
+                                   zeros_scaled=None if self.zeros_scaled is None else self.zeros_scaled.to(device))
 
     def nbytes(self) -> int:
         return sum(p.numel() * 4 for p in self.planes) + self.scales.numel() * self.scales.element_size() + (
@@ -72,7 +73,12 @@ def check_repackable(bits: int, k: int, n: int, g_idx: torch.Tensor, group_size:
     gs = k if group_size == -1 else group_size
     if k % gs or gs % 32:
         return f"group size {group_size} (kernels need groups of a multiple of 32 dividing in_features {k})"
-    if not torch.equal(g_idx.long().cpu(), torch.arange(k) // gs):
+    return g_idx_reason(g_idx, k, gs)
+
+
+def g_idx_reason(g_idx: torch.Tensor | None, k: int, gs: int) -> str | None:
+    """None if the groups are contiguous along k (what every kernel layout assumes), else why not."""
+    if g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(k) // gs):
         return "g_idx is not k // group_size (act-order with reordering; re-quantize with weightsmith to get contiguous groups)"
     return None
 
@@ -90,12 +96,13 @@ def repack_codes(q: torch.Tensor, bits: int) -> list[torch.Tensor]:
         word = torch.zeros(k // p, n, dtype=torch.int64)
         for j, slot in enumerate(perm(width)):
             word |= vals[:, j, :] << (width * slot)
-        planes.append(_to_int32(word))
+        planes.append(to_int32(word))
         shift += width
     return planes
 
 
-def _to_int32(x: torch.Tensor) -> torch.Tensor:
+def to_int32(x: torch.Tensor) -> torch.Tensor:
+    """Low 32 bits of int64 words, as int32 (two's complement)."""
     x = x & 0xFFFFFFFF
     return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
 
@@ -118,20 +125,27 @@ def unpack(kw: KernelWeight) -> torch.Tensor:
 def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
            sym: bool, dtype: torch.dtype) -> KernelWeight:
     """From QuantLinear's buffers (GPTQ orientation, true zeros) to the kernel layout."""
-    from weightsmith.quant.formats.packing import unpack_dense
-
     k, n = g_idx.shape[0], scales.shape[1]
     why = check_repackable(bits, k, n, g_idx, group_size)
     if why:
         raise ValueError(f"cannot repack for the kernels: {why}")
+    q, s, zs, gs = decode_gptq(qweight, qzeros, scales, bits, group_size, sym, dtype, k)
+    return KernelWeight(repack_codes(q, bits), s, zs, bits, gs, k, n)
+
+
+def decode_gptq(qweight, qzeros, scales, bits: int, group_size: int, sym: bool, dtype: torch.dtype, k: int):
+    """QuantLinear's buffers (GPTQ orientation, true zeros) -> (codes int [N, K], scales [G, N] in
+    dtype, zeros·scales [G, N] or None when every zero is the symmetric 2^(b-1), group size in k):
+    what every kernel layout is repacked from."""
+    from weightsmith.quant.formats.packing import unpack_dense
+
+    n = scales.shape[1]
     q = unpack_dense(qweight.T.contiguous().cpu(), bits, k)  # [N, K]
     z = unpack_dense(qzeros.cpu(), bits, n)  # [G, N]
-    s = scales.cpu().to(dtype)
-    gs = k if group_size == -1 else group_size
     zs = None
     if not (sym and bool((z == (1 << (bits - 1))).all())):
         zs = (z.float() * scales.cpu().float()).to(dtype)
-    return KernelWeight(repack_codes(q, bits), s, zs, bits, gs, k, n)
+    return q, scales.cpu().to(dtype).contiguous(), zs, k if group_size == -1 else group_size
 
 
 def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -31,37 +31,20 @@ arithmetic, so the CPU tests check the index maths the CUDA code runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-PLANES = {2: (2,), 3: (2, 1), 4: (4,)}  # bits -> plane widths, low bits first
+from weightsmith.kernels import layout
+from weightsmith.kernels.layout import KernelWeight, decode_gptq, g_idx_reason, to_int32
+
+PLANES = {b: w for b, w in layout.PLANES.items() if b <= 4}  # bits -> plane widths (low bits first): 2/3/4
 KB = 64  # k per pipeline stage
 NT = 16  # columns per warp tile
 NB = 128  # columns per thread block (8 warps)
 MAGIC = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
 
 
-@dataclass
-class MarlinWeight:
-    planes: list[torch.Tensor]  # int32 [K/64, N/16 * 32 * w] per plane width
-    scales: torch.Tensor  # [G, N] activation dtype
-    zeros_scaled: torch.Tensor | None  # [G, N] z*s, or None for the symmetric zero 2^(b-1)
-    bits: int
-    group_size: int  # = K for per-channel
-    k: int
-    n: int
-
-    @property
-    def sym(self) -> bool:
-        return self.zeros_scaled is None
-
-    def to(self, device) -> "MarlinWeight":
-        return MarlinWeight([p.to(device) for p in self.planes], self.scales.to(device),
-                            None if self.zeros_scaled is None else self.zeros_scaled.to(device), self.bits, self.group_size, self.k, self.n)
-
-    def nbytes(self) -> int:
-        return sum(p.numel() * 4 for p in self.planes) + self.scales.numel() * self.scales.element_size() * (1 if self.sym else 2)
+class MarlinWeight(KernelWeight):
+    """KernelWeight whose planes are in the fragment layout: int32 [K/64, N/16 * 32 * w] per plane width."""
 
 
 def check(bits: int, k: int, n: int, group_size: int, g_idx: torch.Tensor | None = None) -> str | None:
@@ -73,9 +56,7 @@ def check(bits: int, k: int, n: int, group_size: int, g_idx: torch.Tensor | None
     gs = k if group_size == -1 else group_size
     if gs < 32 or gs % 16 or k % gs:
         return f"group size {group_size} (the CUDA kernel needs groups of >= 32, a multiple of 16, dividing in_features {k})"
-    if g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(k) // gs):
-        return "g_idx is not k // group_size (act-order with reordering; re-quantize with weightsmith to get contiguous groups)"
-    return None
+    return g_idx_reason(g_idx, k, gs)
 
 
 def field_coords(width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,33 +86,21 @@ def repack_codes(q: torch.Tensor, bits: int) -> list[torch.Tensor]:
         kk, nn = field_coords(width)
         fields = tiles[:, :, kk, nn]  # [kb, nt, 32, w, F]
         words = (fields << (width * torch.arange(32 // width))).sum(-1)  # disjoint bit fields
-        planes.append(_to_int32(words).reshape(k // KB, -1).contiguous())
+        planes.append(to_int32(words).reshape(k // KB, -1).contiguous())
         shift += width
     return planes
-
-
-def _to_int32(x: torch.Tensor) -> torch.Tensor:
-    x = x & 0xFFFFFFFF
-    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
 
 
 def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
            sym: bool, dtype: torch.dtype) -> MarlinWeight:
     """From QuantLinear's buffers (GPTQ orientation: qweight [K·b/32, N], qzeros [G, N·b/32], true
     zeros) to the fragment layout. Pure: same inputs, same bytes."""
-    from weightsmith.quant.formats.packing import unpack_dense
-
     k, n = g_idx.shape[0], scales.shape[1]
     why = check(bits, k, n, group_size, g_idx)
     if why:
         raise ValueError(f"cannot repack for the CUDA kernel: {why}")
-    q = unpack_dense(qweight.T.contiguous().cpu(), bits, k)  # [N, K]
-    z = unpack_dense(qzeros.cpu(), bits, n)  # [G, N]
-    gs = k if group_size == -1 else group_size
-    zs = None
-    if not (sym and bool((z == (1 << (bits - 1))).all())):
-        zs = (z.float() * scales.cpu().float()).to(dtype)
-    return MarlinWeight(repack_codes(q, bits), scales.cpu().to(dtype).contiguous(), zs, bits, gs, k, n)
+    q, s, zs, gs = decode_gptq(qweight, qzeros, scales, bits, group_size, sym, dtype, k)
+    return MarlinWeight(repack_codes(q, bits), s, zs, bits, gs, k, n)
 
 
 # ---------------------------------------------------------------------------------------------

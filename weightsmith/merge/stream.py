@@ -11,12 +11,12 @@ the output does not depend on the part size or the number of workers.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 
 import torch
 
+from weightsmith.checkpoint.reader import pread_exact
 from weightsmith.errors import CheckpointError
 from weightsmith.util import FP8_DTYPES, element_size
 
@@ -82,12 +82,7 @@ def read_part(ck, name: str, start: int, stop: int, key: str) -> torch.Tensor:
     fd, offset, count = span
     if stop > count:
         raise CheckpointError(f"{ck.root}: bytes {start}..{stop} are outside tensor {name!r} ({count} bytes)")
-    view, pos = memoryview(buf.numpy()), offset + start
-    while view:
-        n = os.preadv(fd, [view], pos)
-        if n <= 0:
-            raise CheckpointError(f"{ck.root}: file ended while reading tensor {name!r}; it was truncated after opening")
-        view, pos = view[n:], pos + n
+    pread_exact(fd, buf, offset + start, ck.root, name)
     return buf
 
 

@@ -150,9 +150,8 @@ def _latent_rank(b: Budget, d_r: int) -> int:
     return b.rank if b.rank is not None else b.total - d_r
 
 
-def _folds(cfg: MlaConfig, d: int, d_r: int) -> list[int | None]:
-    if cfg.target == "exact" or cfg.method == "mha2mla":
-        return [None]
+def _folds(cfg: MlaConfig, d: int, d_r: int) -> list[int]:
+    """FreqFold candidates for transmla on the engine target (the only setup that folds)."""
     collapse = d // d_r
     if cfg.freqfold is not None:
         if cfg.freqfold % collapse or cfg.freqfold > d // 2:
@@ -184,19 +183,20 @@ def rope_setups(cfg: MlaConfig, view, sources: list[SourceAttention], stats: lis
     whole model, so the frequencies kept are decided here for all layers at once."""
     n_h, n_kv, d = view.heads, view.kv_heads, view.head_dim
     inv = sources[0].inv_freq
-    if cfg.target == "engine" and cfg.method == "mha2mla":  # 2norm: each target frequency in its best KV head
-        score = sum(comp.two_norm_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d) for s, (C, _) in zip(sources, stats))
-        return {None: (comp.engine_head_selection_blocks(n_kv, d, d_r, score, inv), "identity")}
+
+    def two_norm():  # summed over layers: the kept frequencies must be the same in every layer
+        return sum(comp.two_norm_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d) for s, (C, _) in zip(sources, stats))
+
     if cfg.target == "engine":
+        if cfg.method == "mha2mla":  # 2norm: each target frequency in its best KV head
+            return {None: (comp.engine_head_selection_blocks(n_kv, d, d_r, two_norm(), inv), "identity")}
         return {f: (comp.freqfold_blocks(n_kv, d, d_r, f, inv), "pca") for f in _folds(cfg, d, d_r)}
     if cfg.method == "transmla":
         base = comp.single_frequency_blocks(n_kv, d)
         scores = [comp.block_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d, blocks=base) for s, (C, _) in zip(sources, stats)]
         counts = comp.allocate_pairs(scores, d_r // 2)
         return {None: (comp.single_frequency_blocks(n_kv, d, counts), "pca")}
-    score = None
-    if cfg.partial_rope == "2norm":  # summed over layers: the kept frequencies must be the same in every layer
-        score = sum(comp.two_norm_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d) for s, (C, _) in zip(sources, stats))
+    score = two_norm() if cfg.partial_rope == "2norm" else None
     kept = comp.partial_rope_frequencies(cfg.partial_rope, n_kv, d, d_r // (2 * n_kv), score)
     return {None: (comp.head_selection_blocks(n_kv, d, kept), "identity")}
 
