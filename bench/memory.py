@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +44,8 @@ def write_random_checkpoint(dst: Path, layers: int, **shape) -> Path:
         for n in view.layer_norms(i).values():
             shapes[n + ".weight"] = (h,)
     gen = torch.Generator().manual_seed(0)
-    with CheckpointWriter(dst, force=True) as w:
+    shutil.rmtree(dst, ignore_errors=True)  # our own scratch model of another depth (the writer replaces only manifest-carrying outputs)
+    with CheckpointWriter(dst) as w:
         w.plan([TensorSpec(n, s, torch.bfloat16) for n, s in shapes.items()])
         for n, s in shapes.items():
             t = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * (1 / s[-1] ** 0.5)

@@ -117,7 +117,7 @@ def test_output_already_exists(tiny_model, cli, tmp_path):
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
     r = cli("import", tiny_model("llama"), dst)
-    assert r.code == 1 and "already exists" in r.err and "--force" in r.err
+    assert r.code == 1 and "exists and is not a weightsmith output" in r.err and "--force" in r.err
     assert (dst / "keep.txt").read_text() == "mine" and leftovers(tmp_path, "out") == []
 
 
@@ -168,3 +168,192 @@ def test_eval_text_takes_the_embedded_hamlet_by_name(tiny_model, cli, hamlet):
     assert read_text("demo:hamlet") == Path(hamlet).read_text(encoding="utf-8")
     r = cli("eval", tiny_model("llama"), "--text", "demo:nope", "--windows", "1")
     assert r.code != 0 and "unknown embedded text; available: demo:hamlet" in r.err
+
+
+# ---- validation: every case is one line, exit 1 (bad input) or 2 (bad usage), nothing written,
+# inputs byte-identical ------------------------------------------------------------------------------
+from badcase import error_line, no_complete_output, tree_digest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama_src(tiny_model, tmp_path_factory):
+    src = tmp_path_factory.mktemp("bad") / "src"
+    shutil.copytree(tiny_model("llama"), src)
+    return src
+
+
+@pytest.fixture(scope="module")
+def gptq_out(llama_src, tmp_path_factory):
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("bad") / "w4"
+    r = run_cli("quant", llama_src, out, "--method", "rtn", "--group-size", "32")
+    assert r.code == 0, r
+    return out
+
+
+def _edited_copy(src, dst, **config):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(config)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _refused(cli, args, code, *patterns, inputs=(), dst=None):
+    before = tree_digest(*inputs)
+    line = error_line(cli(*args), code, *patterns)
+    if dst is not None:
+        no_complete_output(dst)
+        assert not Path(dst).exists()
+    assert tree_digest(*inputs) == before
+    return line
+
+
+@pytest.mark.parametrize("command", ["import", "quant", "prune", "eval"])
+def test_tensor_shapes_are_checked_against_the_config(llama_src, cli, tmp_path, command, hamlet):
+    bad = _edited_copy(llama_src, tmp_path / "bad", intermediate_size=80)  # weights are 96 wide
+    dst = tmp_path / "out"
+    args = {
+        "import": ("import", bad, dst),
+        "quant": ("quant", bad, dst, "--method", "rtn", "--group-size", "32"),
+        "prune": ("prune", bad, dst, "--ffn", "64", "--importance", "magnitude"),
+        "eval": ("eval", bad, "--text", hamlet, "--windows", "1", "--length", "16"),
+    }[command]
+    _refused(cli, args, 1, r"tensor 'model\.layers\.0\.mlp\.(down|gate|up)_proj\.weight' \(model.safetensors\) has shape \[\d+, \d+\], but config.json implies",
+             "do not belong together", inputs=[bad], dst=dst)
+
+
+def test_zero_attention_heads(llama_src, cli, tmp_path):
+    bad = _edited_copy(llama_src, tmp_path / "bad", num_attention_heads=0)
+    _refused(cli, ("import", bad, tmp_path / "out"), 1, "num_attention_heads", "positive integer", inputs=[bad], dst=tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (("minitron", "--top-k", "0", "--distill-tokens", "64"), r"--top-k 0: must be >= 1"),
+        (("minitron", "--max-width-pruning", "1.5"), r"--max-width-pruning 1.5: must be >= 0 and < 1"),
+        (("prune", "--ffn", "0"), r"--ffn 0: must be >= 1"),
+        (("prune", "--hidden", "0"), r"--hidden 0: must be >= 1"),
+        (("prune",), r"prune needs a target: give --params, --hidden, --ffn"),
+        (("import", "--max-shard-size", "abc"), r"--max-shard-size: cannot parse size 'abc'; write e.g. 5GB"),
+        (("import", "--max-shard-size", "0"), r"--max-shard-size 0: must be a positive size"),
+        (("import", "--device", "banana"), r"--device banana: not a device; use cpu, cuda or cuda:N"),
+        (("quant", "--method", "rtn", "--device", "banana"), r"--device banana: not a device"),
+        (("quant", "--method", "rtn", "--group-size", "32", "--override", "nothing_is_called_this:skip"), r"--override 'nothing_is_called_this:skip': matches no linear module"),
+    ],
+    ids=["minitron-top-k-0", "minitron-width-1.5", "prune-ffn-0", "prune-hidden-0", "prune-no-target", "shard-abc", "shard-0", "device-banana", "rtn-device-banana", "override-no-match"],
+)
+def test_bad_options_exit_2(llama_src, cli, tmp_path, args, pattern):
+    dst = tmp_path / "out"
+    _refused(cli, (args[0], llama_src, dst, *args[1:]), 2, pattern, inputs=[llama_src], dst=dst)
+
+
+def test_cuda_without_cuda(llama_src, cli, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    _refused(cli, ("import", llama_src, tmp_path / "out", "--device", "cuda"), 2, r"--device cuda: CUDA is not available here.*use --device cpu",
+             inputs=[llama_src], dst=tmp_path / "out")
+    _refused(cli, ("eval", llama_src, "--text", "demo:hamlet", "--device", "cuda"), 2, r"--device cuda: CUDA is not available")
+
+
+@pytest.mark.parametrize("command", ["quant", "prune", "import"])
+def test_quantized_input_says_already_quantized(gptq_out, cli, tmp_path, command):
+    args = {"quant": ("quant", "--method", "rtn"), "prune": ("prune", "--ffn", "64"), "import": ("import",)}[command]
+    _refused(cli, (args[0], gptq_out, tmp_path / "out", *args[1:]), 2, r"w4: already quantized \(gptq", "needs the unquantized model",
+             inputs=[gptq_out], dst=tmp_path / "out")
+
+
+def test_inf_input_is_named_not_a_later_tensor(llama_src, cli, tmp_path):
+    from safetensors.torch import load_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_src, bad)
+    t = load_file(bad / "model.safetensors")
+    t["model.layers.0.mlp.down_proj.weight"][3, 5] = float("inf")
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    for args in (("mla", bad, tmp_path / "out", "--calib", "demo:hamlet", "--calib-samples", "2", "--calib-length", "32"),
+                 ("quant", bad, tmp_path / "out", "--method", "rtn", "--group-size", "32")):
+        _refused(cli, args, 1, r"input tensor model\.layers\.0\.mlp\.down_proj\.weight: contains NaN or Inf", "damaged",
+                 inputs=[bad], dst=tmp_path / "out")
+
+
+def test_malformed_gguf_with_huge_counts(cli, tmp_path):
+    import struct
+
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**40, 2**40) + b"\0" * 64)
+    _refused(cli, ("import", g, tmp_path / "out"), 1, r"m\.gguf: GGUF header claims 1099511627776 tensors", "damaged or truncated",
+             inputs=[g], dst=tmp_path / "out")
+    g.write_bytes(b"nope" * 10)
+    _refused(cli, ("import", g, tmp_path / "out"), 1, r"m\.gguf: not a GGUF file", inputs=[g], dst=tmp_path / "out")
+
+
+# ---- cases that already held (kept so they keep holding) ----------------------------------------
+def test_missing_source(cli, tmp_path):
+    _refused(cli, ("import", tmp_path / "nope", tmp_path / "out"), 1, "nope: no such directory or file", dst=tmp_path / "out")
+
+
+def test_source_is_a_plain_file(cli, tmp_path):
+    f = tmp_path / "weights.txt"
+    f.write_text("x")
+    _refused(cli, ("import", f, tmp_path / "out"), 1, "is a file; give a checkpoint directory, a .gguf file or a Hub id", inputs=[f], dst=tmp_path / "out")
+
+
+def test_uncached_hub_id(cli, tmp_path):
+    _refused(cli, ("import", "nobody-here/no-such-model", tmp_path / "out"), 1, "not in the local Hugging Face cache", "--allow-download", dst=tmp_path / "out")
+
+
+def test_no_config_json(llama_src, cli, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_src, bad)
+    (bad / "config.json").unlink()
+    _refused(cli, ("import", bad, tmp_path / "out"), 1, "no config.json", inputs=[bad], dst=tmp_path / "out")
+
+
+def test_config_json_not_json(llama_src, cli, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_src, bad)
+    (bad / "config.json").write_text("{nope")
+    _refused(cli, ("import", bad, tmp_path / "out"), 1, r"config.json: not valid JSON", inputs=[bad], dst=tmp_path / "out")
+
+
+def test_pickle_only_checkpoint_refused(llama_src, cli, tmp_path):
+    from safetensors.torch import load_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_src, bad)
+    torch.save(load_file(bad / "model.safetensors"), bad / "pytorch_model.bin")
+    (bad / "model.safetensors").unlink()
+    _refused(cli, ("import", bad, tmp_path / "out"), 1, "pickled .bin weights", "--allow-pickle", inputs=[bad], dst=tmp_path / "out")
+
+
+def test_no_weights(llama_src, cli, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_src, bad)
+    (bad / "model.safetensors").unlink()
+    _refused(cli, ("import", bad, tmp_path / "out"), 1, "no weights found", inputs=[bad], dst=tmp_path / "out")
+
+
+def test_unknown_choice_and_unknown_recipe_option(llama_src, cli, tmp_path):
+    assert cli("quant", llama_src, tmp_path / "out", "--method", "rtnx").code == 2
+    rec = tmp_path / "r.yaml"
+    rec.write_text("bitz: 4\n")
+    _refused(cli, ("quant", llama_src, tmp_path / "out", "--recipe", rec), 2, "recipe option 'bitz' is not an option of this pass", inputs=[llama_src, rec], dst=tmp_path / "out")
+
+
+def test_dry_run_writes_nothing(llama_src, cli, tmp_path):
+    before = tree_digest(llama_src)
+    assert cli("quant", llama_src, tmp_path / "out", "--method", "rtn", "--group-size", "32", "--dry-run").code == 0
+    assert not (tmp_path / "out").exists() and tree_digest(llama_src) == before
+
+
+def test_verify_finds_a_changed_output_file(llama_src, cli, tmp_path):
+    out = tmp_path / "out"
+    assert cli("import", llama_src, out).code == 0
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (out / "model.safetensors").write_bytes(bytes(data))
+    r = cli("verify", out)
+    assert r.code == 1 and "model.safetensors: sha256" in r.err and "verification failed" in r.err

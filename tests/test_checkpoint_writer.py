@@ -99,6 +99,9 @@ def test_refuses_existing_output_and_replaces_with_force(tmp_path):
     with pytest.raises(WeightsmithError, match="already exists.*--force"):
         CheckpointWriter(dst)
     t2 = {"x": torch.ones(3)}
+    with pytest.raises(WeightsmithError, match="not a weightsmith output"):
+        _write(dst, t2, force=True)  # no manifest.json: not ours to replace
+    (dst / "manifest.json").write_text('{"tool": {"name": "weightsmith"}}')
     _write(dst, t2, force=True)
     assert Checkpoint(dst).names == ["x"] and leftovers(tmp_path, "o") == []
 

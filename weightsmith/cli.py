@@ -133,9 +133,11 @@ def _windows_for(path: str, text_path: str, length: int, windows: int | None):
     from transformers import AutoTokenizer
 
     from weightsmith.checkpoint.resolve import open_checkpoint
+    from weightsmith.engine.shapes import check_shapes
     from weightsmith.eval.text import read_text, token_windows
 
     ck = open_checkpoint(path)
+    check_shapes(ck)  # a config/weights mismatch is one line here, not a transformers traceback
     tok = AutoTokenizer.from_pretrained(ck.root)
     return ck, token_windows(tok, read_text(text_path), length, windows, source=text_path)
 
@@ -151,8 +153,10 @@ def eval_cmd(ctx, path, text_path, length, windows, batch_size, dtype, device, a
     from weightsmith.eval.accounting import disk_bytes, kv_cache, param_count
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.inspect_ckpt import best_config
+    from weightsmith.runner import check_device
     from weightsmith.util import dtype_from_name
 
+    check_device(device)
     ck, wins = _windows_for(path, text_path, length, windows)
     if layerwise:
         from weightsmith.eval.layerwise import layerwise_perplexity
@@ -189,7 +193,9 @@ def diff(ctx, a, b, text_path, length, windows, batch_size, dtype, device, as_js
     from weightsmith.checkpoint.resolve import open_checkpoint
     from weightsmith.errors import UsageError
     from weightsmith.eval.perplexity import divergence
+    from weightsmith.runner import check_device
 
+    check_device(device)
     ck_a, wins = _windows_for(a, text_path, length, windows)
     ck_b = open_checkpoint(b)
     tok_a = AutoTokenizer.from_pretrained(ck_a.root)
@@ -309,12 +315,17 @@ def _pass_command(spec) -> click.Command:
             from weightsmith.errors import UsageError
 
             raise UsageError("give at least two --parent checkpoints")
+        from weightsmith.errors import UsageError
         from weightsmith.runner import EvalOptions
 
+        try:
+            max_shard_size = parse_size(kw["max_shard_size"])
+        except ValueError as e:
+            raise UsageError(f"--max-shard-size: {e}") from None
         result = run_pass(
             spec, config, sources, kw.get("dst"),
             force=kw["force"], replace_stale=kw["update"], dry_run=kw["dry_run"], allow_pickle=kw["allow_pickle"], allow_download=kw["allow_download"],
-            max_shard_size=parse_size(kw["max_shard_size"]), device=kw["device"], report=_reporter(ctx),
+            max_shard_size=max_shard_size, device=kw["device"], report=_reporter(ctx),
             evaluate=EvalOptions(kw["eval_text"], kw["eval_windows"], kw["eval_length"]),
         )
         if kw["as_json"]:
@@ -391,7 +402,56 @@ def passes_cmd() -> None:
         click.echo(f"(unavailable) {why}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP (timeout, SLURM, Kubernetes, a closed terminal), handled like Ctrl-C: the
+    exception unwinds through the writer, which removes its temporary directory."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_HANDLED_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _on_signal(signum, frame):
+    import signal
+
+    for name in _HANDLED_SIGNALS:  # a second signal must not interrupt the clean-up
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {getattr(signal, n): signal.signal(getattr(signal, n), _on_signal) for n in _HANDLED_SIGNALS if hasattr(signal, n)}
+
+
+def _interrupted(e: BaseException) -> int:
+    import signal
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    what = "Interrupted" if signum == signal.SIGINT else f"Terminated by {signal.Signals(signum).name}"
+    click.echo(f"{what}; no output was left behind.", err=True)
+    return 128 + int(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    previous = _install_signal_handlers()
+    try:
+        return _main(argv)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _main(argv: list[str] | None = None) -> int:
     _add_pass_commands()
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:]) or any(a.startswith("-vv") for a in (argv or sys.argv[1:]))
     try:
@@ -399,9 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:  # click's form of Ctrl-C
-        click.echo("Interrupted; no output was left behind.", err=True)
-        return 130
+    except click.exceptions.Abort as e:  # click's form of Ctrl-C
+        return _interrupted(e.__cause__ or e.__context__ or e)
     except click.ClickException as e:
         e.show()
         return e.exit_code
@@ -410,9 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         click.echo(f"Error: {e}", err=True)
         return e.exit_code
-    except KeyboardInterrupt:
-        click.echo("Interrupted; no output was left behind.", err=True)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     except Exception as e:  # an internal error: still one line unless -v
         if verbose:
             traceback.print_exc()

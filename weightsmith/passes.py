@@ -124,6 +124,22 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
             v = tuple(v)
         coerced[k] = v
     try:
-        return cls(**coerced)
+        config = cls(**coerced)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
+    check_bounds(config)
+    return config
+
+
+def check_bounds(config: Any) -> None:
+    """Numeric options carry their valid range as field metadata (`min`, `max`: inclusive;
+    `below`: exclusive upper bound); a value outside it is refused naming the option."""
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        lo, hi, below = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("below")
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if (lo is not None and v < lo) or (hi is not None and v > hi) or (below is not None and v >= below):
+            rng = " and ".join(x for x in (
+                f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "", f"< {below}" if below is not None else "") if x)
+            raise UsageError(f"--{f.name.replace('_', '-')} {v}: must be {rng}")

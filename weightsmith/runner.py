@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightsmith.checkpoint import destination as dest
 from weightsmith.checkpoint import manifest as mf
 from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.checkpoint.resolve import open_checkpoint
@@ -103,14 +104,60 @@ class RunResult:
         return out
 
 
-def input_record(ck: Checkpoint) -> dict[str, Any]:
+def input_record(ck: Checkpoint, dst: Path | None = None) -> dict[str, Any]:
+    """What went in: file hashes, and where from as a path relative to the output or a Hub id
+    (never an absolute path of the machine that made it)."""
     o = ck.origin
     if o.kind == "gguf":
         p = Path(o.path)
-        return {"gguf_file": p.name, "path": str(p), "files": {p.name: mf.sha256_file(p)}}
-    rec: dict[str, Any] = {"path": o.path} if o.kind == "path" else {"repo_id": o.repo_id, "revision": o.revision}
+        return {"gguf_file": p.name, "path": mf.portable_path(p, dst), "files": {p.name: mf.sha256_file(p)}}
+    rec: dict[str, Any] = {"path": mf.portable_path(o.path, dst)} if o.kind == "path" else {"repo_id": o.repo_id, "revision": o.revision}
     rec["files"] = mf.hash_dir_files(ck.root, mf.input_files(ck.root))
     return rec
+
+
+def check_run_options(*, device: str, max_shard_size: int) -> None:
+    """Options every pass shares, refused with exit 2 before any input is read."""
+    from weightsmith.errors import UsageError
+
+    if max_shard_size <= 0:
+        raise UsageError(f"--max-shard-size {max_shard_size}: must be a positive size, e.g. 5GB or 500MB")
+    check_device(device)
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    from weightsmith.errors import UsageError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, no usable GPU); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device}: weightsmith computes on cpu or cuda; use --device cpu or --device cuda")
+
+
+def check_input(spec: PassSpec, ck: Checkpoint) -> None:
+    """The checks every pass shares: no (non-fp8) quantized input, and every
+    tensor's shape as config.json implies (one place, so no pass writes a checkpoint that
+    `from_pretrained` refuses)."""
+    from weightsmith.engine.shapes import check_shapes
+    from weightsmith.errors import UsageError
+
+    qc = ck.config_dict.get("quantization_config") or {}
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method and method != "fp8":  # fp8 block-scaled weights are first-class; packed low-bit ones are a pass's end
+        raise UsageError(
+            f"{ck.root}: already quantized ({method}, see quantization_config in config.json); "
+            f"{spec.name} needs the unquantized model: run it on the checkpoint you quantized from"
+        )
+    check_shapes(ck)
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
@@ -138,7 +185,10 @@ def run_pass(
     evaluate: EvalOptions | None = None,
 ) -> RunResult:
     spec = get_pass(spec) if isinstance(spec, str) else spec
+    check_run_options(device=device, max_shard_size=max_shard_size)
     cks = [s if isinstance(s, Checkpoint) else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download) for s in sources]
+    for ck in cks:  # before anything is planned or written
+        check_input(spec, ck)
     params = config_to_params(config)
     if max_shard_size != DEFAULT_MAX_SHARD:
         params["max_shard_size"] = max_shard_size
@@ -150,45 +200,72 @@ def run_pass(
         return RunResult("dry-run", Path(dst) if dst else None, plan=plan, notes=ctx.notes)
     if dst is None:
         raise WeightsmithError("an output directory is required (or use --dry-run)")
-    dst = Path(dst)
+    dst = dest.resolve_output(dst)  # once, up front (DST/../DST, symlinks)
+    dest.refuse_overlap(dst, cks)
     with report.status("hashing inputs"):
-        inputs = [input_record(ck) for ck in cks]
-    if not force and dst.exists():
-        if mf.is_fresh(dst, pass_name=spec.name, parameters=params, inputs=inputs):
-            report.log(f"{dst}: up to date (same inputs, parameters and weightsmith version); nothing to do")
-            return RunResult("up-to-date", dst, manifest=mf.read(dst))
-        if replace_stale and (dst / mf.MANIFEST).is_file():
-            force = True  # an earlier result of this same step (pipelines own their step outputs)
-        else:
-            raise WeightsmithError(f"{dst}: output already exists (from other inputs or parameters); pass --force to replace it")
+        inputs = [input_record(ck, dst) for ck in cks]
+    if not force and mf.is_fresh(dst, pass_name=spec.name, parameters=params, inputs=inputs):
+        return _up_to_date(dst, report)  # no lock needed to find nothing to do (works on read-only media too)
+    with dest.output_lock(dst, report):  # one writer per output; a second identical run waits, then finds it fresh
+        return _locked_run(spec, config, ctx, params, inputs, dst, force=force, replace_stale=replace_stale,
+                           max_shard_size=max_shard_size, report=report, evaluate=evaluate)
+
+
+def _locked_run(spec, config, ctx, params, inputs, dst: Path, *, force, replace_stale, max_shard_size, report, evaluate) -> RunResult:
+    if dst.exists():
+        state, why = mf.freshness(dst, pass_name=spec.name, parameters=params, inputs=inputs)
+        if not force:
+            if state == "fresh":
+                return _up_to_date(dst, report)
+            if replace_stale and state in ("stale", "damaged"):
+                force = True  # an earlier result of this same step (pipelines own their step outputs)
+            elif state == "damaged":
+                raise WeightsmithError(f"{dst}: the output is damaged ({why}); pass --force to rebuild it")
+            elif state == "stale":
+                raise WeightsmithError(f"{dst}: output already exists (from other inputs or parameters); pass --force to replace it")
+        dest.refuse_foreign(dst)
     plan = spec.plan(config, ctx)
-    with CheckpointWriter(dst, force=force, max_shard_size=max_shard_size) as writer:
-        ctx.writer = writer
-        if plan.tensors is not None:
-            writer.plan(plan.tensors, layout=plan.layout)
-        if plan.config is not None:
-            writer.set_config(plan.config)
-        spec.run(config, ctx, plan)
-        if ctx.copy_aux:
-            writer.copy_aux_files(ctx.source.root, ctx.source.aux_files())
-        if evaluate is not None and evaluate.text is not None:
-            ctx.metrics["perplexity"] = evaluate_output(writer.tmp, evaluate, device=ctx.device, report=report)
-        seed = params.get("seed")
-
-        def build_manifest(tmp: Path) -> dict:
-            from weightsmith.checkpoint.card import render_card
-
-            core = mf.build_core(
-                pass_name=spec.name, reference_url=spec.reference_url, parameters=params, inputs=inputs,
-                input_manifests=[ck.manifest for ck in cks], calibration=ctx.calibration, metrics=ctx.metrics,
-                seed=seed, device=ctx.device,
-            )
-            (tmp / "README.md").write_text(render_card(spec, core, cks))
-            return mf.with_outputs(core, tmp, tensors=len(writer.planned), total_size=writer.total_size)
-
-        writer.finalize(build_manifest)
+    writer = None
+    try:
+        with CheckpointWriter(dst, force=force, max_shard_size=max_shard_size) as writer:
+            _write(spec, config, ctx, plan, params, inputs, writer, report=report, evaluate=evaluate)
+    except OSError as e:
+        raise dest.os_error(e, dst, writer.total_size if writer is not None else None) from None
     report.log(f"wrote {dst} ({len(writer.planned)} tensors, {human_bytes(writer.total_size)} in {len(writer.shards)} shard(s))")
     return RunResult("written", dst, plan=plan, manifest=mf.read(dst), notes=ctx.notes)
+
+
+def _up_to_date(dst: Path, report: Reporter) -> RunResult:
+    report.log(f"{dst}: up to date (same inputs, parameters and weightsmith version); nothing to do")
+    return RunResult("up-to-date", dst, manifest=mf.read(dst))
+
+
+def _write(spec, config, ctx, plan, params, inputs, writer, *, report, evaluate) -> None:
+    cks = ctx.sources
+    ctx.writer = writer
+    if plan.tensors is not None:
+        writer.plan(plan.tensors, layout=plan.layout)
+    if plan.config is not None:
+        writer.set_config(plan.config)
+    spec.run(config, ctx, plan)
+    if ctx.copy_aux:
+        writer.copy_aux_files(ctx.source.root, ctx.source.aux_files())
+    if evaluate is not None and evaluate.text is not None:
+        ctx.metrics["perplexity"] = evaluate_output(writer.tmp, evaluate, device=ctx.device, report=report)
+    seed = params.get("seed")
+
+    def build_manifest(tmp: Path) -> dict:
+        from weightsmith.checkpoint.card import render_card
+
+        core = mf.build_core(
+            pass_name=spec.name, reference_url=spec.reference_url, parameters=params, inputs=inputs,
+            input_manifests=[ck.manifest for ck in cks], calibration=ctx.calibration, metrics=ctx.metrics,
+            seed=seed, device=ctx.device,
+        )
+        (tmp / "README.md").write_text(render_card(spec, core, cks))
+        return mf.with_outputs(core, tmp, tensors=len(writer.planned), total_size=writer.total_size)
+
+    writer.finalize(build_manifest)
 
 
 def evaluate_output(path: Path, opts: EvalOptions, *, device: str = "cpu", report: Reporter = QUIET) -> dict[str, Any]:

@@ -22,7 +22,7 @@ IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 @pytest.mark.parametrize("fam", ["llama", "qwen2", "qwen3"])
 def test_no_reduction_reproduces_logits(fam, tiny_model, cli, tmp_path, hamlet):
     src = tiny_model(fam)
-    r = cli("prune", src, tmp_path / "o", "--calib", hamlet, *CAL)
+    r = cli("prune", src, tmp_path / "o", "--ffn", "96", "--calib", hamlet, *CAL)  # the source's own width: no reduction
     assert r.code == 0, r
     torch.testing.assert_close(_logits(tmp_path / "o", IDS), _logits(src, IDS), rtol=0, atol=1e-5)
 
@@ -90,7 +90,7 @@ def test_depth_pruning_drops_the_least_influential_layer(tiny_model, cli, tmp_pa
 
 def test_tied_embeddings_are_sliced_once_and_stay_tied(tiny_model, cli, tmp_path, hamlet):
     src = tiny_model("llama", tie_word_embeddings=True)
-    r = cli("prune", src, tmp_path / "n", "--calib", hamlet, *CAL)
+    r = cli("prune", src, tmp_path / "n", "--ffn", "96", "--calib", hamlet, *CAL)  # no reduction
     assert r.code == 0, r
     torch.testing.assert_close(_logits(tmp_path / "n", IDS), _logits(src, IDS), rtol=0, atol=1e-5)
     out = tmp_path / "o"

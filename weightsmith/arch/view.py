@@ -316,6 +316,10 @@ def check_supported(family: Family, config: Any) -> str | None:
     for k in keys:
         if _cfg(config, k) is None:
             return f"config key {k!r} is missing or null, but the {family.name} family needs it"
+    for k in [*keys, family.sizes.kv_heads, family.sizes.head_dim]:
+        v = _cfg(config, k)
+        if v is not None and k not in family.required_keys and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            return f"config key {k!r} is {v!r}; it must be a positive integer"
     hd = _cfg(config, family.sizes.head_dim)
     heads, kv = _cfg(config, family.sizes.heads), _cfg(config, family.sizes.kv_heads) or _cfg(config, family.sizes.heads)
     if not hd and _cfg(config, family.sizes.hidden) % heads:

@@ -8,9 +8,11 @@ weights are kept in the dtype it produces (fp32), which represents them exactly.
 
 from __future__ import annotations
 
+import struct
 import tempfile
 from pathlib import Path
 
+from weightsmith.checkpoint import destination as dest
 from weightsmith.checkpoint import manifest as mf
 from weightsmith.checkpoint.writer import CheckpointWriter, TensorSpec
 from weightsmith.errors import CheckpointError, WeightsmithError
@@ -22,13 +24,42 @@ def gguf_cache_dir(path: Path, sha: str) -> Path:
     return mf.cache_dir() / "gguf" / f"{path.stem}-{sha[:16]}"
 
 
+def check_gguf_header(path: Path) -> None:
+    """The fixed GGUF header (magic, version, tensor and metadata counts) must fit the file: a
+    damaged or foreign file fails here with its own name, not deep inside transformers."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic at the start); give a .gguf model file")
+    version = struct.unpack("<I", head[4:8])[0]
+    n_tensors, n_kv = struct.unpack("<QQ", head[8:24])
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 and 3 are); re-export the model")
+    # every tensor entry takes at least 8+4+8+4+8 bytes, every metadata entry at least 8+4+1
+    if 24 + n_tensors * 32 + n_kv * 13 > size:
+        raise CheckpointError(
+            f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} metadata entries, more than a {size}-byte file can hold; "
+            "the file is damaged or truncated (download it again)"
+        )
+
+
 def gguf_to_safetensors(path: str | Path) -> Path:
     path = Path(path)
+    check_gguf_header(path)
     sha = mf.sha256_file(path)
     dst = gguf_cache_dir(path, sha)
     inputs = [{"gguf_file": path.name, "files": {path.name: sha}}]
     if mf.is_fresh(dst, pass_name=PASS_NAME, parameters={}, inputs=inputs):
         return dst
+    with dest.output_lock(dest.resolve_output(dst)):  # two runs importing one GGUF: the second waits, then reuses it
+        if mf.is_fresh(dst, pass_name=PASS_NAME, parameters={}, inputs=inputs):
+            return dst
+        _convert(path, dst, inputs)
+    return dst
+
+
+def _convert(path: Path, dst: Path, inputs: list[dict]) -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -58,4 +89,3 @@ def gguf_to_safetensors(path: str | Path) -> Path:
             w.copy_aux_files(td, sorted(p.name for p in Path(td).iterdir() if p.is_file()))
         core = mf.build_core(pass_name=PASS_NAME, reference_url="https://huggingface.co/docs/transformers/gguf", parameters={}, inputs=inputs, input_manifests=[])
         w.finalize(lambda tmp: mf.with_outputs(core, tmp, tensors=len(state), total_size=w.total_size))
-    return dst

@@ -21,6 +21,7 @@ from weightsmith.checkpoint.reader import MANIFEST
 
 SCHEMA_VERSION = 1
 _HASH_CHUNK = 8 << 20
+_RACY_NS = 3 * 10**9  # files changed more recently than this are always hashed (timestamp granularity)
 
 
 def cache_dir() -> Path:
@@ -51,10 +52,17 @@ def _save_hash_cache(cache: dict[str, str]) -> None:
 
 
 def sha256_file(path: str | os.PathLike, *, use_cache: bool = True) -> str:
-    """sha256 of a file; cached by (real path, size, mtime, inode) so re-runs of big inputs are cheap."""
+    """sha256 of a file; cached by (real path, device, inode, size, mtime, ctime) so re-runs of big
+    inputs are cheap. ctime cannot be set back by a user (any write or `touch -d` moves it), so an
+    in-place edit that keeps size, mtime and inode still misses the cache. A file changed within
+    the last few seconds is hashed and not cached (its timestamps may not have ticked yet)."""
+    import time
+
     path = Path(path)
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    key = f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_NS:
+        use_cache = False
     cache = _load_hash_cache() if use_cache else {}
     if key in cache:
         return cache[key]
@@ -171,7 +179,7 @@ def with_outputs(core: dict[str, Any], output_dir: Path, *, tensors: int, total_
     files = sorted(p.name for p in output_dir.iterdir() if p.is_file() and p.name != MANIFEST)
     digests = hash_dir_files(output_dir, files, use_cache=False)
     outputs = {n: {"sha256": digests[n], "bytes": (output_dir / n).stat().st_size} for n in files}
-    return {**core, "outputs": {"files": outputs, "tensors": tensors, "total_size": total_size}}
+    return seal({**core, "outputs": {"files": outputs, "tensors": tensors, "total_size": total_size}})
 
 
 def read(root: str | os.PathLike) -> dict | None:
@@ -191,6 +199,11 @@ def verify(root: str | os.PathLike) -> list[str]:
         return [f"{root / MANIFEST}: not valid JSON ({e})"]
     if m is None:
         return [f"{root}: no {MANIFEST}; not a weightsmith output (or an interrupted one)"]
+    if not isinstance(m, dict):
+        return [f"{root / MANIFEST}: not a JSON object"]
+    bad_self = self_check(m)
+    if bad_self:
+        problems.append(bad_self)
     listed = m.get("outputs", {}).get("files", {})
     present = {p.name for p in root.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
     for name in sorted(set(listed) - present):
@@ -209,28 +222,92 @@ def verify(root: str | os.PathLike) -> list[str]:
     return problems
 
 
-def is_fresh(dst: str | os.PathLike, *, pass_name: str, parameters: dict, inputs: list[dict]) -> bool:
-    """True when DST already holds this exact job's result (same tool version, pass, parameters, input hashes)."""
+def freshness(dst: str | os.PathLike, *, pass_name: str, parameters: dict, inputs: list[dict]) -> tuple[str, str]:
+    """(state, why) of an existing DST for this job:
+
+    - "fresh": this exact job's result (same tool version, pass, parameters, input hashes), its
+      manifest intact and every listed file present with its recorded size;
+    - "damaged": a weightsmith output whose manifest was edited or whose files are missing/resized;
+    - "stale": an intact weightsmith output of another job (other inputs, parameters or version);
+    - "foreign": not a weightsmith output (no readable manifest.json).
+    It trusts file sizes, not contents (`verify` re-hashes): a same-size edit of an output file is
+    found by `weightsmith verify`, not here."""
     dst = Path(dst)
     try:
         m = read(dst)
     except (OSError, ValueError):
-        return False
-    if not m:
-        return False
+        return "foreign", f"{MANIFEST} is not valid JSON"
+    if not isinstance(m, dict) or not m:
+        return "foreign", f"no {MANIFEST}"
+    bad_self = self_check(m)
+    if bad_self:
+        return "damaged", bad_self
+    for name, info in sorted(m.get("outputs", {}).get("files", {}).items()):  # cheap completeness check
+        p = dst / name
+        if not p.is_file():
+            return "damaged", f"{name} is missing"
+        if p.stat().st_size != info.get("bytes"):
+            return "damaged", f"{name} is {p.stat().st_size} bytes, the manifest says {info.get('bytes')}"
     from weightsmith import __version__
 
     if m.get("tool", {}).get("version") != __version__ or m.get("pass", {}).get("name") != pass_name:
-        return False
+        return "stale", "made by another pass or weightsmith version"
     if _canon(m.get("parameters")) != _canon(parameters):
-        return False
+        return "stale", "made with other parameters"
     if [i.get("files") for i in m.get("inputs", [])] != [i.get("files") for i in inputs]:
-        return False
-    for name, info in m.get("outputs", {}).get("files", {}).items():  # cheap completeness check
-        p = dst / name
-        if not p.is_file() or p.stat().st_size != info.get("bytes"):
-            return False
-    return True
+        return "stale", "made from other inputs"
+    return "fresh", ""
+
+
+def is_fresh(dst: str | os.PathLike, *, pass_name: str, parameters: dict, inputs: list[dict]) -> bool:
+    """True when DST already holds this exact job's result (see `freshness`)."""
+    return freshness(dst, pass_name=pass_name, parameters=parameters, inputs=inputs)[0] == "fresh"
+
+
+SELF_KEY = "manifest_sha256"
+
+
+def body_digest(m: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own checksum field."""
+    body = {k: v for k, v in m.items() if k != SELF_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def seal(m: dict) -> dict:
+    """The manifest with its body's checksum: an edit of `parameters`, `inputs` or anything else
+    in it is found by `verify` and makes the output not fresh."""
+    return {**m, SELF_KEY: body_digest(m)}
+
+
+def self_check(m: dict) -> str | None:
+    want = m.get(SELF_KEY)
+    if want is None:
+        return f"{MANIFEST} has no {SELF_KEY} (written by an older weightsmith, or edited)"
+    if want != body_digest(m):
+        return f"{MANIFEST} was edited after it was written (its body no longer matches {SELF_KEY})"
+    return None
+
+
+def portable_path(path: str | os.PathLike, dst: str | os.PathLike | None) -> str:
+    """An input's location as recorded in a manifest: relative to the output directory when both
+    share a folder below the file-system root outside the home directory (e.g. `../model`), else
+    just its name. Never an absolute path or a home directory."""
+    p = os.path.realpath(os.fspath(path))
+    name = os.path.basename(p.rstrip(os.sep)) or p
+    if dst is None:
+        return name
+    d = os.path.realpath(os.fspath(dst))
+    try:
+        common = os.path.commonpath([p, d])
+    except ValueError:
+        return name
+    home = os.path.realpath(os.path.expanduser("~"))
+    under_home = lambda q: q == home or q.startswith(home.rstrip(os.sep) + os.sep)  # noqa: E731
+    if common == os.sep or len(Path(common).parts) < 2:
+        return name
+    if (under_home(p) or under_home(d)) and not under_home(common) and home != os.sep:
+        return name  # the relative path would spell the home directory's name
+    return os.path.relpath(p, d)
 
 
 def _canon(obj: Any) -> str:

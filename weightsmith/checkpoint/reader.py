@@ -14,6 +14,7 @@ no tensor in two shards) and every header, so a damaged checkpoint fails before 
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -255,13 +256,17 @@ class Checkpoint:
         mt = self.config_dict.get("model_type")
         try:
             return AutoConfig.from_pretrained(self.root)
-        except (ValueError, KeyError) as e:
-            from weightsmith.arch import supported_model_types
+        except Exception as e:  # unknown model type, or transformers' own validation (a zero head count divides by zero)
+            from weightsmith.arch import supported_model_types, supports
 
-            raise UnsupportedError(
-                f"{self.root / 'config.json'}: model_type {mt!r} is not known to this transformers version "
-                f"({str(e).splitlines()[0][:120]}); weightsmith supports {', '.join(supported_model_types())}"
-            ) from None
+            if isinstance(e, (ValueError, KeyError)) and mt not in supported_model_types():
+                raise UnsupportedError(
+                    f"{self.root / 'config.json'}: model_type {mt!r} is not known to this transformers version "
+                    f"({str(e).splitlines()[0][:120]}); weightsmith supports {', '.join(supported_model_types())}"
+                ) from None
+            reason = supports(self.config_dict)
+            why = reason or f"transformers refuses it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+            raise CheckpointError(f"{self.root / 'config.json'}: {why}; fix config.json") from None
 
     @cached_property
     def manifest(self) -> dict | None:
@@ -328,13 +333,19 @@ class Checkpoint:
         except Exception:
             pass
 
-    def get(self, name: str, *, dtype: torch.dtype | None = None, dequantize: bool = False) -> torch.Tensor:
-        """One tensor. `dequantize=True` applies fp8 block scales (result fp32 unless `dtype`)."""
+    def get(self, name: str, *, dtype: torch.dtype | None = None, dequantize: bool = False, check_finite: bool = True) -> torch.Tensor:
+        """One tensor. `dequantize=True` applies fp8 block scales (result fp32 unless `dtype`).
+        A floating tensor holding NaN or Inf is refused, naming it (a pass would otherwise blame
+        whichever output it first spreads to); `check_finite=False` is for byte-exact copies."""
         info = self.info(name)
         if self._layout.pickle:
             t = self._pickle_file(info.file)[name].contiguous()
         else:
             t = self._pread(name)
+        if check_finite and t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) and t.numel():
+            lo, hi = torch.aminmax(t.reshape(-1))
+            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+                raise CheckpointError(f"{self.root / info.file}: input tensor {name}: contains NaN or Inf; the checkpoint is damaged (re-download or re-create it)")
         if dequantize and info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             s = self.scale_of(name)
             if s is None:
@@ -355,7 +366,7 @@ class Checkpoint:
 
     def read_raw(self, name: str) -> memoryview:
         """The tensor's bytes exactly as stored (for byte-exact copies)."""
-        t = self.get(name)
+        t = self.get(name, check_finite=False)
         return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
     def __repr__(self) -> str:

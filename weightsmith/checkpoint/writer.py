@@ -13,7 +13,9 @@ Because the full list of output tensors is known before any data is written, eac
 is written first and tensors are written straight to their final offsets with `os.pwrite`: no
 shard-sized buffer, no second copy, and several workers can write at once. Files live in a sibling
 `DST.tmp-<pid>` directory; the rename into place happens only after the manifest is written, so an
-interrupted run never leaves an output that looks complete. Tensor order is natural-sorted by
+interrupted run never leaves an output that looks complete (a `kill -9` leaves the temporary, which
+the next writer for that DST removes; see `destination`). DST is resolved once, and `force`
+replaces only an empty directory or a weightsmith output. Tensor order is natural-sorted by
 name (layers stay together), so equal inputs give byte-identical shards.
 """
 
@@ -31,6 +33,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from weightsmith.checkpoint import destination as dest
 from weightsmith.checkpoint.reader import MANIFEST, ST_INDEX, ST_SINGLE
 from weightsmith.checkpoint.st_format import build_header
 from weightsmith.errors import CheckpointError, WeightsmithError
@@ -103,19 +106,22 @@ def assign_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[Ten
 
 class CheckpointWriter:
     def __init__(self, dst: str | os.PathLike, *, force: bool = False, max_shard_size: int = DEFAULT_MAX_SHARD, metadata: dict[str, str] | None = None):
-        self.dst = Path(dst)
+        self.dst = dest.resolve_output(dst)  # once, up front: '..' and symlinks cannot move it later
         self.force = force
         self.max_shard_size = int(max_shard_size)
         self.metadata = {"format": "pt", **(metadata or {})}
         if self.dst.exists() and not force:
             raise WeightsmithError(f"{self.dst}: output already exists; choose another path or pass --force to replace it")
-        if self.dst.exists() and not self.dst.is_dir():
-            raise WeightsmithError(f"{self.dst}: exists and is not a directory; refusing to replace it")
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        dest.refuse_foreign(self.dst)  # --force replaces only weightsmith outputs (or an empty directory)
         self.tmp = self.dst.parent / f".{self.dst.name}.tmp-{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
+        try:
+            self.dst.parent.mkdir(parents=True, exist_ok=True)
+            dest.remove_stale(self.dst)
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise dest.os_error(e, self.dst) from None
         self._slots: dict[str, _Slot] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -182,6 +188,7 @@ class CheckpointWriter:
             for s, (b, _e) in zip(group, offsets):
                 self._slots[s.name] = _Slot(fname, len(header) + b, s)
             self.total_size += sum(s.nbytes for s in group)
+        dest.check_free_space(self.dst, self.total_size)  # shards are sparse until written: check before data
 
     @property
     def planned(self) -> list[TensorSpec]:
@@ -325,6 +332,7 @@ class CheckpointWriter:
         if self.dst.exists():
             if not self.force:
                 raise WeightsmithError(f"{self.dst}: appeared while writing; pass --force to replace it")
+            dest.refuse_foreign(self.dst)
             old = self.dst.parent / f".{self.dst.name}.old-{os.getpid()}"
             os.replace(self.dst, old)
         try:

@@ -29,11 +29,11 @@ from weightsmith.prune.structure import Keep, LayerKeep, TensorRoles, pruned_con
 
 @dataclass(frozen=True)
 class PruneConfig(CalibConfig):
-    hidden: int | None = field(default=None, metadata={"help": "hidden size to keep (embedding channels, every layer)"})
-    ffn: int | None = field(default=None, metadata={"help": "MLP intermediate size to keep (dense layers)"})
-    expert_ffn: int | None = field(default=None, metadata={"help": "MoE expert intermediate size to keep"})
-    heads: int | None = field(default=None, metadata={"help": "query heads to keep (a multiple of the KV heads kept: the same count per KV group)"})
-    kv_heads: int | None = field(default=None, metadata={"help": "KV heads (groups) to keep: removes whole groups with their query heads"})
+    hidden: int | None = field(default=None, metadata={"min": 1, "help": "hidden size to keep (embedding channels, every layer)"})
+    ffn: int | None = field(default=None, metadata={"min": 1, "help": "MLP intermediate size to keep (dense layers)"})
+    expert_ffn: int | None = field(default=None, metadata={"min": 1, "help": "MoE expert intermediate size to keep"})
+    heads: int | None = field(default=None, metadata={"min": 1, "help": "query heads to keep (a multiple of the KV heads kept: the same count per KV group)"})
+    kv_heads: int | None = field(default=None, metadata={"min": 1, "help": "KV heads (groups) to keep: removes whole groups with their query heads"})
     layers: int | None = field(default=None, metadata={"help": "decoder layers to keep (the least important are dropped)"})
     drop_layers: tuple[int, ...] = field(default=(), metadata={"help": "drop exactly these layers (0-based; repeat)"})
     params: str | None = field(default=None, metadata={"help": "parameter budget: a fraction of the source (0.75) or a count (100M, 1.2B)"})
@@ -41,9 +41,13 @@ class PruneConfig(CalibConfig):
     importance: Literal["activation", "wanda", "magnitude"] = field(default="activation", metadata={"help": "width importance: Minitron activations, Wanda |W|·‖X‖, or weight magnitude"})
     depth_metric: Literal["bi", "loss"] = field(default="bi", metadata={"help": "layer importance: Block Influence (bounded memory) or calibration-loss increase (loads the model)"})
     contiguous: bool = field(default=False, metadata={"help": "drop one contiguous block of layers"})
-    batch_size: int = field(default=8, metadata={"help": "calibration windows per forward batch"})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "calibration windows per forward batch"})
     calib_samples: int = field(default=64, metadata={"help": "calibration windows"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
+
+    def __post_init__(self):
+        if all(getattr(self, k) is None for k in ("hidden", "ffn", "expert_ffn", "heads", "kv_heads", "layers", "params")) and not self.drop_layers:
+            raise UsageError("prune needs a target: give --params, --hidden, --ffn, --expert-ffn, --heads, --kv-heads, --layers or --drop-layers")
 
 
 @dataclass

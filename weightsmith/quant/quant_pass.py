@@ -78,6 +78,9 @@ def _decisions(cfg: QuantConfig, ck, view, fmt) -> dict[str, tuple[Decision, obj
             if d.quant is not None:
                 fmt.validate(lin.prefix, n, k, d.quant)
             out[lin.prefix] = (d, lin)
+    for text, ov in zip(cfg.override, overrides):  # a rule that matches nothing is a typo, not a no-op
+        if not any(ov.pattern.search(p) for p in out):
+            raise UsageError(f"--override {text!r}: matches no linear module (they are named like {next(iter(out), '?')!r}); fix the regular expression")
     return out
 
 
