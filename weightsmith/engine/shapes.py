@@ -16,8 +16,28 @@ from weightsmith.arch import arch_for, supports
 from weightsmith.errors import CheckpointError, WeightsmithError
 
 
+_CACHE: dict[str, dict[str, tuple[int, ...]]] = {}  # config JSON -> shapes (a merge's parents share one config)
+
+
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Disk tensor name -> shape for every parameter and persistent buffer the config implies."""
+    """Disk tensor name -> shape for every parameter and persistent buffer the config implies.
+    Building the meta skeleton costs seconds for a DeepSeek-V3-sized config (45k tensors), so
+    results are kept per config."""
+    try:
+        key = config.to_json_string(use_diff=False)
+    except Exception:  # a config transformers cannot serialise: no caching
+        key = None
+    if key is not None and key in _CACHE:
+        return _CACHE[key]
+    shapes = _expected_shapes(config)
+    if key is not None:
+        if len(_CACHE) >= 4:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = shapes
+    return shapes
+
+
+def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     from weightsmith.engine.skeleton import build_skeleton
 
     cfg = copy.deepcopy(config)
