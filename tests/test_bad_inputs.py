@@ -224,6 +224,23 @@ def test_tensor_shapes_are_checked_against_the_config(llama_src, cli, tmp_path, 
              "do not belong together", inputs=[bad], dst=dst)
 
 
+def test_verify_checks_shapes_against_the_config(llama_src, cli, tmp_path):
+    """A config.json edited after writing, with the manifest re-hashed and re-sealed by hand to
+    match, is still caught: verify checks every tensor's shape against the config."""
+    from weightsmith.checkpoint import manifest as mf
+
+    out = tmp_path / "out"
+    assert cli("import", llama_src, out).code == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["intermediate_size"] = 80
+    (out / "config.json").write_text(json.dumps(cfg))
+    m = json.loads((out / "manifest.json").read_text())
+    m["outputs"]["files"]["config.json"] = {"sha256": mf.sha256_file(out / "config.json", use_cache=False), "bytes": (out / "config.json").stat().st_size}
+    (out / "manifest.json").write_text(json.dumps(mf.seal({k: v for k, v in m.items() if k != mf.SELF_KEY})))
+    r = cli("verify", out)
+    assert r.code == 1 and "mlp.down_proj.weight' (model.safetensors) has shape [64, 96], but config.json implies [64, 80]" in r.err, r
+
+
 def test_zero_attention_heads(llama_src, cli, tmp_path):
     bad = _edited_copy(llama_src, tmp_path / "bad", num_attention_heads=0)
     _refused(cli, ("import", bad, tmp_path / "out"), 1, "num_attention_heads", "positive integer", inputs=[bad], dst=tmp_path / "out")

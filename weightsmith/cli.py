@@ -225,7 +225,9 @@ def verify(path: str, as_json: bool) -> None:
     problems = mf.verify(path)
     if not problems:
         try:
-            Checkpoint(path)
+            from weightsmith.engine.shapes import check_shapes
+
+            check_shapes(Checkpoint(path))  # headers, and shapes against config.json
         except WeightsmithError as e:
             problems.append(str(e))
     out = {"path": path, "ok": not problems, "problems": problems}
