@@ -300,6 +300,22 @@ def test_second_identical_run_waits_for_the_lock_then_finds_the_output_fresh(mad
     assert leftovers(tmp_path, "out") == []
 
 
+def test_two_concurrent_identical_runs_both_succeed(made, tmp_path):
+    """`make -j` starting the same command twice: one writes, the other waits and finds it fresh
+    (or runs after it); neither fails with "appeared while writing"."""
+    from weightsmith.checkpoint.manifest import verify
+
+    dst = tmp_path / "out"
+    procs = [_spawn("import", made[0], dst) for _ in range(2)]
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert verify(dst) == [] and leftovers(tmp_path, "out") == []
+
+
 def test_fresh_output_needs_no_lock(made, cli, monkeypatch):
     """Finding nothing to do takes no lock, so it works where the parent is read-only."""
     from weightsmith.checkpoint import destination
