@@ -10,7 +10,7 @@ from weightsmith.arch import FAMILIES as TABLE
 from weightsmith.arch import arch_for, supports
 from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.errors import UnsupportedError
-from weightsmith.inspect_ckpt import coverage
+from weightsmith.app.inspect import coverage
 
 
 def test_table_covers_the_nine_families():

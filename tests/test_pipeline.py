@@ -142,7 +142,7 @@ def test_example_makefile_reruns_only_what_changed(tiny_model, tmp_path):
     (steps / "mla.yaml").write_text("method: transmla\nkv_ratio: 0.5\ncalib: demo:hamlet\ncalib_samples: 4\ncalib_length: 64\n")
     (steps / "w4.yaml").write_text("method: gptq\nbits: 4\ngroup_size: 32\ncalib: demo:hamlet\ncalib_samples: 4\ncalib_length: 64\n"
                                    "override: ['\\.kv_(a_proj_with_mqa|b_proj)$:skip']\n")
-    ws = Path(sys.executable).parent / "weightsmith"
+    ws = f"{sys.executable} -m weightsmith"  # the tree under test, whatever console script is installed
     args = ["make", "-C", str(root / "examples"), f"WS={ws}", f"SRC={tiny_model('llama', layers=5)}", f"OUT={tmp_path / 'out'}", f"STEPS={steps}"]
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
@@ -165,7 +165,7 @@ def test_example_makefile_reruns_only_what_changed(tiny_model, tmp_path):
     (steps / "distilled.yaml").write_text("calib: demo:hamlet\ntokens: 768\ncalib_length: 64\nbatch_size: 2\n")
     third = subprocess.run(args, capture_output=True, text=True)
     assert third.returncode == 0, third.stderr[-2000:]
-    ran = [line.split()[1] for line in third.stdout.splitlines() if line.startswith(str(ws))]
+    ran = [line[len(ws):].split()[0] for line in third.stdout.splitlines() if line.startswith(ws)]
     assert ran == ["distill", "quant"], third.stdout
     after = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/manifest.json")}
     assert after["base"] == stamps["base"] and after["pruned"] == stamps["pruned"] and after["mla"] == stamps["mla"]

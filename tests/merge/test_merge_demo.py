@@ -10,7 +10,7 @@ import pytest
 def test_demo_step_on_smollm2(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from weightsmith.demo import hamlet
+    from weightsmith.app.demo import hamlet
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.eval.text import read_text, token_windows
     from weightsmith.merge.demo import demo_step

