@@ -27,7 +27,7 @@ def main() -> None:
 
     import weightsmith
     from weightsmith.checkpoint.reader import Checkpoint
-    from weightsmith.app.demo import hamlet, smollm2_gguf
+    from weightsmith.assets import hamlet, smollm2_gguf
     from weightsmith.eval.accounting import disk_bytes, kv_cache, param_count
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.eval.text import read_text, token_windows

@@ -47,7 +47,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from weightsmith.app.demo import hamlet, political_speeches, smollm2_gguf
+    from weightsmith.assets import hamlet, political_speeches, smollm2_gguf
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.eval.text import read_text, token_windows
 

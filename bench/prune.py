@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--distill-all", action="store_true")
     args = ap.parse_args()
 
-    from weightsmith.app.demo import hamlet, political_speeches
+    from weightsmith.assets import hamlet, political_speeches
 
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ def quantize(src: Path, dst: Path, method: str, bits: int, group: int, calib: li
 
 
 def smollm2(scratch: Path) -> Path:
-    from weightsmith.app.demo import smollm2_gguf
+    from weightsmith.assets import smollm2_gguf
 
     dst = scratch / "smollm2"
     if not (dst / "manifest.json").exists():
@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--big-samples", type=int, default=8)
     args = ap.parse_args()
 
-    from weightsmith.app.demo import hamlet, political_speeches
+    from weightsmith.assets import hamlet, political_speeches
 
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ def anchor_rows(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
     if not ANCHOR_PY.exists():
         raise SystemExit(f"{ANCHOR_PY}: missing; create it with: python3.11 -m venv .venv-anchors && "
                          ".venv-anchors/bin/pip install --find-links /opt/wheels -r bench/anchors/llmcompressor.txt")
-    from weightsmith.app.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
     n, length = args.anchor_samples, args.calib_length
     calib_args = {"calib": str(political_speeches()), "calib_field": "speeches", "calib_samples": n, "calib_length": length}
@@ -205,7 +205,7 @@ def big_rows(args, scratch: Path) -> list[dict]:
     """A random Llama-7B-shaped checkpoint (SmolLM2's tokenizer, vocab 49152) quantized layer by layer."""
     from memory import write_random_checkpoint
 
-    from weightsmith.app.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
     src = write_random_checkpoint(scratch / f"llama7b-shaped-{args.big_layers}L", args.big_layers, vocab_size=49152)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

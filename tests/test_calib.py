@@ -38,7 +38,7 @@ def test_text_file_windows_deterministic(tok, hamlet):
 
 
 def test_json_with_list_field(tok):
-    from weightsmith.app.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
     d = load_calibration(_cfg(political_speeches(), calib_field="speeches", calib_samples=8), tok)
     assert d.ids.shape == (8, 32) and d.description["kind"] == "json" and d.description["documents"] > 100

@@ -140,14 +140,14 @@ def test_conversion_is_deterministic(tiny_model, tmp_path, cli, hamlet):
 
 @pytest.mark.slow
 def test_smollm2_exact_full_cache(smollm2, tmp_path, cli):
-    from weightsmith.app.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
     dst = tmp_path / "mla"
     r = cli("mla", str(smollm2), str(dst), "--calib", str(political_speeches()), "--calib-field", "speeches", "--calib-samples", "4", "--calib-length", "128", "--rope-dim", "192")
     assert r.code == 0, r
     from transformers import AutoTokenizer
 
-    from weightsmith.app.demo import hamlet
+    from weightsmith.assets import hamlet
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     ids = tok(Path(hamlet()).read_text()[:4000], return_tensors="pt").input_ids[:, :384]

