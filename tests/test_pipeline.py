@@ -66,6 +66,39 @@ def test_run_recipe_dry_run_and_errors(tiny_model, cli, tmp_path):
     assert "plain file name" in cli("run", bad).err
 
 
+def test_run_checks_every_step_before_the_first_starts(tiny_model, cli, tmp_path):
+    """A bad choice or a missing input in a later step is refused before any pass writes anything,
+    with the same message the command line gives for the same value (one build_config)."""
+    src = tiny_model("llama")
+    bad = tmp_path / "late.yaml"
+    steps = [{"name": "base", "pass": "import"}, {"name": "q", "pass": "quant", "options": {"method": "rtnx"}}]
+    bad.write_text(yaml.safe_dump({"source": str(src), "out": "out", "steps": steps}))
+    r = cli("run", bad)
+    assert r.code == 2 and "step 'q'" in r.err and "'rtnx' is not one of" in r.err, r
+    assert not (tmp_path / "out").exists()  # the import step never ran
+    (tmp_path / "opts.yaml").write_text("method: rtnx\n")
+    direct = cli("quant", src, tmp_path / "direct", "--recipe", tmp_path / "opts.yaml")
+    assert direct.code == 2 and r.err.split("'q': ")[1] == direct.err.split("Error: ")[1], (r.err, direct.err)
+    steps = [{"name": "base", "pass": "import"}, {"name": "q", "pass": "quant", "input": str(tmp_path / "nowhere"), "options": {"method": "rtn"}}]
+    bad.write_text(yaml.safe_dump({"source": str(src), "out": "out", "steps": steps}))
+    r = cli("run", bad)
+    assert r.code == 2 and "step 'q'" in r.err and "nowhere does not exist" in r.err, r
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_config_is_the_one_way_to_make_a_config():
+    from weightsmith.app.cli_options import build_config
+    from weightsmith.app.registry import get_pass
+    from weightsmith.errors import UsageError
+
+    spec = get_pass("quant")
+    cfg = build_config(spec, {"method": "rtn", "bits": "3", "override": ["x:skip"]})  # recipe strings and lists become field types
+    assert (cfg.method, cfg.bits, cfg.override) == ("rtn", 3, ("x:skip",))
+    for values, msg in (({"method": "rtnx"}, "is not one of"), ({"bitz": 4}, "unknown option(s) bitz"), ({"block_size": "big"}, "not a valid int")):
+        with pytest.raises(UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            build_config(spec, values)
+
+
 class StandIn:
     """A local stand-in for huggingface_hub.HfApi: records what it was asked to do."""
 
@@ -90,7 +123,7 @@ class StandIn:
 
 
 def test_push_dry_run_lists_verified_files_and_uploads_offline(tiny_model, cli, tmp_path, monkeypatch):
-    from weightsmith import publish
+    from weightsmith.app import publish
 
     out = tmp_path / "q"
     assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--max-shard-size", "100KB").code == 0

@@ -1,4 +1,5 @@
-"""The pass registry: one explicit dict, filled by the modules listed in PASS_MODULES.
+"""The pass contract and its registry: one explicit dict, filled by the pass modules that
+weightsmith/app/registry.py lists (the only place that knows every pass).
 
 A pass is a frozen config dataclass + `plan(config, ctx) -> Plan` (shapes only: used by
 `--dry-run` and by the writer) + `run(config, ctx, plan)` (does the work, writes through
@@ -9,23 +10,10 @@ API, the CLI, recipe files and the manifest's `parameters` block cannot drift ap
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from weightsmith.errors import UsageError
-
-# modules that register passes; an import failure is reported, never swallowed
-PASS_MODULES = [
-    "weightsmith.checkpoint.copy_pass",
-    "weightsmith.quant.quant_pass",
-    "weightsmith.merge.merge_pass",
-    "weightsmith.prune.prune_pass",
-    "weightsmith.prune.distill",
-    "weightsmith.prune.minitron",
-    "weightsmith.convert.mla.mla_pass",
-]
-
 
 @dataclass
 class Plan:
@@ -53,8 +41,6 @@ class PassSpec:
 
 
 _REGISTRY: dict[str, PassSpec] = {}
-_UNAVAILABLE: dict[str, str] = {}
-_LOADED = False
 
 
 def register(spec: PassSpec) -> PassSpec:
@@ -66,33 +52,9 @@ def register(spec: PassSpec) -> PassSpec:
     return spec
 
 
-def load_passes() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    for mod in PASS_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:
-            _UNAVAILABLE[mod] = f"{mod} is unavailable because {e}"
-    _LOADED = True
-
-
-def all_passes() -> dict[str, PassSpec]:
-    load_passes()
+def registered() -> dict[str, PassSpec]:
+    """The passes registered so far (weightsmith.app.registry imports every pass module first)."""
     return dict(_REGISTRY)
-
-
-def unavailable() -> dict[str, str]:
-    load_passes()
-    return dict(_UNAVAILABLE)
-
-
-def get_pass(name: str) -> PassSpec:
-    passes = all_passes()
-    if name not in passes:
-        raise UsageError(f"unknown pass {name!r}; available: {', '.join(sorted(passes))}")
-    return passes[name]
 
 
 def config_to_params(config: Any) -> dict[str, Any]:
@@ -109,21 +71,3 @@ def config_to_params(config: Any) -> dict[str, Any]:
     # parameters, so changing them neither changes the manifest nor makes an output stale
     return {f.name: clean(getattr(config, f.name)) for f in dataclasses.fields(config) if not f.metadata.get("runtime")}
 
-
-def make_config(cls: type, values: dict[str, Any]) -> Any:
-    """Build a pass config from a dict (recipe / CLI), refusing unknown keys (typos fail loudly)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    coerced = {}
-    for k, v in values.items():
-        # recipe files give lists where the dataclass wants tuples
-        if isinstance(v, list) and "tuple" in str(fields[k].type):
-            v = tuple(v)
-        coerced[k] = v
-    try:
-        return cls(**coerced)
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from None

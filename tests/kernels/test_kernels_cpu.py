@@ -9,7 +9,7 @@ import torch
 
 from weightsmith.kernels import layout
 from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight
-from weightsmith.quant.formats.packing import pack_dense
+from weightsmith.kernels.packing import pack_dense
 
 GRID = [(b, g, sym) for b in (2, 3, 4, 8) for g, sym in ((32, True), (64, False), (128, True), (-1, False))]
 
@@ -119,6 +119,7 @@ def test_dispatcher_explains_and_falls_back(monkeypatch):
 
     m, qw = _quant_linear()
     x = torch.randn(2, 128)
+    m = m.packed()  # the kernels take tensors, not the module
     why = dispatch.explain(x, m)
     assert why["cuda"] == "input is not on a CUDA device" and why["reference"] is None
     assert why["dequant"].startswith("CPU inputs")
@@ -147,4 +148,4 @@ def test_quantized_model_generates_the_same_tokens_through_triton(tiny_model, cl
     model = weightsmith.load(out, dtype=torch.float16)
     got = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, ref)
-    assert any(getattr(mod, "_kernel_weight", None) is not None for mod in model.modules())  # really went through the kernel
+    assert any(getattr(mod, "_kernel_cache", {}).get("kernel") is not None for mod in model.modules())  # really went through the kernel

@@ -9,7 +9,7 @@ import torch
 from test_kernels_cpu import random_codes
 
 from weightsmith.kernels import marlin_layout as ml
-from weightsmith.quant.formats.packing import pack_dense
+from weightsmith.kernels.packing import pack_dense
 
 GRID = [(b, g, sym) for b in (2, 3, 4) for g, sym in ((32, True), (64, False), (128, True), (-1, False))]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsmith.quant.formats.packing import pack_dense, unpack_dense
+from weightsmith.kernels.packing import pack_dense, unpack_dense
 from weightsmith.quant.gptq import GPTQSpec, gptq_quantize, output_error
 from weightsmith.quant.grid import GridSpec, dequantize_codes, find_params, rtn
 

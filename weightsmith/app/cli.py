@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from weightsmith import __version__
+from weightsmith.version import __version__
 from weightsmith.errors import WeightsmithError
 
 
@@ -247,7 +247,7 @@ def verify(path: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON on stdout")
 def push(path, repo_id, private, revision, create_pr, commit_message, endpoint, dry_run, as_json) -> None:
     """Upload a verified weightsmith output to the Hugging Face Hub (token from HF_TOKEN / `hf auth login`)."""
-    from weightsmith import publish
+    from weightsmith.app import publish
     from weightsmith.util import human_bytes
 
     plan = publish.plan_push(path, repo_id, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message)
@@ -359,7 +359,7 @@ def _pass_command(spec) -> click.Command:
 
 
 def _add_pass_commands() -> None:
-    from weightsmith.passes import all_passes
+    from weightsmith.app.registry import all_passes
 
     for name, spec in sorted(all_passes().items()):
         if name not in cli.commands:
@@ -383,7 +383,7 @@ def demo(ctx, out: str, windows: int, as_json: bool) -> None:
 @cli.command("passes")
 def passes_cmd() -> None:
     """List the registered passes (and any that failed to load, with why)."""
-    from weightsmith.passes import all_passes, unavailable
+    from weightsmith.app.registry import all_passes, unavailable
 
     for name, spec in sorted(all_passes().items()):
         click.echo(f"{name:12s} {spec.help}")

@@ -15,7 +15,8 @@ from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.checkpoint.resolve import open_checkpoint
 from weightsmith.checkpoint.writer import DEFAULT_MAX_SHARD, CheckpointWriter, TensorSpec
 from weightsmith.errors import WeightsmithError
-from weightsmith.passes import PassSpec, Plan, config_to_params, get_pass
+from weightsmith.app import registry
+from weightsmith.passes import PassSpec, Plan, config_to_params
 from weightsmith.progress import QUIET, Reporter
 from weightsmith.util import human_bytes
 
@@ -137,7 +138,8 @@ def run_pass(
     report: Reporter = QUIET,
     evaluate: EvalOptions | None = None,
 ) -> RunResult:
-    spec = get_pass(spec) if isinstance(spec, str) else spec
+    registry.load()  # every pass and the runtimes that load quantized checkpoints
+    spec = registry.get_pass(spec) if isinstance(spec, str) else spec
     cks = [s if isinstance(s, Checkpoint) else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download) for s in sources]
     params = config_to_params(config)
     if max_shard_size != DEFAULT_MAX_SHARD:
@@ -183,7 +185,10 @@ def run_pass(
                 input_manifests=[ck.manifest for ck in cks], calibration=ctx.calibration, metrics=ctx.metrics,
                 seed=seed, device=ctx.device,
             )
-            (tmp / "README.md").write_text(render_card(spec, core, cks))
+            steps = [s.get("pass", {}).get("name") for s in core.get("chain", [])] + [spec.name]
+            known = registry.all_passes()
+            tags = [t for step in steps if step in known for t in known[step].tags]
+            (tmp / "README.md").write_text(render_card(spec, core, cks, tags))
             return mf.with_outputs(core, tmp, tensors=len(writer.planned), total_size=writer.total_size)
 
         writer.finalize(build_manifest)

@@ -13,6 +13,15 @@ from types import MappingProxyType
 from typing import Mapping
 
 
+# Block-quantized fp8 checkpoints (DeepSeek) store each weight's scales next to it under this suffix:
+# `<prefix>.weight` -> `<prefix>.weight_scale_inv`. A scale belongs to its weight's tensor group.
+SCALE_SUFFIX = "_scale_inv"
+
+
+def is_scale_name(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIX)
+
+
 def _ro(d: dict) -> Mapping:
     return MappingProxyType(dict(d))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from weightsmith.arch.spec import Family, MlpSpec
+from weightsmith.arch.spec import SCALE_SUFFIX, Family, MlpSpec
 from weightsmith.errors import UnsupportedError
 
 GROUPS = ("embed", "lm_head", "final_norm", "attention", "norm", "dense_mlp", "router", "routed_experts", "shared_experts", "mtp", "other")
@@ -247,8 +247,6 @@ class ArchView:
 
     def classify(self, name: str) -> str:
         """The tensor group a name belongs to (one of GROUPS); fp8 scales follow their weight."""
-        from weightsmith.checkpoint.fp8 import SCALE_SUFFIX
-
         base = name[: -len(SCALE_SUFFIX)] if name.endswith(SCALE_SUFFIX) else name
         f = self.family
         if base == f.embed:

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from weightsmith.arch.spec import SCALE_SUFFIX
+
 E4M3_MAX = 448.0
-SCALE_SUFFIX = "_scale_inv"  # `<prefix>.weight` -> `<prefix>.weight_scale_inv`
 
 
 def scale_name(weight_name: str) -> str:
     return weight_name + SCALE_SUFFIX
-
-
-def is_scale_name(name: str) -> bool:
-    return name.endswith(SCALE_SUFFIX)
 
 
 def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:

@@ -85,7 +85,7 @@ def input_files(root: Path) -> list[str]:
 
 @lru_cache(maxsize=1)
 def tool_info() -> dict[str, Any]:
-    from weightsmith import __version__
+    from weightsmith.version import __version__
 
     info: dict[str, Any] = {"name": "weightsmith", "version": __version__, "git_sha": None}
     pkg = Path(__file__).resolve().parents[2]
@@ -218,7 +218,7 @@ def is_fresh(dst: str | os.PathLike, *, pass_name: str, parameters: dict, inputs
         return False
     if not m:
         return False
-    from weightsmith import __version__
+    from weightsmith.version import __version__
 
     if m.get("tool", {}).get("version") != __version__ or m.get("pass", {}).get("name") != pass_name:
         return False

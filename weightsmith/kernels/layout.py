@@ -137,7 +137,7 @@ def decode_gptq(qweight, qzeros, scales, bits: int, group_size: int, sym: bool, 
     """QuantLinear's buffers (GPTQ orientation, true zeros) -> (codes int [N, K], scales [G, N] in
     dtype, zeros·scales [G, N] or None when every zero is the symmetric 2^(b-1), group size in k):
     what every kernel layout is repacked from."""
-    from weightsmith.quant.formats.packing import unpack_dense
+    from weightsmith.kernels.packing import unpack_dense
 
     n = scales.shape[1]
     q = unpack_dense(qweight.T.contiguous().cpu(), bits, k)  # [N, K]

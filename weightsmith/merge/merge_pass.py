@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 
 from weightsmith.arch import arch_for
-from weightsmith.checkpoint.fp8 import SCALE_SUFFIX, dequantize_blockwise
+from weightsmith.arch.spec import SCALE_SUFFIX
+from weightsmith.checkpoint.fp8 import dequantize_blockwise
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import CheckpointError, UsageError
 from weightsmith.merge import stream

@@ -94,7 +94,7 @@ def _save_state(path: Path, state: dict) -> None:
 def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
     from accelerate import Accelerator
 
-    import weightsmith
+    from weightsmith import loading
     from weightsmith.passes import config_to_params
 
     student_ck, teacher_ck = ctx.sources
@@ -106,8 +106,8 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
     ids = data.ids
     torch.manual_seed(cfg.seed)
     accel = Accelerator(cpu=ctx.device == "cpu", mixed_precision=cfg.mixed_precision)
-    student = weightsmith.load(student_ck.root, dtype=torch.float32)
-    teacher = weightsmith.load(teacher_ck.root, dtype=torch.float32).eval()
+    student = loading.load(student_ck.root, dtype=torch.float32)
+    teacher = loading.load(teacher_ck.root, dtype=torch.float32).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student.train()

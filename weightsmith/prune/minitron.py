@@ -112,7 +112,7 @@ def _score(model, held: torch.Tensor, teacher_logits: list[torch.Tensor], batch:
 
 
 def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
-    import weightsmith
+    from weightsmith import loading
     from weightsmith.checkpoint.writer import CheckpointWriter
     from weightsmith.prune import scores as sc
 
@@ -123,7 +123,7 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     scores = sc.activation_scores(ctx, cfg, view)
     calib = ctx.calibrate(cfg, default="self")
     held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]):]
-    teacher = weightsmith.load(ck.root)
+    teacher = loading.load(ck.root)
     with torch.inference_mode():
         teacher_logits = [teacher(input_ids=held[k:k + cfg.batch_size]).logits.float() for k in range(0, held.shape[0], cfg.batch_size)]
     src_score = _score(teacher, held, teacher_logits, cfg.batch_size)
@@ -141,7 +141,7 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
                 write_pruned(ctx_like, ck, view, roles, keep)
                 w.copy_aux_files(ck.root, ck.aux_files())
                 w.finalize()
-            sc_ = _score(weightsmith.load(path), held, teacher_logits, cfg.batch_size)
+            sc_ = _score(loading.load(path), held, teacher_logits, cfg.batch_size)
             rows.append({"candidate": _label(t), "params": count_params(out_cfg), **sc_, "path": path, "targets": t, "keep": keep})
             ctx.report.log(f"candidate {_label(t)}: {rows[-1]['params']:,} params, KL {sc_['kl']:.4f}, loss {sc_['loss']:.4f}")
         key = cfg.rank_by
@@ -150,7 +150,7 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
         if cfg.distill_tokens > 0:
             train = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
             for r in rows[: cfg.top_k]:
-                model = _quick_distill(cfg, teacher, weightsmith.load(r["path"]), train)
+                model = _quick_distill(cfg, teacher, loading.load(r["path"]), train)
                 after = _score(model, held, teacher_logits, cfg.batch_size)
                 r[f"{key}_after_distill"] = after[key]
                 r["model"] = model

@@ -130,10 +130,10 @@ def activation_scores(ctx, cfg, view, kind: str = "activation") -> Scores:
 def loss_depth_scores(ctx, cfg, view) -> torch.Tensor:
     """Calibration loss increase when each single layer is removed (the model is held in memory:
     meant for models that fit; Block Influence is the bounded-memory default)."""
-    import weightsmith
+    from weightsmith import loading
 
     calib = ctx.calibrate(cfg, default="self")
-    model = weightsmith.load(ctx.source.root)
+    model = loading.load(ctx.source.root)
     layers = model.model.layers
 
     def loss():

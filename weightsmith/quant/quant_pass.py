@@ -17,13 +17,13 @@ from typing import Literal
 
 import torch
 
-from weightsmith import __version__
+from weightsmith.version import __version__
 from weightsmith.arch import arch_for
 from weightsmith.calib import CalibConfig
-from weightsmith.checkpoint.fp8 import SCALE_SUFFIX
+from weightsmith.arch.spec import SCALE_SUFFIX
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError, WeightsmithError
-from weightsmith.app.inspect import require_complete
+from weightsmith.arch.coverage import require_complete
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.quant.decisions import Decision, Override, decide
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight

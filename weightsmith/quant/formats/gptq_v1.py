@@ -18,7 +18,7 @@ import torch
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError
 from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, register_format
-from weightsmith.quant.formats.packing import pack_dense, unpack_dense
+from weightsmith.kernels.packing import pack_dense, unpack_dense
 
 
 def _words(values: int, bits: int) -> int:

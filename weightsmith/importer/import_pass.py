@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 
 from weightsmith.arch import arch_for
+from weightsmith.arch.coverage import require_complete
 from weightsmith.checkpoint.writer import TensorSpec
-from weightsmith.app.inspect import require_complete
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name, dtype_name
 
