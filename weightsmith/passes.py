@@ -17,12 +17,15 @@ from weightsmith.errors import UsageError
 
 @dataclass
 class Plan:
-    """What a pass will write: output tensors (None = decided during run), output config, a summary."""
+    """What a pass will write: output tensors (None = decided during run), output config, a summary,
+    and `state`: whatever the pass decided while planning that `run` needs (the pass's own dataclass),
+    so nothing is worked out twice and nothing rides on the context."""
 
     tensors: list | None
     config: Any | None
     summary: dict[str, Any] = field(default_factory=dict)
     layout: dict[str, str] | None = None  # tensor name -> shard key (see CheckpointWriter.plan)
+    state: Any = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,14 @@ class PassSpec:
     sources: int = 1  # fixed number of positional sources (e.g. distill STUDENT TEACHER DST)
     source_names: tuple[str, ...] = ("src",)
     tags: tuple[str, ...] = ()
+
+    def sources_problem(self, count: int) -> str | None:
+        """Why `count` sources do not suit this pass (None when they do): the one check of their number."""
+        if self.multi_source:
+            return None if count >= 2 else f"{self.name} needs at least two parents (the first is the base), got {count}"
+        if count != self.sources:
+            return f"{self.name} takes {self.sources} source(s) ({' '.join(self.source_names[: self.sources])}), got {count}"
+        return None
 
 
 _REGISTRY: dict[str, PassSpec] = {}

@@ -85,11 +85,9 @@ def parse_recipe(data: Any, base: Path, *, where: str = "recipe") -> list[Step]:
             inputs = [previous]
         else:
             inputs = [str(outputs[r]) if r in outputs else _resolve_input(r, base) for r in (refs if isinstance(refs, list) else [refs])]
-        if spec.multi_source and len(inputs) < 2:
-            raise UsageError(f"{label}: pass {pname!r} needs at least two 'inputs' (parents)")
-        if not spec.multi_source and len(inputs) != spec.sources:
-            names = " ".join(spec.source_names[: spec.sources])
-            raise UsageError(f"{label}: pass {pname!r} takes {spec.sources} input(s) ({names}), got {len(inputs)}")
+        problem = spec.sources_problem(len(inputs))
+        if problem:
+            raise UsageError(f"{label}: {problem} (give the step 'inputs')")
         options = {**{k: v for k, v in defaults.items() if _has_field(spec.config_cls, k)}, **(raw.get("options") or {})}
         out = _path(raw["out"], base) if raw.get("out") else out_root / name
         steps.append(Step(name, pname, inputs, out, options))

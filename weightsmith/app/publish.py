@@ -49,19 +49,13 @@ def plan_push(folder: str | Path, repo_id: str, *, private: bool = False, revisi
               commit_message: str | None = None) -> PushPlan:
     """Verify the folder and list exactly what would be uploaded. Raises if verification fails."""
     from weightsmith.checkpoint import manifest as mf
-    from weightsmith.checkpoint.reader import Checkpoint
 
     folder = Path(folder)
     if not _REPO_ID.match(repo_id):
         raise UsageError(f"{repo_id!r}: not a Hub repo id; expected OWNER/NAME (letters, digits, '-', '_', '.')")
     if not (folder / "manifest.json").is_file():
         raise UsageError(f"{folder}: no manifest.json; only weightsmith outputs can be pushed (run a pass, e.g. `weightsmith import SRC {folder}`)")
-    problems = mf.verify(folder)
-    if not problems:
-        try:
-            Checkpoint(folder)
-        except WeightsmithError as e:
-            problems.append(str(e))
+    problems = mf.verify_output(folder)
     if problems:
         raise WeightsmithError(f"{folder}: refusing to push, `weightsmith verify` fails: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     manifest = mf.read(folder)

@@ -14,7 +14,7 @@ from weightsmith.checkpoint import manifest as mf
 from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.checkpoint.resolve import open_checkpoint
 from weightsmith.checkpoint.writer import DEFAULT_MAX_SHARD, CheckpointWriter, TensorSpec
-from weightsmith.errors import WeightsmithError
+from weightsmith.errors import UsageError, WeightsmithError
 from weightsmith.app import registry
 from weightsmith.passes import PassSpec, Plan, config_to_params
 from weightsmith.progress import QUIET, Reporter
@@ -140,6 +140,9 @@ def run_pass(
 ) -> RunResult:
     registry.load()  # every pass and the runtimes that load quantized checkpoints
     spec = registry.get_pass(spec) if isinstance(spec, str) else spec
+    problem = spec.sources_problem(len(sources))
+    if problem:
+        raise UsageError(problem)
     cks = [s if isinstance(s, Checkpoint) else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download) for s in sources]
     params = config_to_params(config)
     if max_shard_size != DEFAULT_MAX_SHARD:

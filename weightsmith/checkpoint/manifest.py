@@ -209,6 +209,20 @@ def verify(root: str | os.PathLike) -> list[str]:
     return problems
 
 
+def verify_output(root: str | os.PathLike) -> list[str]:
+    """What `weightsmith verify` checks (and `push` requires): the files against the manifest, then the headers."""
+    from weightsmith.checkpoint.reader import Checkpoint
+    from weightsmith.errors import WeightsmithError
+
+    problems = verify(root)
+    if not problems:
+        try:
+            Checkpoint(root)
+        except WeightsmithError as e:
+            problems.append(str(e))
+    return problems
+
+
 def is_fresh(dst: str | os.PathLike, *, pass_name: str, parameters: dict, inputs: list[dict]) -> bool:
     """True when DST already holds this exact job's result (same tool version, pass, parameters, input hashes)."""
     dst = Path(dst)

@@ -13,7 +13,6 @@ needs are read, and the output keeps the base's sharding.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import re
@@ -27,6 +26,7 @@ import torch
 
 from weightsmith.arch import arch_for
 from weightsmith.arch.spec import SCALE_SUFFIX
+from weightsmith.checkpoint import tokenizer
 from weightsmith.checkpoint.fp8 import dequantize_blockwise
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import CheckpointError, UsageError
@@ -36,9 +36,6 @@ from weightsmith.merge.rules import Rule, parse_rule, parse_weights, resolve
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name, dtype_name, element_size
 
-# files that make up a tokenizer: parents must agree on them (or the user picks one)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
 # config keys that make two checkpoints different architectures (shapes are checked per tensor)
 STRUCTURAL_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads",
                    "num_key_value_heads", "intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts",
@@ -84,24 +81,15 @@ def _parents_config_check(cks) -> list[str]:
     return notes
 
 
-def _tokenizer_digest(ck) -> dict[str, str]:
-    out = {}
-    for f in TOKENIZER_FILES:
-        p = ck.root / f
-        if p.is_file():
-            out[f] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 def _check_tokenizers(cfg: MergeConfig, cks) -> int:
     """Index of the parent whose tokenizer files go to the output."""
     if cfg.tokenizer_from is not None:
         if not 0 <= cfg.tokenizer_from < len(cks):
             raise UsageError(f"--tokenizer-from {cfg.tokenizer_from}: there are {len(cks)} parents (0..{len(cks) - 1})")
         return cfg.tokenizer_from
-    digests = [_tokenizer_digest(ck) for ck in cks]
+    digests = [tokenizer.digest(ck.root) for ck in cks]
     for k, d in enumerate(digests[1:], 1):
-        differ = sorted(f for f in set(d) | set(digests[0]) if d.get(f) != digests[0].get(f))
+        differ = tokenizer.differences(digests[0], d)
         if differ:
             raise CheckpointError(f"parent {k} ({cks[k].root}) has a different tokenizer than the base ({', '.join(differ)} differ); "
                                   f"merged weights index the vocabulary, so choose one explicitly with --tokenizer-from N")
@@ -170,10 +158,16 @@ def _units(cfg: MergeConfig, ctx) -> tuple[list[Unit], list[Rule], Rule]:
     return units, rules, default
 
 
+@dataclass(frozen=True)
+class MergePlan:
+    """What plan() decided for run(): one unit per output tensor, and the parent giving the tokenizer."""
+
+    units: list  # [Unit]
+    tokenizer_from: int
+
+
 def plan(cfg: MergeConfig, ctx) -> Plan:
     cks = ctx.sources
-    if len(cks) < 2:
-        raise UsageError("merge needs at least two --parent checkpoints (the first is the base)")
     if cfg.delta < 0:
         raise UsageError(f"--delta {cfg.delta}: must be ≥ 0")
     if cfg.workers < 0:
@@ -215,9 +209,7 @@ def plan(cfg: MergeConfig, ctx) -> Plan:
     summary = {"parents": [str(ck.root) for ck in cks], "groups": groups, "select": sum(u.action == "select" for u in units),
                "interpolate": sum(u.action == "interpolate" for u in units), "delta": cfg.delta, "tokenizer_from": tok_from,
                "bytes_to_read_per_parent": reads}
-    ctx.tokenizer_from = tok_from
-    ctx.merge_units = units
-    return Plan(tensors=tensors, config=out_cfg, summary=summary, layout=layout or None)
+    return Plan(tensors=tensors, config=out_cfg, summary=summary, layout=layout or None, state=MergePlan(units, tok_from))
 
 
 def _describe(rule: Rule, delta: float, out_dtype: str) -> str:
@@ -382,7 +374,7 @@ def _ratio(num2: float, den2: float) -> float:
 
 def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
     cks = ctx.sources
-    units: list[Unit] = ctx.merge_units
+    units: list[Unit] = plan.state.units
     by_name = {u.name: u for u in units}
     order = [nm for nm in cks[0].file_order() if nm in by_name] + [u.name for u in units if 0 not in u.have]
     workers = cfg.workers or min(8, os.cpu_count() or 1)
@@ -409,11 +401,11 @@ def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
                      f"({sum(stats.read) / 1e6 / max(seconds, 1e-9):,.0f} MB/s)")
     # tokenizer & co.: from the chosen parent; other aux files (generation config...) from the base
     ctx.copy_aux = False
-    tok = cks[ctx.tokenizer_from]
+    tok = cks[plan.state.tokenizer_from]
     aux = set(cks[0].aux_files())
-    tok_files = [f for f in tok.aux_files() if f in TOKENIZER_FILES]
+    tok_files = [f for f in tok.aux_files() if f in tokenizer.TOKENIZER_FILES]
     ctx.writer.copy_aux_files(tok.root, tok_files)
-    ctx.writer.copy_aux_files(cks[0].root, sorted(f for f in aux if f not in TOKENIZER_FILES))
+    ctx.writer.copy_aux_files(cks[0].root, sorted(f for f in aux if f not in tokenizer.TOKENIZER_FILES))
     out_names = {s.name for s in ctx.writer.planned}
     dropped = [nm for ck in cks for nm in ck.names if nm not in out_names and not (cfg.out_dtype != "keep" and nm.endswith(SCALE_SUFFIX))]
     if dropped:  # the plan covers every tensor; this guards the invariant
@@ -421,7 +413,7 @@ def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
     ctx.metrics.update({
         "parents": len(cks), "groups": stats.groups, "bytes_read_per_parent": stats.read, "delta": cfg.delta,
         "rules": [r for r in cfg.rule], "default_weights": cfg.weights or "equal",
-        "tokenizer_from": ctx.tokenizer_from, "input_tensors_accounted": sum(len(ck.names) for ck in cks),
+        "tokenizer_from": plan.state.tokenizer_from, "input_tensors_accounted": sum(len(ck.names) for ck in cks),
     })
 
 

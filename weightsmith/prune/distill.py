@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from weightsmith.calib.config import CalibConfig
+from weightsmith.checkpoint import tokenizer
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import CheckpointError, UsageError
 from weightsmith.passes import PassSpec, Plan, register
@@ -59,20 +60,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl.mean() * temperature**2
 
 
-def _tokenizer_id(root: Path) -> str | None:
-    for f in ("tokenizer.json", "tokenizer.model", "vocab.json"):
-        p = root / f
-        if p.is_file():
-            return hashlib.sha256(p.read_bytes()).hexdigest()
-    return None
-
-
 def plan(cfg: DistillConfig, ctx) -> Plan:
     student, teacher = ctx.sources
     if student.config.vocab_size != teacher.config.vocab_size:
         raise CheckpointError(f"student vocabulary {student.config.vocab_size} != teacher {teacher.config.vocab_size}: logit distillation needs one tokenizer")
-    a, b = _tokenizer_id(student.root), _tokenizer_id(teacher.root)
-    if a and b and a != b:
+    a, b = tokenizer.digest(student.root, tokenizer.VOCABULARY_FILES), tokenizer.digest(teacher.root, tokenizer.VOCABULARY_FILES)
+    if a and b and tokenizer.differences(a, b):
         raise CheckpointError(f"{student.root} and {teacher.root} have different tokenizers (tokenizer files differ); logit distillation needs the same one")
     windows = math.ceil(cfg.tokens / cfg.calib_length)
     steps = math.ceil(windows / cfg.batch_size)

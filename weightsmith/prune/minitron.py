@@ -87,13 +87,22 @@ def _label(t: Targets) -> str:
     return f"hidden {t.hidden}, heads {t.heads_per_group * t.kv_heads}/{t.kv_heads}kv, ffn {t.ffn}, layers {t.layers}"
 
 
+@dataclass(frozen=True)
+class MinitronPlan:
+    """The budget and the candidate architectures plan() enumerated, for run() to score."""
+
+    budget: int
+    candidates: list
+    params_before: int
+
+
 def plan(cfg: MinitronConfig, ctx) -> Plan:
     view = arch_for(ctx.source.config)
     src_params = count_params(ctx.source.config)
     budget = parse_params(cfg.params, src_params)
     cands = enumerate_candidates(view, budget, cfg)
-    ctx.minitron = (budget, cands, src_params)
-    return Plan(tensors=None, config=None, summary={"budget": budget, "params_before": src_params, "candidates": [_label(c) for c in cands]})
+    summary = {"budget": budget, "params_before": src_params, "candidates": [_label(c) for c in cands]}
+    return Plan(tensors=None, config=None, summary=summary, state=MinitronPlan(budget, cands, src_params))
 
 
 def _score(model, held: torch.Tensor, teacher_logits: list[torch.Tensor], batch: int) -> dict:
@@ -119,7 +128,7 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     ck = ctx.source
     view = arch_for(ck.config)
     roles = TensorRoles(view)
-    budget, cands, src_params = ctx.minitron
+    budget, cands, src_params = plan.state.budget, plan.state.candidates, plan.state.params_before
     scores = sc.activation_scores(ctx, cfg, view)
     calib = ctx.calibrate(cfg, default="self")
     held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]):]

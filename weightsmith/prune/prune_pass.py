@@ -253,12 +253,11 @@ def plan(cfg: PruneConfig, ctx) -> Plan:
     keep = _prefix_keep(view, t)
     out_cfg = pruned_config(ck.config, keep, _widths(t))
     _check_moe_pattern(view, keep, out_cfg)
-    ctx.prune_targets = t
     out_params = count_params(out_cfg)
     summary = {"targets": t.as_json(), "params_before": src_params, "params_after": out_params, "fraction": out_params / src_params,
                "non_embedding_params_before": src_params - embedding_params(ck.config),
                "non_embedding_params_after": out_params - embedding_params(out_cfg), "importance": cfg.importance}
-    return Plan(tensors=output_specs(ck, view, roles, keep), config=out_cfg, summary=summary)
+    return Plan(tensors=output_specs(ck, view, roles, keep), config=out_cfg, summary=summary, state=t)  # state: the Targets
 
 
 def decide_keep(view, scores, t: Targets, *, depth_scores: torch.Tensor | None, contiguous: bool) -> Keep:
@@ -313,7 +312,7 @@ def run(cfg: PruneConfig, ctx, plan: Plan) -> None:
     ck = ctx.source
     view = arch_for(ck.config)
     roles = TensorRoles(view)
-    t: Targets = ctx.prune_targets
+    t: Targets = plan.state
     scores, depth = compute_scores(cfg, ctx, view, t)
     keep = decide_keep(view, scores, t, depth_scores=depth, contiguous=cfg.contiguous)
     write_pruned(ctx, ck, view, roles, keep)

@@ -127,7 +127,7 @@ def plan(cfg: QuantConfig, ctx) -> Plan:
         "full_precision_modules": len(decisions) - len(quantized),
         "group_adjustments": len(notes),
     }
-    return Plan(tensors=tensors, config=out_cfg, summary=summary)
+    return Plan(tensors=tensors, config=out_cfg, summary=summary, state=decisions)  # state: {module: (Decision, spec)}
 
 
 class _Recorder:
@@ -153,7 +153,7 @@ def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
     ck = ctx.source
     view = arch_for(ck.config)
     fmt = FORMATS[cfg.format]
-    decisions = _decisions(cfg, ck, view, fmt)
+    decisions = plan.state  # made once, by plan()
     quantized = {p: d for p, (d, _) in decisions.items() if d.quant is not None}
     quant_weights = {p + ".weight" for p in quantized}
     rec = _Recorder()

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from weightsmith.engine.skeleton import set_path
 from weightsmith.errors import CheckpointError, UnsupportedError
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
 from weightsmith.kernels.packing import pack_dense, unpack_dense
@@ -77,21 +78,6 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {g}, {'sym' if self.quant.sym else 'asym'}"
 
 
-def _get_path(root: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
-
-
-def _set_path(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    owner = _get_path(root, parent) if parent else root
-    if name.isdigit():
-        owner[int(name)] = new
-    else:
-        setattr(owner, name, new)
-
-
 def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     from weightsmith.arch import arch_for
     from weightsmith.engine.skeleton import build_skeleton
@@ -116,7 +102,7 @@ def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu
         scale_dtype = ck.info(disk + (".scales" if fmt.name == "gptq" else ".weight_scale")).dtype
         with torch.device("meta"):
             ql = QuantLinear(mod.in_features, mod.out_features, quant, bias=mod.bias is not None, scale_dtype=scale_dtype)
-        _set_path(model, path, ql)
+        set_path(model, path, ql)
 
     def get(name):
         return ck.get(name)

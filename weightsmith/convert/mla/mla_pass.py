@@ -247,7 +247,7 @@ def _validate(cfg: MlaConfig, ctx):
 
 
 def plan(cfg: MlaConfig, ctx) -> Plan:
-    view, budget, _ = _validate(cfg, ctx)
+    view, budget, inv = _validate(cfg, ctx)
     summary = {
         "method": cfg.method,
         "target": cfg.target,
@@ -255,7 +255,8 @@ def plan(cfg: MlaConfig, ctx) -> Plan:
         "budget_values_per_layer": budget.total if budget.total is not None else f"rank {budget.rank} + rope",
         "rope_dim_candidates": budget.rope_candidates,
     }
-    return Plan(tensors=None, config=None, summary=summary)
+    # the output's shapes depend on the calibration (RoPE frequencies kept): run() plans the writer
+    return Plan(tensors=None, config=None, summary=summary, state=(view, budget, inv))  # state: what _validate found
 
 
 def _out_config(ck, view, cfg: MlaConfig, *, d_n: int, d_r: int, rank: int, q_lora: int | None, freqs: torch.Tensor, dtype):
@@ -343,7 +344,7 @@ class _LayerStats:
 
 def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     ck = ctx.source
-    view, budget, inv = _validate(cfg, ctx)
+    view, budget, inv = plan.state
     out_dtype = ck.info(view.family.embed).dtype if cfg.dtype == "keep" else dtype_from_name(cfg.dtype)
     constant = constant_for(out_dtype) if cfg.target == "exact" else None
     calib = ctx.calibrate(cfg)
