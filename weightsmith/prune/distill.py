@@ -152,7 +152,6 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
             _save_state(state_dir, {"job": job, "step": done, "losses": losses, "student": accel.unwrap_model(student).state_dict(),
                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()})
-        _maybe_interrupt(done)
     train_seconds = time.perf_counter() - t0
     ctx.report.log(f"distilled {(steps - start) * cfg.batch_size * cfg.calib_length:,} tokens in {train_seconds:.0f} s "
                    f"({(steps - start) * cfg.batch_size * cfg.calib_length / max(train_seconds, 1e-9):,.1f} tokens/s; timings stay out of the manifest)")
@@ -163,14 +162,6 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
     last = sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses[-max(1, len(losses) // 10):]))
     ctx.metrics.update({"steps": steps, "tokens": windows * cfg.calib_length, "kl_first_steps": first, "kl_last_steps": last,
                         "kl_per_step": [round(x, 6) for x in losses]})
-
-
-_INTERRUPT_AT: int | None = None  # tests set this to simulate a crash after a given step
-
-
-def _maybe_interrupt(step: int) -> None:
-    if _INTERRUPT_AT is not None and step == _INTERRUPT_AT:
-        raise KeyboardInterrupt
 
 
 def _write_student(ctx, student_ck, model) -> None:
