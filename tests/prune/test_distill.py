@@ -43,7 +43,6 @@ ARGS = ["--tokens", "4096", "--calib-length", "128", "--batch-size", "4", "--lr"
 
 
 def test_distill_lowers_divergence_and_resumes_exactly(student, tiny_model, cli, tmp_path, hamlet, monkeypatch):
-
     teacher = tiny_model("llama")
     out = tmp_path / "d"
     r = cli("distill", student, teacher, out, "--calib", hamlet, *ARGS)
