@@ -68,7 +68,6 @@ def child(path: str, samples: int, length: int) -> None:
     ids = torch.randint(0, eng.view.vocab, (samples, length), generator=torch.Generator().manual_seed(0))
     proc = psutil.Process()
     per_layer = []
-    t_last = [time.perf_counter()]
 
     def xtx_only(layer):
         grams = {lin.prefix: Gram(layer.in_features(lin.prefix)) for lin in layer.view.linears(layer.index)}

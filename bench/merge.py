@@ -21,7 +21,6 @@ requantize).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys

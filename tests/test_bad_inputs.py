@@ -14,8 +14,8 @@ from conftest import leftovers
 
 
 def _sharded_copy(src, dst):
-    from weightsmith.checkpoint.writer import CheckpointWriter, TensorSpec
     from weightsmith.checkpoint.reader import Checkpoint
+    from weightsmith.checkpoint.writer import CheckpointWriter, TensorSpec
 
     ck = Checkpoint(src)
     with CheckpointWriter(dst, max_shard_size=30_000) as w:

@@ -17,7 +17,6 @@ from weightsmith.checkpoint.resolve import open_checkpoint
 from weightsmith.errors import UnsupportedError
 
 
-
 @dataclass(frozen=True)
 class Runtime:
     """How to use checkpoints of one quant_method: build the model, count its logical parameters."""

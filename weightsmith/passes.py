@@ -13,7 +13,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from weightsmith.errors import UsageError
 
 @dataclass
 class Plan:

@@ -3,8 +3,8 @@ torch ships its CUDA headers."""
 
 from __future__ import annotations
 
-import shutil
 import re
+import shutil
 import subprocess
 import sysconfig
 from pathlib import Path

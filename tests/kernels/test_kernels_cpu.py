@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from weightsmith.kernels import layout
-from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight
 from weightsmith.kernels.packing import pack_dense
+from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight
 
 GRID = [(b, g, sym) for b in (2, 3, 4, 8) for g, sym in ((32, True), (64, False), (128, True), (-1, False))]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from weightsmith.prune import importance as imp
-from weightsmith.prune.structure import HIDDEN, KVROWS, QROWS, FFN, Keep, LayerKeep, slice_tensor
+from weightsmith.prune.structure import FFN, HIDDEN, KVROWS, QROWS, Keep, LayerKeep, slice_tensor
 
 G = torch.Generator().manual_seed(0)
 

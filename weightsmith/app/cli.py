@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from weightsmith.version import __version__
 from weightsmith.errors import WeightsmithError
+from weightsmith.version import __version__
 
 
 def _emit(obj: Any, as_json: bool, render) -> None:
@@ -54,8 +54,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @click.option("--allow-download", is_flag=True, help="let a Hub id be downloaded when it is not in the local cache")
 def inspect(path: str, as_json: bool, allow_pickle: bool, allow_download: bool) -> None:
     """Show architecture, sizes, KV cache, coverage and provenance of a checkpoint."""
-    from weightsmith.checkpoint.resolve import open_checkpoint
     from weightsmith.app.inspect import inspect as do_inspect
+    from weightsmith.checkpoint.resolve import open_checkpoint
 
     ck = open_checkpoint(path, allow_pickle=allow_pickle, allow_download=allow_download)
     _emit(do_inspect(ck), as_json, _render_inspect)
@@ -148,9 +148,9 @@ def _windows_for(path: str, text_path: str, length: int, windows: int | None):
 def eval_cmd(ctx, path, text_path, length, windows, batch_size, dtype, device, as_json, layerwise):
     """Perplexity on a text (fixed non-overlapping windows), parameters, size and KV cache."""
     import weightsmith
+    from weightsmith.app.inspect import best_config
     from weightsmith.eval.accounting import disk_bytes, kv_cache, param_count
     from weightsmith.eval.perplexity import perplexity
-    from weightsmith.app.inspect import best_config
     from weightsmith.util import dtype_from_name
 
     ck, wins = _windows_for(path, text_path, length, windows)

@@ -24,9 +24,9 @@ DEMO_STEPS = [
 
 def run_step(name: str, options: dict, sources: list[str], dst: Path):
     """What a demo step calls to run a pass: the runner, replacing an earlier result of the same step."""
-    from weightsmith.app.runner import run_pass
-    from weightsmith.app.registry import get_pass
     from weightsmith.app.cli_options import build_config
+    from weightsmith.app.registry import get_pass
+    from weightsmith.app.runner import run_pass
 
     spec = get_pass(name)
     return run_pass(spec, build_config(spec, options), sources, dst, replace_stale=True)
@@ -40,12 +40,12 @@ def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=No
     from transformers import AutoTokenizer
 
     import weightsmith
+    from weightsmith.app.inspect import inspect
+    from weightsmith.app.registry import get_pass
+    from weightsmith.app.runner import run_pass
     from weightsmith.checkpoint.reader import Checkpoint
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.eval.text import read_text, token_windows
-    from weightsmith.app.inspect import inspect
-    from weightsmith.app.runner import run_pass
-    from weightsmith.app.registry import get_pass
 
     out = Path(out)
     results: dict = {"steps": []}

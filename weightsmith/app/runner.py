@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightsmith.app import registry
 from weightsmith.checkpoint import manifest as mf
 from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.checkpoint.resolve import open_checkpoint
 from weightsmith.checkpoint.writer import DEFAULT_MAX_SHARD, CheckpointWriter, TensorSpec
 from weightsmith.errors import UsageError, WeightsmithError
-from weightsmith.app import registry
 from weightsmith.passes import PassSpec, Plan, config_to_params
 from weightsmith.progress import QUIET, Reporter
 from weightsmith.util import human_bytes

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-
 # Block-quantized fp8 checkpoints (DeepSeek) store each weight's scales next to it under this suffix:
 # `<prefix>.weight` -> `<prefix>.weight_scale_inv`. A scale belongs to its weight's tensor group.
 SCALE_SUFFIX = "_scale_inv"

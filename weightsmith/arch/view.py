@@ -13,7 +13,6 @@ from functools import cached_property
 from typing import Any
 
 from weightsmith.arch.spec import SCALE_SUFFIX, Family, MlpSpec
-from weightsmith.errors import UnsupportedError
 
 GROUPS = ("embed", "lm_head", "final_norm", "attention", "norm", "dense_mlp", "router", "routed_experts", "shared_experts", "mtp", "other")
 

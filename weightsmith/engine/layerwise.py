@@ -18,7 +18,7 @@ A pass drives it through `LayerHandle`s::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch

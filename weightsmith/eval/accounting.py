@@ -9,6 +9,7 @@ import torch
 from weightsmith.arch import arch_for, supports
 from weightsmith.util import element_size
 
+
 def _plain_params(ck) -> int:
     from weightsmith.arch.spec import is_scale_name
 

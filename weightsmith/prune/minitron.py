@@ -25,8 +25,18 @@ from weightsmith.arch import arch_for
 from weightsmith.calib.config import CalibConfig
 from weightsmith.errors import UsageError
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.prune.prune_pass import (Targets, _prefix_keep, _source_widths, _widths, count_params, decide_keep, ffn_for_budget,
-                                          output_specs, parse_params, write_pruned)
+from weightsmith.prune.prune_pass import (
+    Targets,
+    _prefix_keep,
+    _source_widths,
+    _widths,
+    count_params,
+    decide_keep,
+    ffn_for_budget,
+    output_specs,
+    parse_params,
+    write_pruned,
+)
 from weightsmith.prune.structure import TensorRoles, pruned_config
 
 

@@ -17,19 +17,19 @@ from typing import Literal
 
 import torch
 
-from weightsmith.version import __version__
 from weightsmith.arch import arch_for
-from weightsmith.calib import CalibConfig
+from weightsmith.arch.coverage import require_complete
 from weightsmith.arch.spec import SCALE_SUFFIX
+from weightsmith.calib import CalibConfig
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError, WeightsmithError
-from weightsmith.arch.coverage import require_complete
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.quant.decisions import Decision, Override, decide
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
 from weightsmith.quant.gptq import GPTQSpec, gptq_quantize, output_error
-from weightsmith.quant.grid import GridSpec, dequantize_codes, rtn
+from weightsmith.quant.grid import GridSpec, rtn
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name
+from weightsmith.version import __version__
 
 STAGE = {"q": 0, "k": 0, "v": 0, "q_a": 0, "kv_a": 0, "q_b": 1, "kv_b": 1, "o": 2, "gate": 3, "up": 3, "down": 4}
 SHARED_INPUT = {"q", "k", "v", "q_a", "kv_a"}

@@ -18,8 +18,8 @@ from torch import nn
 
 from weightsmith.engine.skeleton import set_path
 from weightsmith.errors import CheckpointError, UnsupportedError
-from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
 from weightsmith.kernels.packing import pack_dense, unpack_dense
+from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
 
 QUANT_METHOD_TO_FORMAT = {"gptq": "gptq", "compressed-tensors": "compressed-tensors"}
 

@@ -354,7 +354,7 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     def process(layer):
         st = _LayerStats(view.hidden, cfg.loss_windows)
         layer.run(observe={view.attention(layer.index)["k"]: st}, keep_outputs=False)
-        stats.append(st.finish())
+        stats.append(st.finish())  # noqa: F821 (defined above; the `del` below comes after the engine ran)
 
     engine.run(calib.ids, process)
     engine.close()

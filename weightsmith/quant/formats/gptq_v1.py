@@ -17,8 +17,8 @@ import torch
 
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError
-from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, register_format
 from weightsmith.kernels.packing import pack_dense, unpack_dense
+from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, register_format
 
 
 def _words(values: int, bits: int) -> int:
