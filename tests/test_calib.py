@@ -105,7 +105,11 @@ def test_self_generated_is_deterministic(tiny_model, tok):
     a = load_calibration(CalibConfig(calib_samples=3, calib_length=12), tok, model_loader=loader, default="self")
     b = load_calibration(CalibConfig(calib="self", calib_samples=3, calib_length=12), tok, model_loader=loader)
     assert a.ids.shape == (3, 12) and torch.equal(a.ids, b.ids)
-    assert a.description["kind"] == "self-generated" and a.description["defaulted"] is True and b.description["defaulted"] is False
+    assert (
+        a.description["kind"] == "self-generated"
+        and a.description["defaulted"] is True
+        and b.description["defaulted"] is False
+    )
     assert len(set(a.ids[:, 0].tolist())) > 1  # different seeded starts
 
 

@@ -16,16 +16,31 @@ import import_graph  # noqa: E402
 # import each other, except passes.
 LAYERS: dict[str, int] = {
     # leaves: exceptions, the version, helpers, progress, the embedded assets
-    "errors": 0, "version": 0, "util": 0, "progress": 0, "assets": 0,
+    "errors": 0,
+    "version": 0,
+    "util": 0,
+    "progress": 0,
+    "assets": 0,
     # the core: architecture data, then checkpoints on disk
-    "arch": 1, "checkpoint": 2,
+    "arch": 1,
+    "checkpoint": 2,
     # the machinery passes build on
-    "kernels": 3, "engine": 3, "calib": 3, "loading": 3, "eval": 3,
+    "kernels": 3,
+    "engine": 3,
+    "calib": 3,
+    "loading": 3,
+    "eval": 3,
     # the pass contract, then the passes (which never import each other)
     "passes": 4,
-    "importer": 5, "quant": 5, "merge": 5, "prune": 5, "convert": 5,
+    "importer": 5,
+    "quant": 5,
+    "merge": 5,
+    "prune": 5,
+    "convert": 5,
     # the application: the only code that knows every pass; the package root is its public face
-    "app": 6, "weightsmith": 6, "__main__": 6,
+    "app": 6,
+    "weightsmith": 6,
+    "__main__": 6,
 }
 PASS_LAYER = 5
 
@@ -45,7 +60,9 @@ def _violations(graph: dict[str, set[str]]) -> list[str]:
 
 def test_every_part_has_a_layer():
     parts = {import_graph.part(m) for m in import_graph.module_graph()}
-    assert parts <= set(LAYERS), f"new part(s) {sorted(parts - set(LAYERS))}: give them a layer here and in docs/architecture.md"
+    assert parts <= set(LAYERS), (
+        f"new part(s) {sorted(parts - set(LAYERS))}: give them a layer here and in docs/architecture.md"
+    )
 
 
 def test_no_lower_layer_imports_a_higher_one():

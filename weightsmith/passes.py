@@ -44,9 +44,14 @@ class PassSpec:
     def sources_problem(self, count: int) -> str | None:
         """Why `count` sources do not suit this pass (None when they do): the one check of their number."""
         if self.multi_source:
-            return None if count >= 2 else f"{self.name} needs at least two parents (the first is the base), got {count}"
+            return (
+                None if count >= 2 else f"{self.name} needs at least two parents (the first is the base), got {count}"
+            )
         if count != self.sources:
-            return f"{self.name} takes {self.sources} source(s) ({' '.join(self.source_names[: self.sources])}), got {count}"
+            return (
+                f"{self.name} takes {self.sources} source(s) ({' '.join(self.source_names[: self.sources])}), got "
+                f"{count}"
+            )
         return None
 
 
@@ -80,4 +85,3 @@ def config_to_params(config: Any) -> dict[str, Any]:
     # fields marked runtime=True (worker counts...) never change the output: they are not
     # parameters, so changing them neither changes the manifest nor makes an output stale
     return {f.name: clean(getattr(config, f.name)) for f in dataclasses.fields(config) if not f.metadata.get("runtime")}
-

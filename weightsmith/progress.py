@@ -37,9 +37,17 @@ class Reporter:
             TimeRemainingColumn,
         )
 
-        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        cols = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*cols, console=Console(stderr=True), transient=True) as prog:
-            task = prog.add_task(desc, total=total if total is not None else (len(items) if hasattr(items, "__len__") else None))
+            task = prog.add_task(
+                desc, total=total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+            )
             for x in items:
                 yield x
                 prog.advance(task)

@@ -23,6 +23,8 @@ def test_demo_step_on_smollm2(smollm2, tmp_path):
     assert row["interpolated"] == 30 * 7 + 1 and row["copied_below_delta"] == 30 * 2 + 1, row
     tok = AutoTokenizer.from_pretrained(smollm2)
     wins = token_windows(tok, read_text(hamlet()), 128, 4, source="hamlet.txt")
-    ppl = {k: perplexity(AutoModelForCausalLM.from_pretrained(p), wins)["perplexity"]
-           for k, p in (("base", smollm2), ("sibling", tmp_path / "smollm2-noisy-sibling"), ("mix", row["path"]))}
+    ppl = {
+        k: perplexity(AutoModelForCausalLM.from_pretrained(p), wins)["perplexity"]
+        for k, p in (("base", smollm2), ("sibling", tmp_path / "smollm2-noisy-sibling"), ("mix", row["path"]))
+    }
     assert ppl["base"] < ppl["mix"] < ppl["sibling"], ppl

@@ -15,7 +15,24 @@ from weightsmith.progress import Reporter
 @pytest.fixture
 def student(tiny_model, cli, tmp_path, hamlet):
     out = tmp_path / "student"
-    assert cli("prune", tiny_model("llama"), out, "--ffn", "48", "--heads", "2", "--calib", hamlet, "--calib-samples", "4", "--calib-length", "64").code == 0
+    assert (
+        cli(
+            "prune",
+            tiny_model("llama"),
+            out,
+            "--ffn",
+            "48",
+            "--heads",
+            "2",
+            "--calib",
+            hamlet,
+            "--calib-samples",
+            "4",
+            "--calib-length",
+            "64",
+        ).code
+        == 0
+    )
     return out
 
 
@@ -54,7 +71,9 @@ def test_distill_lowers_divergence_and_resumes_exactly(student, tiny_model, cli,
     assert [s["pass"]["name"] for s in m["chain"]] == ["prune"]
     # interrupted after step 5 (state saved at step 4), then resumed: the same bytes
     out2 = tmp_path / "d2"
-    with monkeypatch.context() as mp:  # Ctrl-C as the sixth step is about to start (the loop steps through Reporter.track)
+    with (
+        monkeypatch.context() as mp
+    ):  # Ctrl-C as the sixth step is about to start (the loop steps through Reporter.track)
         mp.setattr(Reporter, "track", _interrupting_track(after=5))
         r = cli("distill", student, teacher, out2, "--calib", hamlet, *ARGS)
     assert r.code == 130 and not out2.exists() and (tmp_path / ".d2.distill-state" / "state.pt").exists()

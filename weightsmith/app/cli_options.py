@@ -30,7 +30,11 @@ def _unwrap_optional(tp):
 def option_for_field(f: dataclasses.Field, tp) -> click.Option:
     name = "--" + f.name.replace("_", "-")
     help_ = f.metadata.get("help", "")
-    default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    default = (
+        f.default
+        if f.default is not dataclasses.MISSING
+        else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    )
     tp, optional = _unwrap_optional(tp)
     kw: dict[str, Any] = {"help": help_, "show_default": default is not None and default != (), "default": default}
     if tp is bool:
@@ -65,7 +69,9 @@ def coerce_value(cls: type, name: str, value: Any) -> Any:
         for c in get_args(tp):
             if str(c) == str(value):
                 return c
-        raise UsageError(f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(str(c) for c in get_args(tp))}")
+        raise UsageError(
+            f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(str(c) for c in get_args(tp))}"
+        )
     if get_origin(tp) in (tuple, list):
         return tuple(value) if isinstance(value, (list, tuple)) else (value,)
     if tp in (int, float) and isinstance(value, str):
@@ -117,7 +123,9 @@ def resolve_config(cls: type, ctx: click.Context, cli_values: dict[str, Any], re
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(recipe) - names)
     if unknown:
-        raise UsageError(f"recipe option {unknown[0]!r} is not an option of this pass; valid: {', '.join(sorted(names))}")
+        raise UsageError(
+            f"recipe option {unknown[0]!r} is not an option of this pass; valid: {', '.join(sorted(names))}"
+        )
     values = dict(recipe)
     for k in names:
         if k in cli_values and ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None):

@@ -57,7 +57,10 @@ def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=No
     run_pass(imp, imp.config_cls(), [str(smollm2_gguf())], base, **({"report": report} if report else {}))
     info = inspect(Checkpoint(base))
     results["inspect"] = {k: info[k] for k in ("family", "sizes", "parameters", "disk_bytes", "kv_cache")}
-    say(f"[2/{total}] inspect: {info['family']}, {info['parameters']:,} parameters, KV cache {info['kv_cache']['values_per_token']:,} values/token")
+    say(
+        f"[2/{total}] inspect: {info['family']}, {info['parameters']:,} parameters, KV cache "
+        f"{info['kv_cache']['values_per_token']:,} values/token"
+    )
     for k, mod in enumerate(DEMO_STEPS, 3):
         step = importlib.import_module(mod).demo_step(base, out, lambda msg, k=k: say(f"[{k}/{total}] {msg}"), run_step)
         results["steps"].append(step)

@@ -32,7 +32,15 @@ def inspect(ck) -> dict[str, Any]:
     }
     if reason is None:
         view = arch_for(cfg)
-        sizes = {"layers": view.num_layers, "hidden": view.hidden, "heads": view.heads, "kv_heads": view.kv_heads, "head_dim": view.head_dim, "vocab": view.vocab, "tied_embeddings": view.tied}
+        sizes = {
+            "layers": view.num_layers,
+            "hidden": view.hidden,
+            "heads": view.heads,
+            "kv_heads": view.kv_heads,
+            "head_dim": view.head_dim,
+            "vocab": view.vocab,
+            "tied_embeddings": view.tied,
+        }
         if view.family.mlp is not None:
             sizes["ffn"] = view.ffn
         if view.family.moe:
@@ -54,6 +62,9 @@ def inspect(ck) -> dict[str, Any]:
             "parameters": m.get("parameters"),
             "metrics": m.get("metrics"),
             "calibration": m.get("calibration"),
-            "chain": [{"pass": s.get("pass", {}).get("name"), "parameters": s.get("parameters"), "metrics": s.get("metrics")} for s in m.get("chain", [])],
+            "chain": [
+                {"pass": s.get("pass", {}).get("name"), "parameters": s.get("parameters"), "metrics": s.get("metrics")}
+                for s in m.get("chain", [])
+            ],
         }
     return out

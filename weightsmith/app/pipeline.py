@@ -67,10 +67,14 @@ def parse_recipe(data: Any, base: Path, *, where: str = "recipe") -> list[Step]:
             raise UsageError(f"{label}: expected a mapping with 'name' and 'pass'")
         bad = set(raw) - _STEP_KEYS
         if bad:
-            raise UsageError(f"{label}: unknown key(s) {', '.join(sorted(bad))}; valid: {', '.join(sorted(_STEP_KEYS))}")
+            raise UsageError(
+                f"{label}: unknown key(s) {', '.join(sorted(bad))}; valid: {', '.join(sorted(_STEP_KEYS))}"
+            )
         name = str(raw.get("name", ""))
         if not _STEP_NAME.match(name):
-            raise UsageError(f"{label}: 'name' must be a plain file name (letters, digits, '-', '_', '.'), got {name!r}")
+            raise UsageError(
+                f"{label}: 'name' must be a plain file name (letters, digits, '-', '_', '.'), got {name!r}"
+            )
         if name in outputs:
             raise UsageError(f"{label}: step name {name!r} is used twice")
         label = f"{where}: step {name!r}"
@@ -84,11 +88,17 @@ def parse_recipe(data: Any, base: Path, *, where: str = "recipe") -> list[Step]:
                 raise UsageError(f"{label}: no input (give the recipe a 'source' or the step an 'input')")
             inputs = [previous]
         else:
-            inputs = [str(outputs[r]) if r in outputs else _resolve_input(r, base) for r in (refs if isinstance(refs, list) else [refs])]
+            inputs = [
+                str(outputs[r]) if r in outputs else _resolve_input(r, base)
+                for r in (refs if isinstance(refs, list) else [refs])
+            ]
         problem = spec.sources_problem(len(inputs))
         if problem:
             raise UsageError(f"{label}: {problem} (give the step 'inputs')")
-        options = {**{k: v for k, v in defaults.items() if _has_field(spec.config_cls, k)}, **(raw.get("options") or {})}
+        options = {
+            **{k: v for k, v in defaults.items() if _has_field(spec.config_cls, k)},
+            **(raw.get("options") or {}),
+        }
         out = _path(raw["out"], base) if raw.get("out") else out_root / name
         steps.append(Step(name, pname, inputs, out, options))
         outputs[name] = out
@@ -139,7 +149,15 @@ def check_steps(steps: list[Step], where: str) -> list[Any]:
     return configs
 
 
-def run_recipe(path: str | Path, *, force: bool = False, dry_run: bool = False, only: list[str] | None = None, report=None, **run_kw) -> list[dict]:
+def run_recipe(
+    path: str | Path,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    only: list[str] | None = None,
+    report=None,
+    **run_kw,
+) -> list[dict]:
     """Run (or plan) every step in order; returns one summary per step. Every step is checked first."""
     from weightsmith.app.cli_options import load_recipe
     from weightsmith.app.registry import all_passes
@@ -165,6 +183,16 @@ def run_recipe(path: str | Path, *, force: bool = False, dry_run: bool = False, 
         if dry_run and any(i in made_earlier and not Path(i).exists() for i in step.inputs):
             results.append({**row, "status": "pending (its input is made by an earlier step)", "notes": []})
             continue
-        res = run_pass(spec, config, step.inputs, step.out, force=force, replace_stale=True, dry_run=dry_run, report=report or QUIET, **run_kw)
+        res = run_pass(
+            spec,
+            config,
+            step.inputs,
+            step.out,
+            force=force,
+            replace_stale=True,
+            dry_run=dry_run,
+            report=report or QUIET,
+            **run_kw,
+        )
         results.append({**row, "status": res.status, "notes": res.notes})
     return results

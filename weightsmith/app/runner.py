@@ -95,7 +95,11 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": self.status, "output": str(self.dst) if self.dst else None, "notes": self.notes}
+        out: dict[str, Any] = {
+            "status": self.status,
+            "output": str(self.dst) if self.dst else None,
+            "notes": self.notes,
+        }
         if self.plan is not None:
             out["plan"] = plan_summary(self.plan)
         if self.manifest is not None:
@@ -143,7 +147,12 @@ def run_pass(
     problem = spec.sources_problem(len(sources))
     if problem:
         raise UsageError(problem)
-    cks = [s if isinstance(s, Checkpoint) else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download) for s in sources]
+    cks = [
+        s
+        if isinstance(s, Checkpoint)
+        else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download)
+        for s in sources
+    ]
     params = config_to_params(config)
     if max_shard_size != DEFAULT_MAX_SHARD:
         params["max_shard_size"] = max_shard_size
@@ -165,7 +174,9 @@ def run_pass(
         if replace_stale and (dst / mf.MANIFEST).is_file():
             force = True  # an earlier result of this same step (pipelines own their step outputs)
         else:
-            raise WeightsmithError(f"{dst}: output already exists (from other inputs or parameters); pass --force to replace it")
+            raise WeightsmithError(
+                f"{dst}: output already exists (from other inputs or parameters); pass --force to replace it"
+            )
     plan = spec.plan(config, ctx)
     with CheckpointWriter(dst, force=force, max_shard_size=max_shard_size) as writer:
         ctx.writer = writer
@@ -184,9 +195,15 @@ def run_pass(
             from weightsmith.checkpoint.card import render_card
 
             core = mf.build_core(
-                pass_name=spec.name, reference_url=spec.reference_url, parameters=params, inputs=inputs,
-                input_manifests=[ck.manifest for ck in cks], calibration=ctx.calibration, metrics=ctx.metrics,
-                seed=seed, device=ctx.device,
+                pass_name=spec.name,
+                reference_url=spec.reference_url,
+                parameters=params,
+                inputs=inputs,
+                input_manifests=[ck.manifest for ck in cks],
+                calibration=ctx.calibration,
+                metrics=ctx.metrics,
+                seed=seed,
+                device=ctx.device,
             )
             steps = [s.get("pass", {}).get("name") for s in core.get("chain", [])] + [spec.name]
             known = registry.all_passes()
@@ -195,7 +212,10 @@ def run_pass(
             return mf.with_outputs(core, tmp, tensors=len(writer.planned), total_size=writer.total_size)
 
         writer.finalize(build_manifest)
-    report.log(f"wrote {dst} ({len(writer.planned)} tensors, {human_bytes(writer.total_size)} in {len(writer.shards)} shard(s))")
+    report.log(
+        f"wrote {dst} ({len(writer.planned)} tensors, {human_bytes(writer.total_size)} in {len(writer.shards)} "
+        "shard(s))"
+    )
     return RunResult("written", dst, plan=plan, manifest=mf.read(dst), notes=ctx.notes)
 
 

@@ -31,7 +31,10 @@ def coverage(ck, config=None) -> dict[str, list[str]]:
     expected = set(view.expected_tensors())
     have = {n for n in ck.names if not is_scale_name(n)}
     missing = sorted(expected - have, key=natural_key)
-    unexpected = sorted((n for n in have - expected if view.classify(n) != "mtp" and not n.endswith("rotary_emb.inv_freq")), key=natural_key)
+    unexpected = sorted(
+        (n for n in have - expected if view.classify(n) != "mtp" and not n.endswith("rotary_emb.inv_freq")),
+        key=natural_key,
+    )
     return {"missing": missing, "unexpected": unexpected}
 
 
@@ -40,4 +43,7 @@ def require_complete(ck, config=None) -> None:
     cov = coverage(ck, config)
     if cov["missing"]:
         more = f" (+{len(cov['missing']) - 1} more)" if len(cov["missing"]) > 1 else ""
-        raise CheckpointError(f"{ck.root}: missing tensor {cov['missing'][0]!r}{more} that config.json implies; the checkpoint is incomplete")
+        raise CheckpointError(
+            f"{ck.root}: missing tensor {cov['missing'][0]!r}{more} that config.json implies; the checkpoint is "
+            "incomplete"
+        )

@@ -56,7 +56,9 @@ class AttentionSpec:
 class MlpSpec:
     """A gated (SwiGLU) MLP: role (gate/up/down) -> module path relative to its parent."""
 
-    modules: Mapping[str, str] = field(default_factory=lambda: _ro({"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}))
+    modules: Mapping[str, str] = field(
+        default_factory=lambda: _ro({"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+    )
     bias_key: str | None = None
 
 
@@ -94,7 +96,9 @@ class Family:
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
     layer: str = "model.layers.{i}"
-    layer_norms: Mapping[str, str] = field(default_factory=lambda: _ro({"input": "input_layernorm", "post_attention": "post_attention_layernorm"}))
+    layer_norms: Mapping[str, str] = field(
+        default_factory=lambda: _ro({"input": "input_layernorm", "post_attention": "post_attention_layernorm"})
+    )
     required_keys: tuple[str, ...] = ()  # extra config keys the family needs
     mtp_key: str | None = None  # config key: number of multi-token-prediction layers stored after the decoder
     paper: str | None = None

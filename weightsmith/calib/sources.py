@@ -29,7 +29,10 @@ def _records_texts(records: list[Any], field: str, where: str) -> list[str]:
         if not isinstance(rec, dict):
             raise UsageError(f"{where}: record {k} is a {type(rec).__name__}, not an object with a {field!r} field")
         if field not in rec:
-            raise UsageError(f"{where}: record {k} has no {field!r} field (fields: {', '.join(sorted(rec)) or 'none'}); choose one with --calib-field")
+            raise UsageError(
+                f"{where}: record {k} has no {field!r} field (fields: {', '.join(sorted(rec)) or 'none'}); choose one "
+                "with --calib-field"
+            )
         docs.extend(_strings(rec[field], f"{where}: record {k} field {field!r}"))
     return docs
 
@@ -70,13 +73,19 @@ def read_datasets_dir(path: Path, field: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise UsageError(f"{path}: reading a saved HF datasets directory needs the 'datasets' package: pip install 'weightsmith[datasets]'") from None
+        raise UsageError(
+            f"{path}: reading a saved HF datasets directory needs the 'datasets' package: pip install "
+            "'weightsmith[datasets]'"
+        ) from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         split = "train" if "train" in ds else sorted(ds)[0]
         ds = ds[split]
     if field not in ds.column_names:
-        raise UsageError(f"{path}: dataset has no column {field!r} (columns: {', '.join(ds.column_names)}); choose one with --calib-field")
+        raise UsageError(
+            f"{path}: dataset has no column {field!r} (columns: {', '.join(ds.column_names)}); choose one with "
+            "--calib-field"
+        )
     return _records_texts([{field: v} for v in ds[field]], field, str(path))
 
 
@@ -98,7 +107,11 @@ READERS: dict[str, Callable[[Path, str], list[str]]] = {
 
 def source_kind(path: Path) -> str:
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if (
+            (path / "dataset_info.json").exists()
+            or (path / "dataset_dict.json").exists()
+            or (path / "state.json").exists()
+        ):
             return "datasets"
         return "text-dir"
     suffix = path.suffix.lower()
@@ -114,7 +127,9 @@ def read_documents(spec: str, field: str = "text") -> tuple[str, list[str]]:
     if assets.is_asset(spec):  # the texts that ship as PyPI wheels, by name
         asset = assets.find(spec, "text", "records")
         if asset is None:
-            raise UsageError(f"--calib {spec}: unknown embedded text; available: {', '.join(assets.names('text', 'records'))}")
+            raise UsageError(
+                f"--calib {spec}: unknown embedded text; available: {', '.join(assets.names('text', 'records'))}"
+            )
         kind, docs = read_documents(str(asset.path()), asset.field or "text")
         return f"embedded {kind}", docs
     path = Path(spec).expanduser()

@@ -92,5 +92,10 @@ def render_card(spec, core: dict[str, Any], sources, tags: list[str]) -> str:
         name = step.get("pass", {}).get("name", "?")
         ins = ", ".join(i.get("repo_id") or i.get("gguf_file") or i.get("path", "?") for i in step.get("inputs", []))
         lines.append(f"| {k} | {name} | {ins} |")
-    lines += ["", "Full provenance (input and output hashes, environment) is in `manifest.json`; check it with `weightsmith verify`.", ""]
+    lines += [
+        "",
+        "Full provenance (input and output hashes, environment) is in `manifest.json`; check it with `weightsmith "
+        "verify`.",
+        "",
+    ]
     return "\n".join(lines)

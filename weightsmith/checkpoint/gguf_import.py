@@ -32,14 +32,18 @@ def gguf_to_safetensors(path: str | Path) -> Path:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise WeightsmithError(f"{path}: reading GGUF needs the 'gguf' package; install it with: pip install 'weightsmith[gguf]'") from None
+        raise WeightsmithError(
+            f"{path}: reading GGUF needs the 'gguf' package; install it with: pip install 'weightsmith[gguf]'"
+        ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # transformers raises many types for unsupported/corrupt GGUF
-        raise CheckpointError(f"{path}: cannot import GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{path}: cannot import GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized now
@@ -56,6 +60,12 @@ def gguf_to_safetensors(path: str | Path) -> Path:
         with tempfile.TemporaryDirectory() as td:
             tok.save_pretrained(td)
             w.copy_aux_files(td, sorted(p.name for p in Path(td).iterdir() if p.is_file()))
-        core = mf.build_core(pass_name=PASS_NAME, reference_url="https://huggingface.co/docs/transformers/gguf", parameters={}, inputs=inputs, input_manifests=[])
+        core = mf.build_core(
+            pass_name=PASS_NAME,
+            reference_url="https://huggingface.co/docs/transformers/gguf",
+            parameters={},
+            inputs=inputs,
+            input_manifests=[],
+        )
         w.finalize(lambda tmp: mf.with_outputs(core, tmp, tensors=len(state), total_size=w.total_size))
     return dst

@@ -91,9 +91,19 @@ def tool_info() -> dict[str, Any]:
     pkg = Path(__file__).resolve().parents[2]
     if (pkg / ".git").exists():
         try:
-            r = subprocess.run(["git", "-C", str(pkg), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, timeout=5)
+            r = subprocess.run(
+                ["git", "-C", str(pkg), "rev-parse", "--verify", "-q", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
             sha = r.stdout.strip() if r.returncode == 0 else ""
-            dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no", "weightsmith"], capture_output=True, text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no", "weightsmith"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
             info["git_sha"] = (sha + ("+dirty" if dirty else "")) if sha else None
         except (OSError, subprocess.SubprocessError):
             pass
@@ -205,7 +215,9 @@ def verify(root: str | os.PathLike) -> list[str]:
         if size != want.get("bytes"):
             problems.append(f"{name}: {size} bytes, manifest says {want.get('bytes')}")
         elif digests[name] != want.get("sha256"):
-            problems.append(f"{name}: sha256 {digests[name][:12]}… does not match the manifest's {str(want.get('sha256'))[:12]}…")
+            problems.append(
+                f"{name}: sha256 {digests[name][:12]}… does not match the manifest's {str(want.get('sha256'))[:12]}…"
+            )
     return problems
 
 

@@ -47,10 +47,13 @@ def _from_hub(spec: str, *, allow_pickle: bool, allow_download: bool) -> Checkpo
         snap = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=not allow_download))
     except LocalEntryNotFoundError:
         raise CheckpointError(
-            f"{repo_id}: not a local path and not in the local Hugging Face cache; download it first or pass --allow-download"
+            f"{repo_id}: not a local path and not in the local Hugging Face cache; download it first or pass "
+            "--allow-download"
         ) from None
     except Exception as e:  # network / auth errors from the hub client
-        raise CheckpointError(f"{repo_id}: cannot resolve from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{repo_id}: cannot resolve from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     # snapshots link into ../../blobs: containment is the repo's cache folder, not the snapshot dir
     origin = Origin(kind="hub", path=str(snap), repo_id=repo_id, revision=snap.name)
     return Checkpoint(snap, allow_pickle=allow_pickle, origin=origin, contain=snap.parents[1])

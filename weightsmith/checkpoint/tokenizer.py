@@ -10,8 +10,17 @@ import hashlib
 from pathlib import Path
 
 # every file that is part of a tokenizer (what a merge copies from the parent that gives it)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 # the files that fix the token ids themselves
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 

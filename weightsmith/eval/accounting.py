@@ -50,4 +50,9 @@ def kv_cache(config: Any, cache_dtype: torch.dtype | None = None) -> dict[str, A
     view = arch_for(config)
     values = view.kv_cache_values_per_token()
     dt = cache_dtype or config_dtype(config)
-    return {"values_per_token": values, "bytes_per_token": values * element_size(dt), "dtype": str(dt).removeprefix("torch."), "kind": "mla" if view.is_mla else ("mha" if view.kv_heads == view.heads else "gqa")}
+    return {
+        "values_per_token": values,
+        "bytes_per_token": values * element_size(dt),
+        "dtype": str(dt).removeprefix("torch."),
+        "kind": "mla" if view.is_mla else ("mha" if view.kv_heads == view.heads else "gqa"),
+    }

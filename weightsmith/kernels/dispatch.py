@@ -65,7 +65,10 @@ class Kernel:
     def reason(self, x: torch.Tensor, w: PackedWeight, forced: bool = False) -> str | None:
         why = self.unavailable(x, w)
         if why is None and self.emulated_on_cpu and x.device.type != "cuda" and not forced:
-            why = f"input is on the CPU: the {self.name} kernel's emulator is only used when forced (WEIGHTSMITH_KERNEL={self.name})"
+            why = (
+                f"input is on the CPU: the {self.name} kernel's emulator is only used when forced "
+                f"(WEIGHTSMITH_KERNEL={self.name})"
+            )
         return why
 
 
@@ -140,7 +143,9 @@ def _cuda_unavailable(x: torch.Tensor, m: PackedWeight) -> str | None:
         return f"M = {_rows(x)} > {CUDA_MAX_M}: compute-bound, dequantize + cuBLAS is faster"
     from weightsmith.kernels import cuda_ext, marlin_layout
 
-    return marlin_layout.check(m.bits, m.in_features, m.out_features, m.group_size, m.g_idx) or cuda_ext.unavailable(x.device.index or 0)
+    return marlin_layout.check(m.bits, m.in_features, m.out_features, m.group_size, m.g_idx) or cuda_ext.unavailable(
+        x.device.index or 0
+    )
 
 
 def _triton_unavailable(x: torch.Tensor, m: PackedWeight) -> str | None:
@@ -184,7 +189,9 @@ def choose(x: torch.Tensor, w: PackedWeight) -> Kernel:
     if forced:
         k = next((k for k in KERNELS if k.name == forced), None)
         if k is None:
-            raise ValueError(f"WEIGHTSMITH_KERNEL={forced}: no such kernel; kernels: {', '.join(k.name for k in KERNELS)}")
+            raise ValueError(
+                f"WEIGHTSMITH_KERNEL={forced}: no such kernel; kernels: {', '.join(k.name for k in KERNELS)}"
+            )
         why = k.reason(x, w, forced=True)
         if why:
             raise RuntimeError(f"WEIGHTSMITH_KERNEL={forced} cannot serve this call: {why}")

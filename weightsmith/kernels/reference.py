@@ -12,7 +12,14 @@ import torch
 from weightsmith.kernels.packing import unpack_dense
 
 
-def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     k = g_idx.shape[0]
     n = scales.shape[1]
     q = unpack_dense(qweight.T.contiguous(), bits, k).to(scales.device)  # [N, K]
@@ -20,4 +27,3 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     gi = g_idx.long()
     w = scales.float()[gi].T * (q.float() - z.float()[gi].T)
     return w.to(dtype or scales.dtype)
-

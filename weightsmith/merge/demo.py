@@ -49,10 +49,15 @@ def demo_step(base: Path, out: Path, say, run) -> dict:
     res = run("merge", {"weights": "parent:0", "rule": ("group:attention=parent:1",)}, [str(base), str(sib)], chimera)
     ck, A, B = Checkpoint(chimera), Checkpoint(base), Checkpoint(sib)
     view = arch_for(A.config)
-    exact = all(bytes(ck.read_raw(n)) == bytes((B if view.classify(n) == "attention" else A).read_raw(n)) for n in A.names)
+    exact = all(
+        bytes(ck.read_raw(n)) == bytes((B if view.classify(n) == "attention" else A).read_raw(n)) for n in A.names
+    )
     groups = res.manifest["metrics"]["groups"]
-    say(f"      {sum(g['selected'].get('1', 0) for g in groups.values())} attention tensors from the sibling, "
-        f"{sum(g['selected'].get('0', 0) for g in groups.values())} from the base; byte-identical to their parents: {exact}")
+    say(
+        f"      {sum(g['selected'].get('1', 0) for g in groups.values())} attention tensors from the sibling, "
+        f"{sum(g['selected'].get('0', 0) for g in groups.values())} from the base; byte-identical to their parents: "
+        f"{exact}"
+    )
     mix = out / "smollm2-merge-50-50"
     say(f"merge (50/50 interpolation, δ = 0.01) -> {mix}")
     res = run("merge", {"weights": "0.5,0.5", "delta": 0.01}, [str(base), str(sib)], mix)
@@ -60,6 +65,11 @@ def demo_step(base: Path, out: Path, say, run) -> dict:
     inter = sum(g["interpolated"] for g in groups.values())
     copied = sum(g["copied_below_delta"] for g in groups.values())
     say(f"      {inter} tensors interpolated, {copied} copied from the base (parents differ by ≤ δ)")
-    return {"label": "merge 50/50 with a noisy sibling", "path": str(mix), "chimera_byte_exact": exact, "interpolated": inter,
-            "copied_below_delta": copied, "status": res.status}
-
+    return {
+        "label": "merge 50/50 with a noisy sibling",
+        "path": str(mix),
+        "chimera_byte_exact": exact,
+        "interpolated": inter,
+        "copied_below_delta": copied,
+        "status": res.status,
+    }

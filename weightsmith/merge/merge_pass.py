@@ -37,21 +37,75 @@ from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name, dtype_name, element_size
 
 # config keys that make two checkpoints different architectures (shapes are checked per tensor)
-STRUCTURAL_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads",
-                   "num_key_value_heads", "intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts",
-                   "num_local_experts", "first_k_dense_replace", "kv_lora_rank", "q_lora_rank", "head_dim", "tie_word_embeddings")
+STRUCTURAL_KEYS = (
+    "model_type",
+    "architectures",
+    "num_hidden_layers",
+    "hidden_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "num_experts",
+    "num_local_experts",
+    "first_k_dense_replace",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "head_dim",
+    "tie_word_embeddings",
+)
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    weights: str | None = field(default=None, metadata={"help": "default rule: one λ per parent (e.g. 0.7,0.3) or parent:N; default: equal weights"})
-    rule: tuple[str, ...] = field(default=(), metadata={"help": "PATTERN=λ1,λ2[;delta=D] or group:NAME=parent:N (repeat; first match wins; PATTERN is a regex searched in the tensor name)"})
-    delta: float = field(default=0.0, metadata={"help": "interpolate a tensor only where a parent differs from the base by more than this (relative Frobenius norm); else copy the base"})
-    out_dtype: Literal["keep", "bfloat16", "float16", "float32"] = field(default="keep", metadata={"help": "keep the parents' dtypes (fp8 stays block-scaled fp8) or write this dtype (fp8 dequantized)"})
-    ue8m0: bool = field(default=False, metadata={"help": "round requantized fp8 scales to powers of two (DeepSeek V3.1 scale_fmt ue8m0)"})
-    tokenizer_from: int | None = field(default=None, metadata={"help": "take the tokenizer files from this parent (0-based) when the parents' tokenizers differ"})
-    partial: Literal["error", "base", "first"] = field(default="error", metadata={"help": "a tensor only some parents have: error, take the base's (drop it if the base lacks it: never), or take it from the first parent that has it"})
-    workers: int = field(default=0, metadata={"help": "parallel tensor workers (0: one per core, at most 8); the output does not depend on it", "runtime": True})
+    weights: str | None = field(
+        default=None,
+        metadata={"help": "default rule: one λ per parent (e.g. 0.7,0.3) or parent:N; default: equal weights"},
+    )
+    rule: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "PATTERN=λ1,λ2[;delta=D] or group:NAME=parent:N (repeat; first match wins; PATTERN is a regex "
+            "searched in the tensor name)"
+        },
+    )
+    delta: float = field(
+        default=0.0,
+        metadata={
+            "help": "interpolate a tensor only where a parent differs from the base by more than this (relative "
+            "Frobenius norm); else copy the base"
+        },
+    )
+    out_dtype: Literal["keep", "bfloat16", "float16", "float32"] = field(
+        default="keep",
+        metadata={
+            "help": "keep the parents' dtypes (fp8 stays block-scaled fp8) or write this dtype (fp8 dequantized)"
+        },
+    )
+    ue8m0: bool = field(
+        default=False,
+        metadata={"help": "round requantized fp8 scales to powers of two (DeepSeek V3.1 scale_fmt ue8m0)"},
+    )
+    tokenizer_from: int | None = field(
+        default=None,
+        metadata={"help": "take the tokenizer files from this parent (0-based) when the parents' tokenizers differ"},
+    )
+    partial: Literal["error", "base", "first"] = field(
+        default="error",
+        metadata={
+            "help": "a tensor only some parents have: error, take the base's (drop it if the base lacks it: never), or "
+            "take it from the first parent that has it"
+        },
+    )
+    workers: int = field(
+        default=0,
+        metadata={
+            "help": "parallel tensor workers (0: one per core, at most 8); the output does not depend on it",
+            "runtime": True,
+        },
+    )
 
 
 @dataclass
@@ -74,10 +128,20 @@ def _parents_config_check(cks) -> list[str]:
         other = ck.config_dict
         for key in STRUCTURAL_KEYS:
             if base.get(key) != other.get(key):
-                raise CheckpointError(f"parent {k} ({ck.root}) is a different architecture: {key} = {other.get(key)!r}, the base has {base.get(key)!r}")
-        differ = sorted(kk for kk in set(base) | set(other) if kk not in ("_name_or_path", "transformers_version") and base.get(kk) != other.get(kk))
+                raise CheckpointError(
+                    f"parent {k} ({ck.root}) is a different architecture: {key} = {other.get(key)!r}, the base has "
+                    f"{base.get(key)!r}"
+                )
+        differ = sorted(
+            kk
+            for kk in set(base) | set(other)
+            if kk not in ("_name_or_path", "transformers_version") and base.get(kk) != other.get(kk)
+        )
         if differ:
-            notes.append(f"parent {k}'s config differs from the base in {', '.join(differ[:6])}{'…' if len(differ) > 6 else ''}: the base's config is kept")
+            notes.append(
+                f"parent {k}'s config differs from the base in "
+                f"{', '.join(differ[:6])}{'…' if len(differ) > 6 else ''}: the base's config is kept"
+            )
     return notes
 
 
@@ -91,8 +155,10 @@ def _check_tokenizers(cfg: MergeConfig, cks) -> int:
     for k, d in enumerate(digests[1:], 1):
         differ = tokenizer.differences(digests[0], d)
         if differ:
-            raise CheckpointError(f"parent {k} ({cks[k].root}) has a different tokenizer than the base ({', '.join(differ)} differ); "
-                                  f"merged weights index the vocabulary, so choose one explicitly with --tokenizer-from N")
+            raise CheckpointError(
+                f"parent {k} ({cks[k].root}) has a different tokenizer than the base ({', '.join(differ)} differ); "
+                f"merged weights index the vocabulary, so choose one explicitly with --tokenizer-from N"
+            )
     return 0
 
 
@@ -115,17 +181,28 @@ def _units(cfg: MergeConfig, ctx) -> tuple[list[Unit], list[Rule], Rule]:
         if len(have) != n:
             missing = [k for k in range(n) if k not in have]
             if cfg.partial == "error":
-                raise CheckpointError(f"tensor {nm!r} is missing from parent(s) {', '.join(map(str, missing))}; "
-                                      f"say how to treat tensors only some parents have with --partial base|first")
+                raise CheckpointError(
+                    f"tensor {nm!r} is missing from parent(s) {', '.join(map(str, missing))}; "
+                    f"say how to treat tensors only some parents have with --partial base|first"
+                )
             if cfg.partial == "base" and 0 not in have:
-                raise CheckpointError(f"tensor {nm!r} is not in the base parent (--partial base); use --partial first to take it from parent {have[0]}")
+                raise CheckpointError(
+                    f"tensor {nm!r} is not in the base parent (--partial base); use --partial first to take it from "
+                    f"parent {have[0]}"
+                )
         infos = [cks[k].info(nm) for k in have]
         for k, inf in zip(have, infos):
             if inf.shape != infos[0].shape:
-                raise CheckpointError(f"tensor {nm!r}: parent {k} has shape {list(inf.shape)}, parent {have[0]} has {list(infos[0].shape)}")
+                raise CheckpointError(
+                    f"tensor {nm!r}: parent {k} has shape {list(inf.shape)}, parent {have[0]} has "
+                    f"{list(infos[0].shape)}"
+                )
             if inf.dtype != infos[0].dtype:
-                raise CheckpointError(f"tensor {nm!r}: parent {k} is {dtype_name(inf.dtype)}, parent {have[0]} is {dtype_name(infos[0].dtype)}; "
-                                      f"bring them to one dtype first (e.g. weightsmith import --dequantize-fp8)")
+                raise CheckpointError(
+                    f"tensor {nm!r}: parent {k} is {dtype_name(inf.dtype)}, parent {have[0]} is "
+                    f"{dtype_name(infos[0].dtype)}; "
+                    f"bring them to one dtype first (e.g. weightsmith import --dequantize-fp8)"
+                )
         group = view.classify(nm)
         rule = resolve(rules, default, nm, group)
         used.add(rule.text)
@@ -135,10 +212,16 @@ def _units(cfg: MergeConfig, ctx) -> tuple[list[Unit], list[Rule], Rule]:
         dt = infos[0].dtype
         scale = cks[have[0]].scale_of(nm) if dt in FP8_DTYPES else None
         if dt in FP8_DTYPES and scale is None:
-            raise CheckpointError(f"tensor {nm!r} is fp8 without a {nm + SCALE_SUFFIX!r} block scale; only DeepSeek-style block-scaled fp8 can be merged")
+            raise CheckpointError(
+                f"tensor {nm!r} is fp8 without a {nm + SCALE_SUFFIX!r} block scale; only DeepSeek-style block-scaled "
+                "fp8 can be merged"
+            )
         if scale is not None:
             for k in have:
-                if cks[k].scale_of(nm) is None or cks[k].info(cks[k].scale_of(nm)).shape != cks[have[0]].info(scale).shape:
+                if (
+                    cks[k].scale_of(nm) is None
+                    or cks[k].info(cks[k].scale_of(nm)).shape != cks[have[0]].info(scale).shape
+                ):
                     raise CheckpointError(f"tensor {nm!r}: parent {k} lacks a matching {scale!r}")
         out_dt = dt
         if want_dtype is not None and (dt in FLOAT_DTYPES or dt in FP8_DTYPES):
@@ -147,14 +230,18 @@ def _units(cfg: MergeConfig, ctx) -> tuple[list[Unit], list[Rule], Rule]:
     unused = [r.text for r in rules if r.text not in used]
     if unused:
         groups = sorted({u.group for u in units})
-        raise UsageError(f"rule {unused[0]!r} matches no tensor (groups present: {', '.join(groups)}); fix or remove it")
+        raise UsageError(
+            f"rule {unused[0]!r} matches no tensor (groups present: {', '.join(groups)}); fix or remove it"
+        )
     for u in units:
         sel = u.rule.selects
         u.action = "select" if sel is not None else "interpolate"
         dt = cks[u.have[0]].info(u.name).dtype
         if u.action == "interpolate" and not (dt in FLOAT_DTYPES or dt in FP8_DTYPES):
-            raise UsageError(f"tensor {u.name!r} is {dtype_name(dt)} and cannot be interpolated (rule {u.rule.text!r}); "
-                             f"select it from one parent with a rule before this one, e.g. --rule '{re.escape(u.name)}=parent:0'")
+            raise UsageError(
+                f"tensor {u.name!r} is {dtype_name(dt)} and cannot be interpolated (rule {u.rule.text!r}); "
+                f"select it from one parent with a rule before this one, e.g. --rule '{re.escape(u.name)}=parent:0'"
+            )
     return units, rules, default
 
 
@@ -200,16 +287,26 @@ def plan(cfg: MergeConfig, ctx) -> Plan:
     by_rule = {u.rule.text: u.rule for u in units}
     for gname, g in groups.items():
         for text, count in g["rules"].items():
-            ctx.notes.append(f"plan: {gname}: {count} tensor(s) {_describe(by_rule[text], cfg.delta, cfg.out_dtype)}  [{text}]")
+            ctx.notes.append(
+                f"plan: {gname}: {count} tensor(s) {_describe(by_rule[text], cfg.delta, cfg.out_dtype)}  [{text}]"
+            )
     reads = [0] * len(cks)
     for u in units:
         for k in u.have:
             if u.rule.weights[k] != 0 or (u.action == "interpolate" and _delta(cfg, u) > 0 and k == 0):
                 reads[k] += cks[k].info(u.name).nbytes + (cks[k].info(u.scale).nbytes if u.scale else 0)
-    summary = {"parents": [str(ck.root) for ck in cks], "groups": groups, "select": sum(u.action == "select" for u in units),
-               "interpolate": sum(u.action == "interpolate" for u in units), "delta": cfg.delta, "tokenizer_from": tok_from,
-               "bytes_to_read_per_parent": reads}
-    return Plan(tensors=tensors, config=out_cfg, summary=summary, layout=layout or None, state=MergePlan(units, tok_from))
+    summary = {
+        "parents": [str(ck.root) for ck in cks],
+        "groups": groups,
+        "select": sum(u.action == "select" for u in units),
+        "interpolate": sum(u.action == "interpolate" for u in units),
+        "delta": cfg.delta,
+        "tokenizer_from": tok_from,
+        "bytes_to_read_per_parent": reads,
+    }
+    return Plan(
+        tensors=tensors, config=out_cfg, summary=summary, layout=layout or None, state=MergePlan(units, tok_from)
+    )
 
 
 def _describe(rule: Rule, delta: float, out_dtype: str) -> str:
@@ -290,7 +387,9 @@ def _read_values(cks, u: Unit, k: int, part: stream.Part, slot: str):
     sname = ck.scale_of(u.name)
     sinfo = ck.info(sname)
     srow = sinfo.shape[1] * element_size(sinfo.dtype)
-    sc = stream.typed(stream.read_part(ck, sname, b0 * srow, b1 * srow, f"{slot}s{k}"), sinfo.dtype, (b1 - b0, sinfo.shape[1]))
+    sc = stream.typed(
+        stream.read_part(ck, sname, b0 * srow, b1 * srow, f"{slot}s{k}"), sinfo.dtype, (b1 - b0, sinfo.shape[1])
+    )
     return stream.typed(raw, info.dtype, (r1 - r0, info.shape[1])), sc
 
 
@@ -299,11 +398,20 @@ def _merge_part(cfg: MergeConfig, cks, u: Unit, lam, part: stream.Part, key: str
     need = [k for k in range(len(cks)) if lam[k] != 0]
     vals = {k: _read_values(cks, u, k, part, "in") for k in need}
     for k in need:
-        stats.add_read(k, part.stop - part.start + (vals[k][1].numel() * vals[k][1].element_size() if u.scale is not None else 0))
+        stats.add_read(
+            k, part.stop - part.start + (vals[k][1].numel() * vals[k][1].element_size() if u.scale is not None else 0)
+        )
     if u.scale is not None:
         requant = u.out_dtype in FP8_DTYPES
-        q, s = merge_fp8([vals[k][0] if k in vals else None for k in range(len(cks))], [vals[k][1] if k in vals else None for k in range(len(cks))],
-                         list(lam), cks[need[0]].fp8_block, requantize=requant, ue8m0=cfg.ue8m0, out_dtype=u.out_dtype)
+        q, s = merge_fp8(
+            [vals[k][0] if k in vals else None for k in range(len(cks))],
+            [vals[k][1] if k in vals else None for k in range(len(cks))],
+            list(lam),
+            cks[need[0]].fp8_block,
+            requantize=requant,
+            ue8m0=cfg.ue8m0,
+            out_dtype=u.out_dtype,
+        )
         (r0, _r1), (b0, _b1) = part.rows, part.block_rows
         w.write_range(u.name, r0 * q.shape[1] * q.element_size(), q)
         if s is not None:
@@ -312,7 +420,10 @@ def _merge_part(cfg: MergeConfig, cks, u: Unit, lam, part: stream.Part, key: str
     else:
         ref = vals[need[0]]
         if not ref.is_floating_point():
-            raise CheckpointError(f"cannot interpolate {u.name!r} ({dtype_name(ref.dtype)}); select it from one parent with a rule (…=parent:N)")
+            raise CheckpointError(
+                f"cannot interpolate {u.name!r} ({dtype_name(ref.dtype)}); select it from one parent with a rule "
+                "(…=parent:N)"
+            )
         out = stream.out_buffer(u.out_dtype, ref.numel())
         interpolate_into([vals.get(k) for k in range(len(cks))], lam, out)
         w.write_range(u.name, part.start // ref.element_size() * out.element_size(), out)
@@ -329,6 +440,7 @@ def _gated_unit(cfg: MergeConfig, cks, u: Unit, *, w, stats: _Stats) -> None:
     num: dict[int, list[float]] = {k: [] for k in others}
     den: list[float] = []
     for part in parts:
+
         def value(k):
             v = _read_values(cks, u, k, part, "gate" if k else "base")
             return dequantize_blockwise(v[0], v[1], cks[k].fp8_block) if u.scale is not None else v
@@ -338,14 +450,25 @@ def _gated_unit(cfg: MergeConfig, cks, u: Unit, *, w, stats: _Stats) -> None:
         for k in others:
             num[k] += square_sums(value(k).double() - base.double(), stream.REDUCE_ELEMS)
     for k in [0, *others]:
-        stats.add_read(k, cks[k].info(u.name).nbytes + (cks[k].info(cks[k].scale_of(u.name)).nbytes if u.scale is not None else 0))
+        stats.add_read(
+            k, cks[k].info(u.name).nbytes + (cks[k].info(cks[k].scale_of(u.name)).nbytes if u.scale is not None else 0)
+        )
     diff = max((_ratio(math.fsum(num[k]), math.fsum(den)) for k in others), default=0.0)
     if diff <= _delta(cfg, u):
         if cks[0].info(u.name).dtype == u.out_dtype:
             _copy_unit(cks, u, 0, "copied_below_delta", diff, w=w, stats=stats)
         else:
             for part in parts:
-                _merge_part(cfg, cks, u, tuple(1.0 if i == 0 else 0.0 for i in range(len(cks))), part, "copied_below_delta", w=w, stats=_NoCount(stats))
+                _merge_part(
+                    cfg,
+                    cks,
+                    u,
+                    tuple(1.0 if i == 0 else 0.0 for i in range(len(cks))),
+                    part,
+                    "copied_below_delta",
+                    w=w,
+                    stats=_NoCount(stats),
+                )
             stats.count(u.group, "copied_below_delta", diff)
         return
     for part in parts:
@@ -397,8 +520,10 @@ def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0
     # the streaming rate, startup and hashing excluded (reported, not stored: outputs stay byte-identical)
-    ctx.notes.append(f"merged {len(order)} tensors in {seconds:.2f} s: read {sum(stats.read) / 1e6:,.0f} MB "
-                     f"({sum(stats.read) / 1e6 / max(seconds, 1e-9):,.0f} MB/s)")
+    ctx.notes.append(
+        f"merged {len(order)} tensors in {seconds:.2f} s: read {sum(stats.read) / 1e6:,.0f} MB "
+        f"({sum(stats.read) / 1e6 / max(seconds, 1e-9):,.0f} MB/s)"
+    )
     # tokenizer & co.: from the chosen parent; other aux files (generation config...) from the base
     ctx.copy_aux = False
     tok = cks[plan.state.tokenizer_from]
@@ -407,14 +532,26 @@ def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
     ctx.writer.copy_aux_files(tok.root, tok_files)
     ctx.writer.copy_aux_files(cks[0].root, sorted(f for f in aux if f not in tokenizer.TOKENIZER_FILES))
     out_names = {s.name for s in ctx.writer.planned}
-    dropped = [nm for ck in cks for nm in ck.names if nm not in out_names and not (cfg.out_dtype != "keep" and nm.endswith(SCALE_SUFFIX))]
+    dropped = [
+        nm
+        for ck in cks
+        for nm in ck.names
+        if nm not in out_names and not (cfg.out_dtype != "keep" and nm.endswith(SCALE_SUFFIX))
+    ]
     if dropped:  # the plan covers every tensor; this guards the invariant
         raise CheckpointError(f"internal error: input tensor {dropped[0]!r} has no place in the output")
-    ctx.metrics.update({
-        "parents": len(cks), "groups": stats.groups, "bytes_read_per_parent": stats.read, "delta": cfg.delta,
-        "rules": [r for r in cfg.rule], "default_weights": cfg.weights or "equal",
-        "tokenizer_from": plan.state.tokenizer_from, "input_tensors_accounted": sum(len(ck.names) for ck in cks),
-    })
+    ctx.metrics.update(
+        {
+            "parents": len(cks),
+            "groups": stats.groups,
+            "bytes_read_per_parent": stats.read,
+            "delta": cfg.delta,
+            "rules": [r for r in cfg.rule],
+            "default_weights": cfg.weights or "equal",
+            "tokenizer_from": plan.state.tokenizer_from,
+            "input_tensors_accounted": sum(len(ck.names) for ck in cks),
+        }
+    )
 
 
 register(
@@ -423,7 +560,8 @@ register(
         config_cls=MergeConfig,
         plan=plan,
         run=run,
-        help="Chimera / Assembly-of-Experts merge: per-tensor selection or interpolation of parents (fp8 block scales handled)",
+        help="Chimera / Assembly-of-Experts merge: per-tensor selection or interpolation of parents (fp8 block scales "
+        "handled)",
         reference_url="https://arxiv.org/abs/2506.14794",
         relation="merge",
         multi_source=True,

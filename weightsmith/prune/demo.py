@@ -10,12 +10,29 @@ def demo_step(base: Path, out: Path, say, run) -> dict:
     from weightsmith.assets import political_speeches
 
     dst = out / "smollm2-pruned-w75"
-    name, cfg = "prune", {"params": "0.75", "axis": "width", "importance": "activation", "calib": str(political_speeches()),
-                          "calib_field": "speeches", "calib_samples": 16, "calib_length": 256}
+    name, cfg = (
+        "prune",
+        {
+            "params": "0.75",
+            "axis": "width",
+            "importance": "activation",
+            "calib": str(political_speeches()),
+            "calib_field": "speeches",
+            "calib_samples": 16,
+            "calib_length": 256,
+        },
+    )
     say(f"prune (75 % of the parameters, width, Minitron activation importance on 16x256 speech tokens) -> {dst}")
     res = run(name, cfg, [str(base)], dst)
     m = res.manifest["metrics"]
     t = m["targets"]
-    say(f"      {m['params_before']:,} -> {m['params_after']:,} parameters (hidden {t['hidden']}, MLP {t['ffn']}); "
-        f"recover with: weightsmith distill {dst} {base} DST --calib ... --tokens N")
-    return {"label": f"pruned to {m['fraction']:.0%} params (width)", "path": str(dst), "params": m["params_after"], "status": res.status}
+    say(
+        f"      {m['params_before']:,} -> {m['params_after']:,} parameters (hidden {t['hidden']}, MLP {t['ffn']}); "
+        f"recover with: weightsmith distill {dst} {base} DST --calib ... --tokens N"
+    )
+    return {
+        "label": f"pruned to {m['fraction']:.0%} params (width)",
+        "path": str(dst),
+        "params": m["params_after"],
+        "status": res.status,
+    }

@@ -140,7 +140,7 @@ def loss_depth_scores(ctx, cfg, view) -> torch.Tensor:
         with torch.no_grad():
             total = 0.0
             for k in range(0, calib.ids.shape[0], 8):
-                ids = calib.ids[k:k + 8]
+                ids = calib.ids[k : k + 8]
                 total += float(model(ids, labels=ids, use_cache=False).loss) * ids.shape[0]
         return total / calib.ids.shape[0]
 

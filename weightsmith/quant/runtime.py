@@ -25,13 +25,24 @@ QUANT_METHOD_TO_FORMAT = {"gptq": "gptq", "compressed-tensors": "compressed-tens
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, quant: LinearQuant, *, bias: bool = False, scale_dtype: torch.dtype = torch.float16, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        quant: LinearQuant,
+        *,
+        bias: bool = False,
+        scale_dtype: torch.dtype = torch.float16,
+        device=None,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.quant = in_features, out_features, quant
         g = quant.groups(in_features)
         b = quant.bits
         kw = {"device": device}
-        self.register_buffer("qweight", torch.empty(math.ceil(in_features * b / 32), out_features, dtype=torch.int32, **kw))
+        self.register_buffer(
+            "qweight", torch.empty(math.ceil(in_features * b / 32), out_features, dtype=torch.int32, **kw)
+        )
         self.register_buffer("qzeros", torch.empty(g, math.ceil(out_features * b / 32), dtype=torch.int32, **kw))
         self.register_buffer("scales", torch.empty(g, out_features, dtype=scale_dtype, **kw))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, **kw))
@@ -59,8 +70,16 @@ class QuantLinear(nn.Module):
         """These weights as the kernels take them: tensors, bit width, grouping, and this layer's cache."""
         from weightsmith.kernels.dispatch import PackedWeight
 
-        return PackedWeight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.quant.group_size, self.quant.sym,
-                            cache=self._kernel_cache)
+        return PackedWeight(
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            self.bits,
+            self.quant.group_size,
+            self.quant.sym,
+            cache=self._kernel_cache,
+        )
 
     def dequantized_weight(self, dtype: torch.dtype, device) -> torch.Tensor:
         """Dequantized weight; cached on CPU (the reference path trades memory for speed there)."""
@@ -75,7 +94,10 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.quant.group_size == -1 else f"group {self.quant.group_size}"
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {g}, {'sym' if self.quant.sym else 'asym'}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {g}, "
+            f"{'sym' if self.quant.sym else 'asym'}"
+        )
 
 
 def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -101,7 +123,9 @@ def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu
             raise CheckpointError(f"{ck.root}: {disk} is stored quantized but quantization_config says it is not")
         scale_dtype = ck.info(disk + (".scales" if fmt.name == "gptq" else ".weight_scale")).dtype
         with torch.device("meta"):
-            ql = QuantLinear(mod.in_features, mod.out_features, quant, bias=mod.bias is not None, scale_dtype=scale_dtype)
+            ql = QuantLinear(
+                mod.in_features, mod.out_features, quant, bias=mod.bias is not None, scale_dtype=scale_dtype
+            )
         set_path(model, path, ql)
 
     def get(name):
@@ -119,7 +143,9 @@ def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu
                 mod.bias.data.copy_(ck.get(disk + ".bias"))
             continue
         non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
-        own = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))  # to_empty made new tensors
+        own = list(mod.named_parameters(recurse=False)) + list(
+            mod.named_buffers(recurse=False)
+        )  # to_empty made new tensors
         for name, t in own:
             full = f"{disk}.{name}" if disk else name
             if name in non_persistent:
