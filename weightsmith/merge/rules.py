@@ -18,22 +18,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from weightsmith.arch import GROUPS  # the tensor groups rules may name (ArchView.classify)
 from weightsmith.errors import UsageError
 
 _RULE = re.compile(r"(?P<pattern>.+)=(?P<weights>parent:\d+|[-+0-9.eE,\s]+)")
-GROUPS = (
-    "embed",
-    "lm_head",
-    "final_norm",
-    "attention",
-    "norm",
-    "dense_mlp",
-    "router",
-    "routed_experts",
-    "shared_experts",
-    "mtp",
-    "other",
-)
 
 
 @dataclass(frozen=True)
