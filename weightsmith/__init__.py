@@ -11,7 +11,7 @@ __all__ = ["__version__", "load"]
 
 def load(path, **kwargs):
     """Load a checkpoint directory (any weightsmith output) as a ready transformers model."""
-    from weightsmith.app.registry import load as install
+    from weightsmith.app.registry import load_runtimes as install
     from weightsmith.loading import load as _load
 
     install()  # the runtimes of quantized formats

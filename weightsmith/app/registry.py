@@ -26,28 +26,34 @@ PASS_MODULES = [
 RUNTIME_MODULES = ["weightsmith.quant.runtime"]
 
 _UNAVAILABLE: dict[str, str] = {}
-_LOADED = False
+_LOADED: set[str] = set()
+
+
+def load_runtimes() -> None:
+    """Put every runtime into weightsmith.loading.RUNTIMES (idempotent; what weightsmith.load() needs)."""
+    if "runtimes" in _LOADED:
+        return
+    from weightsmith import loading
+
+    for mod in RUNTIME_MODULES:
+        try:
+            loading.RUNTIMES.update(importlib.import_module(mod).RUNTIMES)
+        except ImportError as e:
+            _UNAVAILABLE[mod] = loading.RUNTIME_PROBLEMS[mod] = f"{mod} is unavailable because {e}"
+    _LOADED.add("runtimes")
 
 
 def load() -> None:
     """Register every pass and every runtime (idempotent)."""
-    global _LOADED
-    if _LOADED:
+    load_runtimes()
+    if "passes" in _LOADED:
         return
-    from weightsmith import loading
-
     for mod in PASS_MODULES:
         try:
             importlib.import_module(mod)
         except ImportError as e:
             _UNAVAILABLE[mod] = f"{mod} is unavailable because {e}"
-    for mod in RUNTIME_MODULES:
-        try:
-            loading.RUNTIMES.update(importlib.import_module(mod).RUNTIMES)
-        except ImportError as e:
-            _UNAVAILABLE[mod] = f"{mod} is unavailable because {e}"
-            loading.RUNTIME_PROBLEMS[mod] = _UNAVAILABLE[mod]
-    _LOADED = True
+    _LOADED.add("passes")
 
 
 def all_passes() -> dict[str, passes.PassSpec]:
