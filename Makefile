@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(WS) demo out/demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

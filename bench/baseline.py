@@ -26,13 +26,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import weightsmith
+    from weightsmith.app.registry import get_pass
+    from weightsmith.app.runner import run_pass
+    from weightsmith.assets import hamlet, smollm2_gguf
     from weightsmith.checkpoint.reader import Checkpoint
-    from weightsmith.demo import hamlet, smollm2_gguf
     from weightsmith.eval.accounting import disk_bytes, kv_cache, param_count
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.eval.text import read_text, token_windows
-    from weightsmith.passes import get_pass
-    from weightsmith.runner import run_pass
 
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "smollm2"

@@ -19,7 +19,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, save  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672)]
-PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800, "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A10": 600, "L40S": 864, "RTX 4090": 1008}
+PEAK_GBS = {
+    "H100 80GB HBM3": 3350,
+    "H100 PCIe": 2000,
+    "H200": 4800,
+    "A100-SXM4-80GB": 2039,
+    "A100-SXM4-40GB": 1555,
+    "A10": 600,
+    "L40S": 864,
+    "RTX 4090": 1008,
+}
 
 
 def main() -> None:
@@ -65,22 +74,47 @@ def main() -> None:
             q = torch.randint(0, 2**bits, (n, k), dtype=torch.int32, generator=gen)
             planes = layout.repack_codes(q, bits)
             g = k // args.group
-            kw = layout.KernelWeight([p.cuda() for p in planes], (torch.rand(g, n, generator=gen) * 0.01).half().cuda(), None, bits, args.group, k, n)
+            kw = layout.KernelWeight(
+                [p.cuda() for p in planes],
+                (torch.rand(g, n, generator=gen) * 0.01).half().cuda(),
+                None,
+                bits,
+                args.group,
+                k,
+                n,
+            )
             wbytes = kw.nbytes()
             for m in args.ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 t16 = timeit(lambda: x @ w16)
                 for impl in args.impls:
                     if unavailable.get(impl):
-                        rows.append({"K x N": f"{k}x{n}", "bits": bits, "M": m, "impl": impl, "note": unavailable[impl]})
+                        rows.append(
+                            {"K x N": f"{k}x{n}", "bits": bits, "M": m, "impl": impl, "note": unavailable[impl]}
+                        )
                         continue
                     op = ops.gemm_cuda if impl == "cuda" else ops.gemm_triton
                     t = timeit(lambda: ops.call(op, x, kw))
                     moved = wbytes + 2 * m * (k + n)
-                    rows.append({"K x N": f"{k}x{n}", "bits": bits, "M": m, "impl": impl, "us": t * 1e6, "GB/s": moved / t / 1e9,
-                                 "% peak BW": (moved / t / 1e9 / peak * 100) if peak else None, "fp16 us": t16 * 1e6, "speedup vs fp16": t16 / t})
+                    rows.append(
+                        {
+                            "K x N": f"{k}x{n}",
+                            "bits": bits,
+                            "M": m,
+                            "impl": impl,
+                            "us": t * 1e6,
+                            "GB/s": moved / t / 1e9,
+                            "% peak BW": (moved / t / 1e9 / peak * 100) if peak else None,
+                            "fp16 us": t16 * 1e6,
+                            "speedup vs fp16": t16 / t,
+                        }
+                    )
                 print(rows[-1], flush=True)
-    print_table(rows, ["K x N", "bits", "M", "impl", "us", "GB/s", "% peak BW", "fp16 us", "speedup vs fp16", "note"], f"{name}, group {args.group}, fp16 activations")
+    print_table(
+        rows,
+        ["K x N", "bits", "M", "impl", "us", "GB/s", "% peak BW", "fp16 us", "speedup vs fp16", "note"],
+        f"{name}, group {args.group}, fp16 activations",
+    )
     save(f"kernels-{name.replace(' ', '_')}", {"gpu": name, "peak_gbs": peak, "rows": rows})
 
 

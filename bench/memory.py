@@ -22,7 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import peak_rss_mb, print_table, save  # noqa: E402
 
-SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+SHAPE = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
 
 
 def write_random_checkpoint(dst: Path, layers: int, **shape) -> Path:
@@ -32,7 +39,9 @@ def write_random_checkpoint(dst: Path, layers: int, **shape) -> Path:
     from weightsmith.arch import arch_for
     from weightsmith.checkpoint.writer import CheckpointWriter, TensorSpec
 
-    if (dst / "config.json").exists() and json.loads((dst / "config.json").read_text()).get("num_hidden_layers") == layers:
+    if (dst / "config.json").exists() and json.loads((dst / "config.json").read_text()).get(
+        "num_hidden_layers"
+    ) == layers:
         return dst
     cfg = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", tie_word_embeddings=False, **{**SHAPE, **shape})
     view = arch_for(cfg)
@@ -40,11 +49,21 @@ def write_random_checkpoint(dst: Path, layers: int, **shape) -> Path:
     shapes = {view.family.embed: (v, h), view.family.final_norm: (h,), view.family.lm_head: (v, h)}
     for i in range(layers):
         for lin in view.linears(i):
-            shapes[lin.prefix + ".weight"] = {"q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h), "gate": (f, h), "up": (f, h), "down": (h, f)}[lin.role]
+            shapes[lin.prefix + ".weight"] = {
+                "q": (h, h),
+                "k": (h, h),
+                "v": (h, h),
+                "o": (h, h),
+                "gate": (f, h),
+                "up": (f, h),
+                "down": (h, f),
+            }[lin.role]
         for n in view.layer_norms(i).values():
             shapes[n + ".weight"] = (h,)
     gen = torch.Generator().manual_seed(0)
-    shutil.rmtree(dst, ignore_errors=True)  # our own scratch model of another depth (the writer replaces only manifest-carrying outputs)
+    shutil.rmtree(
+        dst, ignore_errors=True
+    )  # our own scratch model of another depth (the writer replaces only manifest-carrying outputs)
     with CheckpointWriter(dst) as w:
         w.plan([TensorSpec(n, s, torch.bfloat16) for n, s in shapes.items()])
         for n, s in shapes.items():
@@ -70,7 +89,6 @@ def child(path: str, samples: int, length: int) -> None:
     ids = torch.randint(0, eng.view.vocab, (samples, length), generator=torch.Generator().manual_seed(0))
     proc = psutil.Process()
     per_layer = []
-    t_last = [time.perf_counter()]
 
     def xtx_only(layer):
         grams = {lin.prefix: Gram(layer.in_features(lin.prefix)) for lin in layer.view.linears(layer.index)}
@@ -103,20 +121,46 @@ def main() -> None:
         t = time.perf_counter()
         write_random_checkpoint(path, n)
         size_gb = sum(p.stat().st_size for p in path.glob("*.safetensors")) / 1e9
-        print(f"checkpoint {path}: {size_gb:.1f} GB ({time.perf_counter() - t:.0f} s to write or reuse)", file=sys.stderr)
-        out = subprocess.run([sys.executable, __file__, "--child", str(path), "--samples", str(args.samples), "--length", str(args.length)], capture_output=True, text=True)
+        print(
+            f"checkpoint {path}: {size_gb:.1f} GB ({time.perf_counter() - t:.0f} s to write or reuse)", file=sys.stderr
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(path),
+                "--samples",
+                str(args.samples),
+                "--length",
+                str(args.length),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             sys.exit(out.stderr)
         res = json.loads(out.stdout.strip().splitlines()[-1])
         secs = [r["seconds"] for r in res["per_layer"]]
         rss = [r["rss_mb"] for r in res["per_layer"]]
-        rows.append({
-            "layers": n, "checkpoint GB": size_gb, "calib tokens": args.samples * args.length,
-            "peak RSS GB": res["peak_rss_mb"] / 1024, "RSS after layer 1 GB": rss[0] / 1024, "RSS after last layer GB": rss[-1] / 1024,
-            "s/layer (median)": sorted(secs)[len(secs) // 2], "total s": res["seconds"],
-        })
+        rows.append(
+            {
+                "layers": n,
+                "checkpoint GB": size_gb,
+                "calib tokens": args.samples * args.length,
+                "peak RSS GB": res["peak_rss_mb"] / 1024,
+                "RSS after layer 1 GB": rss[0] / 1024,
+                "RSS after last layer GB": rss[-1] / 1024,
+                "s/layer (median)": sorted(secs)[len(secs) // 2],
+                "total s": res["seconds"],
+            }
+        )
         details[n] = res
-    print_table(rows, list(rows[0]), "Layer-wise engine, random Llama-7B-shaped bf16 checkpoint, XᵀX of every linear input (fp32), CPU")
+    print_table(
+        rows,
+        list(rows[0]),
+        "Layer-wise engine, random Llama-7B-shaped bf16 checkpoint, XᵀX of every linear input (fp32), CPU",
+    )
     save("memory", {"rows": rows, "details": details})
 
 

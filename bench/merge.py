@@ -21,7 +21,6 @@ requantize).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -52,15 +51,45 @@ print(f"loop {time.perf_counter() - t0:.2f} s")
 """
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                head_dim=64, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=500000.0)
-V3_SHAPED = dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=2, first_k_dense_replace=1,
-                 n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=8, n_group=1, topk_group=1, num_attention_heads=128,
-                 num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                 vocab_size=16384, max_position_embeddings=4096, tie_word_embeddings=False)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+)
+V3_SHAPED = dict(
+    hidden_size=7168,
+    intermediate_size=18432,
+    moe_intermediate_size=2048,
+    num_hidden_layers=2,
+    first_k_dense_replace=1,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=8,
+    n_group=1,
+    topk_group=1,
+    num_attention_heads=128,
+    num_key_value_heads=128,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    vocab_size=16384,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 
 
-def random_checkpoint(dst: Path, model_type: str, shape: dict, *, seed: int, fp8: bool = False, shard: str = "1GB") -> Path:
+def random_checkpoint(
+    dst: Path, model_type: str, shape: dict, *, seed: int, fp8: bool = False, shard: str = "1GB"
+) -> Path:
     """A random checkpoint with the family's exact tensor names and shapes (from the skeleton)."""
     import torch
     from transformers import AutoConfig
@@ -83,15 +112,25 @@ def random_checkpoint(dst: Path, model_type: str, shape: dict, *, seed: int, fp8
         name = view.module_to_disk(mod) + "." + pn
         if name in expected:
             shapes[name] = tuple(p.shape)
-    quantized = {n for n, s in shapes.items() if fp8 and len(s) == 2 and view.classify(n) not in ("embed", "lm_head", "router")}
+    quantized = {
+        n for n, s in shapes.items() if fp8 and len(s) == 2 and view.classify(n) not in ("embed", "lm_head", "router")
+    }
     specs = []
     for n, s in shapes.items():
         if n in quantized:
-            specs += [TensorSpec(n, s, torch.float8_e4m3fn), TensorSpec(n + "_scale_inv", (-(-s[0] // 128), -(-s[1] // 128)), torch.float32)]
+            specs += [
+                TensorSpec(n, s, torch.float8_e4m3fn),
+                TensorSpec(n + "_scale_inv", (-(-s[0] // 128), -(-s[1] // 128)), torch.float32),
+            ]
         else:
             specs.append(TensorSpec(n, s, torch.bfloat16))
     if fp8:
-        cfg.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+        cfg.quantization_config = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "weight_block_size": [128, 128],
+            "activation_scheme": "dynamic",
+        }
     gen = torch.Generator().manual_seed(seed)
     with CheckpointWriter(dst, force=True, max_shard_size=parse_size(shard)) as w:
         w.plan(specs)
@@ -120,7 +159,13 @@ def raw_read(parents: list[Path]) -> dict:
 
     r = run_child(["sh", "-c", "cat " + " ".join(map(shlex.quote, files)) + " > /dev/null"])
     size = sum(Path(f).stat().st_size for f in files)
-    return {"job": "raw read (cat > /dev/null)", "input_gb": size / 1e9, "seconds": r["seconds"], "mb_per_s": size / 1e6 / r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+    return {
+        "job": "raw read (cat > /dev/null)",
+        "input_gb": size / 1e9,
+        "seconds": r["seconds"],
+        "mb_per_s": size / 1e6 / r["seconds"],
+        "peak_rss_mb": r["peak_rss_mb"],
+    }
 
 
 def raw_copy(parent: Path, scratch: Path) -> dict:
@@ -132,7 +177,13 @@ def raw_copy(parent: Path, scratch: Path) -> dict:
     r = run_child(["cp", *files, str(dst)])
     shutil.rmtree(dst, ignore_errors=True)
     size = sum(Path(f).stat().st_size for f in files)
-    return {"job": "raw copy of one parent (cp)", "input_gb": size / 1e9, "seconds": r["seconds"], "mb_per_s": size / 1e6 / r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+    return {
+        "job": "raw copy of one parent (cp)",
+        "input_gb": size / 1e9,
+        "seconds": r["seconds"],
+        "mb_per_s": size / 1e6 / r["seconds"],
+        "peak_rss_mb": r["peak_rss_mb"],
+    }
 
 
 def ours(label: str, out: Path, parents: list[Path], args: list[str], read_bytes: int) -> dict:
@@ -146,8 +197,14 @@ def ours(label: str, out: Path, parents: list[Path], args: list[str], read_bytes
 
     m = re.search(r"merged \d+ tensors in ([0-9.]+) s", r["output"])
     stream = read_bytes / 1e6 / float(m.group(1)) if m else None
-    return {"job": label, "input_gb": read_bytes / 1e9, "seconds": r["seconds"], "mb_per_s": read_bytes / 1e6 / r["seconds"],
-            "streaming_mb_per_s": stream, "peak_rss_mb": r["peak_rss_mb"]}
+    return {
+        "job": label,
+        "input_gb": read_bytes / 1e9,
+        "seconds": r["seconds"],
+        "mb_per_s": read_bytes / 1e6 / r["seconds"],
+        "streaming_mb_per_s": stream,
+        "peak_rss_mb": r["peak_rss_mb"],
+    }
 
 
 def hash_parents(parents: list[Path]) -> dict:
@@ -163,7 +220,12 @@ def hash_parents(parents: list[Path]) -> dict:
     for p in parents:
         mf.hash_dir_files(p, mf.input_files(p))  # fill the cache the timed merges below use
     size = sum(f.stat().st_size for p in parents for f in files_of(p))
-    return {"job": "sha256 of the parents (first merge only; cached)", "input_gb": size / 1e9, "seconds": sec, "mb_per_s": size / 1e6 / sec}
+    return {
+        "job": "sha256 of the parents (first merge only; cached)",
+        "input_gb": size / 1e9,
+        "seconds": sec,
+        "mb_per_s": size / 1e6 / sec,
+    }
 
 
 def naive(out: Path, parents: list[Path]) -> dict:
@@ -176,17 +238,32 @@ def naive(out: Path, parents: list[Path]) -> dict:
     import re
 
     loop = float(re.search(r"loop ([0-9.]+) s", r["output"]).group(1))
-    return {"job": "naive loop: safe_open, (a+b)/2, save_file", "input_gb": read / 1e9, "seconds": r["seconds"], "mb_per_s": read / 1e6 / r["seconds"],
-            "streaming_mb_per_s": read / 1e6 / loop, "peak_rss_mb": r["peak_rss_mb"]}
+    return {
+        "job": "naive loop: safe_open, (a+b)/2, save_file",
+        "input_gb": read / 1e9,
+        "seconds": r["seconds"],
+        "mb_per_s": read / 1e6 / r["seconds"],
+        "streaming_mb_per_s": read / 1e6 / loop,
+        "peak_rss_mb": r["peak_rss_mb"],
+    }
 
 
 def mergekit(mergekit_bin: Path, out: Path, parents: list[Path], scratch: Path) -> dict:
     cfg = scratch / "mergekit-linear.yml"
-    cfg.write_text("merge_method: linear\ndtype: bfloat16\nmodels:\n" + "".join(f"  - model: {p}\n    parameters:\n      weight: 0.5\n" for p in parents))
+    cfg.write_text(
+        "merge_method: linear\ndtype: bfloat16\nmodels:\n"
+        + "".join(f"  - model: {p}\n    parameters:\n      weight: 0.5\n" for p in parents)
+    )
     shutil.rmtree(out, ignore_errors=True)
     r = run_child([str(mergekit_bin), str(cfg), str(out), "--no-copy-tokenizer"])
     read = sum(f.stat().st_size for p in parents for f in files_of(p))
-    row = {"job": "mergekit 0.1.5 linear 50/50", "input_gb": read / 1e9, "seconds": r["seconds"], "mb_per_s": read / 1e6 / r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+    row = {
+        "job": "mergekit 0.1.5 linear 50/50",
+        "input_gb": read / 1e9,
+        "seconds": r["seconds"],
+        "mb_per_s": read / 1e6 / r["seconds"],
+        "peak_rss_mb": r["peak_rss_mb"],
+    }
     if r["rc"] != 0:
         row["job"] += " (FAILED: " + r["output"].strip().splitlines()[-1][:120] + ")"
     else:
@@ -205,13 +282,17 @@ def goals(rows: list[dict]) -> dict:
     if mk:
         out["interpolation / mergekit linear (wall)"] = best["mb_per_s"] / mk[0]["mb_per_s"]
         out["interpolation / mergekit linear (weightsmith loop only)"] = best["streaming_mb_per_s"] / mk[0]["mb_per_s"]
-    out["interpolation / naive loop (wall)"] = best["mb_per_s"] / by["naive loop: safe_open, (a+b)/2, save_file"]["mb_per_s"]
+    out["interpolation / naive loop (wall)"] = (
+        best["mb_per_s"] / by["naive loop: safe_open, (a+b)/2, save_file"]["mb_per_s"]
+    )
     sel = by["weightsmith select (parent:1, all tensors)"]
     raw = by["raw read (cat > /dev/null)"]["mb_per_s"]
     out["selection / raw read (wall)"] = sel["mb_per_s"] / raw
     out["selection / raw read (loop only)"] = sel["streaming_mb_per_s"] / raw
     if len(interp) > 1:
-        out[f"interpolation loop, {len(interp)} worker counts: most / fewest workers"] = interp[-1]["streaming_mb_per_s"] / interp[0]["streaming_mb_per_s"]
+        out[f"interpolation loop, {len(interp)} worker counts: most / fewest workers"] = (
+            interp[-1]["streaming_mb_per_s"] / interp[0]["streaming_mb_per_s"]
+        )
     return out
 
 
@@ -220,8 +301,14 @@ def main() -> None:
     ap.add_argument("--scratch", default="/tmp/weightsmith-bench/merge")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-fp8", action="store_true")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time the interpolation with")
-    ap.add_argument("--mergekit-venv", default=str(ROOT / ".venv-mergekit"), help="virtual environment with mergekit 0.1.5 (see bench/anchors/mergekit.txt)")
+    ap.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time the interpolation with"
+    )
+    ap.add_argument(
+        "--mergekit-venv",
+        default=str(ROOT / ".venv-mergekit"),
+        help="virtual environment with mergekit 0.1.5 (see bench/anchors/mergekit.txt)",
+    )
     args = ap.parse_args()
     mergekit_bin = Path(args.mergekit_venv) / "bin" / "mergekit-yaml"
     scratch = Path(args.scratch)
@@ -232,9 +319,19 @@ def main() -> None:
     rows = [hash_parents([a, b]), raw_read([a, b]), raw_copy(b, scratch)]
     print(rows, flush=True)
     for w in args.workers:
-        rows.append(ours(f"weightsmith interpolate 50/50 ({w} worker{'s' if w > 1 else ''})", scratch / "out", [a, b], ["--weights", "0.5,0.5", "--workers", str(w)], 2 * size))
+        rows.append(
+            ours(
+                f"weightsmith interpolate 50/50 ({w} worker{'s' if w > 1 else ''})",
+                scratch / "out",
+                [a, b],
+                ["--weights", "0.5,0.5", "--workers", str(w)],
+                2 * size,
+            )
+        )
         print(rows[-1], flush=True)
-    rows.append(ours("weightsmith select (parent:1, all tensors)", scratch / "out", [a, b], ["--weights", "parent:1"], size))
+    rows.append(
+        ours("weightsmith select (parent:1, all tensors)", scratch / "out", [a, b], ["--weights", "parent:1"], size)
+    )
     print(rows[-1], flush=True)
     rows.append(naive(scratch / "out-naive", [a, b]))
     print(rows[-1], flush=True)
@@ -244,7 +341,11 @@ def main() -> None:
     raw = rows[1]["mb_per_s"]
     for r in rows:
         r["vs_raw_read"] = r["mb_per_s"] / raw
-    print_table(rows, ["job", "input_gb", "seconds", "mb_per_s", "vs_raw_read", "streaming_mb_per_s", "peak_rss_mb"], f"(a) Llama-3.2-1B-shaped bf16 pair, {size / 1e9:.2f} GB each")
+    print_table(
+        rows,
+        ["job", "input_gb", "seconds", "mb_per_s", "vs_raw_read", "streaming_mb_per_s", "peak_rss_mb"],
+        f"(a) Llama-3.2-1B-shaped bf16 pair, {size / 1e9:.2f} GB each",
+    )
     payload = {"llama1b": rows, "goals": goals(rows)}
     for k, v in payload["goals"].items():
         print(f"{k}: {v:.2f}")
@@ -257,13 +358,26 @@ def main() -> None:
         total = sum(i.nbytes for i in A.infos())
         experts = sum(i.nbytes for i in A.infos() if ".mlp.experts." in i.name)
         frows = [hash_parents([v3, r1]), raw_read([v3, r1])]
-        frows.append(ours("chimera: routed experts from parent 1 (select)", scratch / "out", [v3, r1], ["--weights", "parent:0", "--rule", "group:routed_experts=parent:1"], total))
-        frows.append(ours("interpolate 50/50, requantize fp8", scratch / "out", [v3, r1], ["--weights", "0.5,0.5"], 2 * total))
+        frows.append(
+            ours(
+                "chimera: routed experts from parent 1 (select)",
+                scratch / "out",
+                [v3, r1],
+                ["--weights", "parent:0", "--rule", "group:routed_experts=parent:1"],
+                total,
+            )
+        )
+        frows.append(
+            ours("interpolate 50/50, requantize fp8", scratch / "out", [v3, r1], ["--weights", "0.5,0.5"], 2 * total)
+        )
         raw = frows[1]["mb_per_s"]
         for r in frows:
             r["vs_raw_read"] = r["mb_per_s"] / raw
-        print_table(frows, ["job", "input_gb", "seconds", "mb_per_s", "vs_raw_read", "streaming_mb_per_s", "peak_rss_mb"],
-                    f"(b) DeepSeek-V3-shaped fp8 pair, {total / 1e9:.2f} GB each ({experts / 1e9:.2f} GB routed experts)")
+        print_table(
+            frows,
+            ["job", "input_gb", "seconds", "mb_per_s", "vs_raw_read", "streaming_mb_per_s", "peak_rss_mb"],
+            f"(b) DeepSeek-V3-shaped fp8 pair, {total / 1e9:.2f} GB each ({experts / 1e9:.2f} GB routed experts)",
+        )
         payload["v3_fp8"] = frows
     save("merge", payload)
 

@@ -34,20 +34,32 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     ap.add_argument("--methods", nargs="+", default=["transmla", "mha2mla"])
     ap.add_argument("--targets", nargs="+", default=["exact", "engine"])
-    ap.add_argument("--baseline-ratios", type=float, nargs="*", default=[0.5, 0.25], help="ratios for the plain-SVD rows (none: skip)")
+    ap.add_argument(
+        "--baseline-ratios",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.25],
+        help="ratios for the plain-SVD rows (none: skip)",
+    )
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-length", type=int, default=256)
-    ap.add_argument("--extra", nargs="*", default=[], help="more `weightsmith mla` options, e.g. --extra=--pca-metric=auto")
+    ap.add_argument(
+        "--extra", nargs="*", default=[], help="more `weightsmith mla` options, e.g. --extra=--pca-metric=auto"
+    )
     ap.add_argument("--name", default="mla", help="results file bench/results/NAME.json")
-    ap.add_argument("--fill", action="store_true", help="keep the finished rows of bench/results/NAME.json; run only the missing or failed ones")
+    ap.add_argument(
+        "--fill",
+        action="store_true",
+        help="keep the finished rows of bench/results/NAME.json; run only the missing or failed ones",
+    )
     args = ap.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from weightsmith.demo import hamlet, political_speeches, smollm2_gguf
+    from weightsmith.assets import hamlet, political_speeches, smollm2_gguf
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.eval.text import read_text, token_windows
 
@@ -66,45 +78,101 @@ def main() -> None:
         p0, _ = ppl(base)
         print(f"original: ppl {p0:.3f}", flush=True)
         runs = [(m, m, t, r, args.extra) for m in args.methods for t in args.targets for r in args.ratios]
-        runs += [("plain SVD", "mha2mla", "exact", r, ["--partial-rope", "high", "--svd", "split"]) for r in args.baseline_ratios]
+        runs += [
+            ("plain SVD", "mha2mla", "exact", r, ["--partial-rope", "high", "--svd", "split"])
+            for r in args.baseline_ratios
+        ]
         done = {}
         if args.fill and (RESULTS / f"{args.name}.json").exists():
-            done = {(r["method"], r["target"], r["KV %"]): r for r in json.loads((RESULTS / f"{args.name}.json").read_text())["rows"] if "ppl" in r}
-        rows.append({"method": "original (llama GQA)", "target": "—", "KV %": 100.0, "KV values/token": 30 * 384, "ppl": p0})
+            done = {
+                (r["method"], r["target"], r["KV %"]): r
+                for r in json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
+                if "ppl" in r
+            }
+        rows.append(
+            {"method": "original (llama GQA)", "target": "—", "KV %": 100.0, "KV values/token": 30 * 384, "ppl": p0}
+        )
         for label, method, target, ratio, extra in runs:
             if (label, target, 100 * ratio) in done:
                 rows.append(done[(label, target, 100 * ratio)])
                 continue
             out = Path(td) / f"{label.replace(' ', '-')}-{target}-{ratio}"
-            cmd = [ws, "mla", str(base), str(out), "--method", method, "--target", target, "--kv-ratio", str(ratio),
-                   "--calib", str(political_speeches()), "--calib-field", "speeches",
-                   "--calib-samples", str(args.calib_samples), "--calib-length", str(args.calib_length), *extra]
+            cmd = [
+                ws,
+                "mla",
+                str(base),
+                str(out),
+                "--method",
+                method,
+                "--target",
+                target,
+                "--kv-ratio",
+                str(ratio),
+                "--calib",
+                str(political_speeches()),
+                "--calib-field",
+                "speeches",
+                "--calib-samples",
+                str(args.calib_samples),
+                "--calib-length",
+                str(args.calib_length),
+                *extra,
+            ]
             t = time.perf_counter()
             r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
             secs = time.perf_counter() - t
             row = {"method": label, "target": target, "KV %": 100 * ratio}
             if r.returncode != 0:
-                lines = [ln for ln in r.stderr.strip().splitlines() if ln and not ln.startswith("Command exited") and not ln.isdigit()]
-                row["note"] = next((ln for ln in reversed(lines) if ln.startswith("Error")), lines[-1] if lines else "failed")[:160]
+                lines = [
+                    ln
+                    for ln in r.stderr.strip().splitlines()
+                    if ln and not ln.startswith("Command exited") and not ln.isdigit()
+                ]
+                row["note"] = next(
+                    (ln for ln in reversed(lines) if ln.startswith("Error")), lines[-1] if lines else "failed"
+                )[:160]
                 rows.append(row)
                 print(row, flush=True)
                 continue
             rss = int(r.stderr.strip().splitlines()[-1]) / 1024
             met = json.loads((out / "manifest.json").read_text())["metrics"]
             p, arch = ppl(out)
-            row.update({
-                "KV values/token": met["kv_cache_after"]["values_per_token"], "rope dim": met["qk_rope_head_dim"],
-                "latent": met["kv_lora_rank"], "ppl": p, "Δppl": p - p0, "attn err": met["mean_attention_output_error"],
-                "convert s": secs, "peak RSS MB": rss, "loads as": arch,
-                "rope_dim_search": met.get("rope_dim_search"), "freqfold_search": met.get("freqfold_search"),
-                "freqfold per layer": [m_["freqfold"] for m_ in met["layers"]],
-            })
+            row.update(
+                {
+                    "KV values/token": met["kv_cache_after"]["values_per_token"],
+                    "rope dim": met["qk_rope_head_dim"],
+                    "latent": met["kv_lora_rank"],
+                    "ppl": p,
+                    "Δppl": p - p0,
+                    "attn err": met["mean_attention_output_error"],
+                    "convert s": secs,
+                    "peak RSS MB": rss,
+                    "loads as": arch,
+                    "rope_dim_search": met.get("rope_dim_search"),
+                    "freqfold_search": met.get("freqfold_search"),
+                    "freqfold per layer": [m_["freqfold"] for m_ in met["layers"]],
+                }
+            )
             rows.append(row)
             save(args.name, {"rows": rows, "args": vars(args), "partial": True})  # survives an interrupted run
             print({k: row[k] for k in ("method", "target", "KV %", "rope dim", "ppl", "convert s")}, flush=True)
             subprocess.run(["rm", "-rf", str(out)])
-    cols = ["method", "target", "KV %", "KV values/token", "rope dim", "latent", "ppl", "Δppl", "attn err", "convert s", "peak RSS MB"]
-    print_table(rows, cols, f"SmolLM2-135M → MLA, training-free, hamlet ppl ({args.windows} × {args.length} tokens, fp32, CPU)")
+    cols = [
+        "method",
+        "target",
+        "KV %",
+        "KV values/token",
+        "rope dim",
+        "latent",
+        "ppl",
+        "Δppl",
+        "attn err",
+        "convert s",
+        "peak RSS MB",
+    ]
+    print_table(
+        rows, cols, f"SmolLM2-135M → MLA, training-free, hamlet ppl ({args.windows} × {args.length} tokens, fp32, CPU)"
+    )
     save(args.name, {"rows": rows, "args": vars(args)})
 
 

@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--distill-all", action="store_true")
     args = ap.parse_args()
 
-    from weightsmith.demo import hamlet, political_speeches
+    from weightsmith.assets import hamlet, political_speeches
 
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,10 @@ def main() -> None:
         keep = f"{1 - red:.4g}"
         jobs = [
             ("width (activation)", ["prune", src, None, "--params", keep, "--axis", "width", *calib]),
-            ("width (magnitude)", ["prune", src, None, "--params", keep, "--axis", "width", "--importance", "magnitude"]),
+            (
+                "width (magnitude)",
+                ["prune", src, None, "--params", keep, "--axis", "width", "--importance", "magnitude"],
+            ),
             ("depth (Block Influence)", ["prune", src, None, "--params", keep, "--axis", "depth", *calib]),
             ("minitron search", ["minitron", src, None, "--params", keep, *calib]),
         ]
@@ -71,13 +74,32 @@ def main() -> None:
             cmd = [out if c is None else c for c in cmd]
             r = step(cmd)
             m = json.loads((out / "manifest.json").read_text())["metrics"]
-            row = {"model": f"-{red:.0%} {label}", "params": m["params_after"], "ppl": perplexity(out, text, args.eval_windows),
-                   "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"],
-                   "arch": m.get("chosen") or json.dumps(m.get("targets", {}), separators=(",", ":"))}
+            row = {
+                "model": f"-{red:.0%} {label}",
+                "params": m["params_after"],
+                "ppl": perplexity(out, text, args.eval_windows),
+                "seconds": r["seconds"],
+                "peak_rss_mb": r["peak_rss_mb"],
+                "arch": m.get("chosen") or json.dumps(m.get("targets", {}), separators=(",", ":")),
+            }
             if args.distill_all or abs(red - args.distill_at) < 1e-9:
                 d = Path(str(out) + "-distilled")
                 shutil.rmtree(d, ignore_errors=True)
-                rd = step(["distill", out, src, d, *calib, "--tokens", args.distill_tokens, "--calib-length", "256", "--lr", "1e-4"])
+                rd = step(
+                    [
+                        "distill",
+                        out,
+                        src,
+                        d,
+                        *calib,
+                        "--tokens",
+                        args.distill_tokens,
+                        "--calib-length",
+                        "256",
+                        "--lr",
+                        "1e-4",
+                    ]
+                )
                 row["ppl_distilled"] = perplexity(d, text, args.eval_windows)
                 row["distill_tokens"] = args.distill_tokens
                 row["distill_seconds"] = rd["seconds"]
@@ -85,10 +107,19 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
             shutil.rmtree(out, ignore_errors=True)
-            save("prune", {"rows": rows, "eval_windows": args.eval_windows, "partial": True})  # survives an interrupted run
+            save(
+                "prune", {"rows": rows, "eval_windows": args.eval_windows, "partial": True}
+            )  # survives an interrupted run
     cols = ["model", "params", "ppl", "ppl_distilled", "distill_tokens", "seconds", "peak_rss_mb", "arch"]
     print_table(rows, cols, f"SmolLM2-135M pruned: hamlet perplexity over {args.eval_windows}x512 tokens")
-    save("prune", {"rows": rows, "eval_windows": args.eval_windows, "source_manifest_pass": src_params.get("pass", {}).get("name")})
+    save(
+        "prune",
+        {
+            "rows": rows,
+            "eval_windows": args.eval_windows,
+            "source_manifest_pass": src_params.get("pass", {}).get("name"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,13 @@ def run_child(cmd: list[str], *, timeout: float | None = None, env: dict | None 
             out_lines.append(line)
     _, status, usage = os.wait4(proc.pid, 0)
     rc = os.waitstatus_to_exitcode(status)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024, "rc": rc, "timed_out": timed_out, "output": "".join(out_lines)}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "rc": rc,
+        "timed_out": timed_out,
+        "output": "".join(out_lines),
+    }
 
 
 def ws(*args: str) -> list[str]:
@@ -73,7 +79,9 @@ def ws(*args: str) -> list[str]:
 
 
 def perplexity(path: Path, text: Path, windows: int) -> float:
-    r = subprocess.run(ws("eval", path, "--text", text, "--windows", windows, "--json"), capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        ws("eval", path, "--text", text, "--windows", windows, "--json"), capture_output=True, text=True, check=True
+    )
     return float(json.loads(r.stdout)["perplexity"])
 
 
@@ -89,7 +97,7 @@ def quantize(src: Path, dst: Path, method: str, bits: int, group: int, calib: li
 
 
 def smollm2(scratch: Path) -> Path:
-    from weightsmith.demo import smollm2_gguf
+    from weightsmith.assets import smollm2_gguf
 
     dst = scratch / "smollm2"
     if not (dst / "manifest.json").exists():
@@ -127,13 +135,22 @@ def main() -> None:
     ap.add_argument("--big-samples", type=int, default=8)
     args = ap.parse_args()
 
-    from weightsmith.demo import hamlet, political_speeches
+    from weightsmith.assets import hamlet, political_speeches
 
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     src = smollm2(scratch)
     text = hamlet()
-    calib = ["--calib", str(political_speeches()), "--calib-field", "speeches", "--calib-samples", str(args.calib_samples), "--calib-length", str(args.calib_length)]
+    calib = [
+        "--calib",
+        str(political_speeches()),
+        "--calib-field",
+        "speeches",
+        "--calib-samples",
+        str(args.calib_samples),
+        "--calib-length",
+        str(args.calib_length),
+    ]
     extra = [] if not args.asym else ["--no-sym"]
     rows: list[dict] = []
     fp = perplexity(src, text, args.eval_windows)
@@ -146,15 +163,32 @@ def main() -> None:
             r = quantize(src, out, method, bits, group, calib, extra)
             ppl = perplexity(out, text, args.eval_windows)
             m = json.loads((out / "manifest.json").read_text())["metrics"]
-            row = {"setting": label, "method": method, "calib": f"{args.calib_samples}x{args.calib_length}" if method == "gptq" else "—", "ppl": ppl,
-                   "ppl/fp": ppl / fp, "bits/weight": m["bits_per_quantized_weight"], "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+            row = {
+                "setting": label,
+                "method": method,
+                "calib": f"{args.calib_samples}x{args.calib_length}" if method == "gptq" else "—",
+                "ppl": ppl,
+                "ppl/fp": ppl / fp,
+                "bits/weight": m["bits_per_quantized_weight"],
+                "seconds": r["seconds"],
+                "peak_rss_mb": r["peak_rss_mb"],
+            }
             rows.append(row)
             print(row, flush=True)
             shutil.rmtree(out, ignore_errors=True)
     cols = ["setting", "method", "calib", "ppl", "ppl/fp", "bits/weight", "seconds", "peak_rss_mb"]
     sym = "asymmetric" if args.asym else "symmetric"
-    print_table(rows, cols, f"SmolLM2-135M, {sym}, hamlet perplexity over {args.eval_windows}x512 tokens (GPTQ calibrated on speeches)")
-    payload: dict = {"smollm2": rows, "eval_windows": args.eval_windows, "calib": f"{args.calib_samples}x{args.calib_length}", "sym": not args.asym}
+    print_table(
+        rows,
+        cols,
+        f"SmolLM2-135M, {sym}, hamlet perplexity over {args.eval_windows}x512 tokens (GPTQ calibrated on speeches)",
+    )
+    payload: dict = {
+        "smollm2": rows,
+        "eval_windows": args.eval_windows,
+        "calib": f"{args.calib_samples}x{args.calib_length}",
+        "sym": not args.asym,
+    }
 
     if args.anchor:
         payload["anchor"] = anchor_rows(args, scratch, src, text, fp, extra)
@@ -165,29 +199,67 @@ def main() -> None:
 
 def anchor_rows(args, scratch: Path, src: Path, text: Path, fp: float, extra: list[str]) -> list[dict]:
     if not ANCHOR_PY.exists():
-        raise SystemExit(f"{ANCHOR_PY}: missing; create it with: python3.11 -m venv .venv-anchors && "
-                         ".venv-anchors/bin/pip install --find-links /opt/wheels -r bench/anchors/llmcompressor.txt")
-    from weightsmith.demo import political_speeches
+        raise SystemExit(
+            f"{ANCHOR_PY}: missing; create it with: python3.11 -m venv .venv-anchors && "
+            ".venv-anchors/bin/pip install --find-links /opt/wheels -r bench/anchors/llmcompressor.txt"
+        )
+    from weightsmith.assets import political_speeches
 
     n, length = args.anchor_samples, args.calib_length
-    calib_args = {"calib": str(political_speeches()), "calib_field": "speeches", "calib_samples": n, "calib_length": length}
+    calib_args = {
+        "calib": str(political_speeches()),
+        "calib_field": "speeches",
+        "calib_samples": n,
+        "calib_length": length,
+    }
     ids = export_calibration(src, calib_args, scratch / f"calib-{n}x{length}.pt")
-    calib = ["--calib", str(political_speeches()), "--calib-field", "speeches", "--calib-samples", str(n), "--calib-length", str(length)]
+    calib = [
+        "--calib",
+        str(political_speeches()),
+        "--calib-field",
+        "speeches",
+        "--calib-samples",
+        str(n),
+        "--calib-length",
+        str(length),
+    ]
     rows = []
     for label in ("W4g64", "W3g64"):
         bits, group = SETTINGS[label]
         ours = scratch / f"{label}-ours-{n}"
         r = quantize(src, ours, "gptq", bits, group, calib, extra)
-        rows.append({"setting": label, "tool": "weightsmith gptq", "calib": f"{n}x{length}", "ppl": perplexity(ours, text, args.eval_windows),
-                     "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]})
+        rows.append(
+            {
+                "setting": label,
+                "tool": "weightsmith gptq",
+                "calib": f"{n}x{length}",
+                "ppl": perplexity(ours, text, args.eval_windows),
+                "seconds": r["seconds"],
+                "peak_rss_mb": r["peak_rss_mb"],
+            }
+        )
         print(rows[-1], flush=True)
         theirs = scratch / f"{label}-llmcompressor-{n}"
         shutil.rmtree(theirs, ignore_errors=True)
-        cmd = [str(ANCHOR_PY), str(ROOT / "bench" / "anchors" / "run_llmcompressor.py"), str(src), str(ids), str(theirs), str(bits), str(group)]
+        cmd = [
+            str(ANCHOR_PY),
+            str(ROOT / "bench" / "anchors" / "run_llmcompressor.py"),
+            str(src),
+            str(ids),
+            str(theirs),
+            str(bits),
+            str(group),
+        ]
         if args.asym:
             cmd.append("--asym")
         r = run_child(cmd, timeout=args.anchor_timeout)
-        row = {"setting": label, "tool": "llm-compressor gptq", "calib": f"{n}x{length}", "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+        row = {
+            "setting": label,
+            "tool": "llm-compressor gptq",
+            "calib": f"{n}x{length}",
+            "seconds": r["seconds"],
+            "peak_rss_mb": r["peak_rss_mb"],
+        }
         if r["timed_out"]:
             row["ppl"] = f"stopped after {args.anchor_timeout:.0f} s"
         elif r["rc"] != 0:
@@ -197,32 +269,53 @@ def anchor_rows(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
             row["ppl"] = perplexity(theirs, text, args.eval_windows)
         rows.append(row)
         print(rows[-1], flush=True)
-    print_table(rows, ["setting", "tool", "calib", "ppl", "seconds", "peak_rss_mb"], f"Side by side on the same {n}x{length} token windows (fp32 ppl {fp:.3f})")
+    print_table(
+        rows,
+        ["setting", "tool", "calib", "ppl", "seconds", "peak_rss_mb"],
+        f"Side by side on the same {n}x{length} token windows (fp32 ppl {fp:.3f})",
+    )
     return rows
 
 
 def big_rows(args, scratch: Path) -> list[dict]:
     """A random Llama-7B-shaped checkpoint (SmolLM2's tokenizer, vocab 49152) quantized layer by layer."""
     from memory import write_random_checkpoint
-
-    from weightsmith.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
     src = write_random_checkpoint(scratch / f"llama7b-shaped-{args.big_layers}L", args.big_layers, vocab_size=49152)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (scratch / "smollm2" / f).exists():
             shutil.copy(scratch / "smollm2" / f, src / f)
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-    calib = ["--calib", str(political_speeches()), "--calib-field", "speeches", "--calib-samples", str(args.big_samples), "--calib-length", "512"]
+    calib = [
+        "--calib",
+        str(political_speeches()),
+        "--calib-field",
+        "speeches",
+        "--calib-samples",
+        str(args.big_samples),
+        "--calib-length",
+        "512",
+    ]
     rows = []
     for method in ("rtn", "gptq"):
         out = scratch / f"big-{method}"
         r = quantize(src, out, method, 4, 128, calib, [])
-        rows.append({"model": f"Llama-7B-shaped, {args.big_layers} layers, {size / 1e9:.1f} GB bf16", "method": f"{method} W4 g128",
-                     "calib": f"{args.big_samples}x512" if method == "gptq" else "—", "seconds": r["seconds"],
-                     "s/layer": r["seconds"] / args.big_layers, "peak_rss_mb": r["peak_rss_mb"]})
+        rows.append(
+            {
+                "model": f"Llama-7B-shaped, {args.big_layers} layers, {size / 1e9:.1f} GB bf16",
+                "method": f"{method} W4 g128",
+                "calib": f"{args.big_samples}x512" if method == "gptq" else "—",
+                "seconds": r["seconds"],
+                "s/layer": r["seconds"] / args.big_layers,
+                "peak_rss_mb": r["peak_rss_mb"],
+            }
+        )
         print(rows[-1], flush=True)
         shutil.rmtree(out, ignore_errors=True)
-    print_table(rows, ["model", "method", "calib", "seconds", "s/layer", "peak_rss_mb"], "Bounded memory on a big layer shape")
+    print_table(
+        rows, ["model", "method", "calib", "seconds", "s/layer", "peak_rss_mb"], "Bounded memory on a big layer shape"
+    )
     return rows
 
 

@@ -36,7 +36,9 @@ def error_line(r, code: int, *patterns: str) -> str:
 
 
 def leftovers(parent: Path, name: str) -> list[str]:
-    return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith((f".{name}.tmp", f".{name}.old", f".{name}.lock")))
+    return sorted(
+        p.name for p in Path(parent).iterdir() if p.name.startswith((f".{name}.tmp", f".{name}.old", f".{name}.lock"))
+    )
 
 
 def no_complete_output(dst: Path) -> None:

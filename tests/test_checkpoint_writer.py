@@ -77,7 +77,11 @@ def test_deterministic_regardless_of_write_order(tmp_path):
 
 
 def test_assign_shards_big_tensor_alone():
-    specs = [TensorSpec("a", (10,), torch.float32), TensorSpec("b", (1000,), torch.float32), TensorSpec("c", (10,), torch.float32)]
+    specs = [
+        TensorSpec("a", (10,), torch.float32),
+        TensorSpec("b", (1000,), torch.float32),
+        TensorSpec("c", (10,), torch.float32),
+    ]
     groups = assign_shards(specs, 100)
     assert [[s.name for s in g] for g in groups] == [["a"], ["b"], ["c"]]
 
@@ -129,7 +133,13 @@ def test_plan_layout_keeps_given_shards(tmp_path):
     from weightsmith.checkpoint.writer import CheckpointWriter, TensorSpec
 
     names = [f"t{i}" for i in range(6)]
-    layout = {"t0": "b.safetensors", "t1": "a.safetensors", "t2": "b.safetensors", "t3": "a.safetensors", "t4": "a.safetensors"}
+    layout = {
+        "t0": "b.safetensors",
+        "t1": "a.safetensors",
+        "t2": "b.safetensors",
+        "t3": "a.safetensors",
+        "t4": "a.safetensors",
+    }
     with CheckpointWriter(tmp_path / "o", max_shard_size=10**9) as w:
         w.plan([TensorSpec(n, (4,), torch.float32) for n in names], layout=layout)
         for i, n in enumerate(names):

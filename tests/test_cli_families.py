@@ -18,7 +18,9 @@ def test_inspect(family, tiny_model, cli):
     assert info["coverage"] == {"missing": [], "unexpected": []}
     assert info["kv_cache"]["values_per_token"] > 0
     model = AutoModelForCausalLM.from_pretrained(tiny_model(family))
-    assert info["parameters"] == sum(v.numel() for v in model.state_dict().values())  # buffers like e_score_correction_bias included
+    assert info["parameters"] == sum(
+        v.numel() for v in model.state_dict().values()
+    )  # buffers like e_score_correction_bias included
     r = cli("inspect", tiny_model(family))  # the human table renders too
     assert r.code == 0 and family in r.out
 

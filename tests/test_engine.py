@@ -45,7 +45,11 @@ def _full_model_grams(model, view, ids):
         for lin in view.linears(i, include_router=True):
             if lin.group == "routed_experts":
                 continue
-            mod_name = lin.prefix.replace(f"{view.family.moe.disk_root}.", f"{view.family.moe.module_root}.") if view.family.moe else lin.prefix
+            mod_name = (
+                lin.prefix.replace(f"{view.family.moe.disk_root}.", f"{view.family.moe.module_root}.")
+                if view.family.moe
+                else lin.prefix
+            )
             mod = mods[mod_name]
 
             def hook(m, inp, out, key=lin.prefix):
@@ -109,7 +113,9 @@ def test_weight_replacement_and_choice_of_next_inputs(tiny_model):
 
     def updated(layer):
         if layer.index == 0:
-            layer.set_weight(o_name, torch.zeros_like(layer.tensor(o_name)))  # next layer sees updated outputs (default)
+            layer.set_weight(
+                o_name, torch.zeros_like(layer.tensor(o_name))
+            )  # next layer sees updated outputs (default)
 
     def original_outputs(layer):
         if layer.index == 0:

@@ -39,7 +39,9 @@ def test_dequantize_equals_plain_definition():
         s = torch.rand(-(-shape[0] // block[0]), -(-shape[1] // block[1]), generator=g) * 1e-2 + 1e-6
         got = fp8.dequantize_blockwise(w, s, block)
         assert torch.equal(got, _plain_dequant(w, s, block)), shape
-        assert torch.equal(fp8.dequantize_blockwise(w, s, block, torch.bfloat16), _plain_dequant(w, s, block).bfloat16())
+        assert torch.equal(
+            fp8.dequantize_blockwise(w, s, block, torch.bfloat16), _plain_dequant(w, s, block).bfloat16()
+        )
     nan = torch.tensor([[0x7F, 0x01], [0x02, 0x03]], dtype=torch.uint8).view(torch.float8_e4m3fn)
     assert fp8.dequantize_blockwise(nan, torch.ones(1, 1), (128, 128))[0, 0].isnan()
 

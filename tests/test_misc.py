@@ -14,7 +14,10 @@ from weightsmith.util import parse_size
 
 
 def test_import_is_lean():
-    code = "import sys, weightsmith; bad=[m for m in ('torch','transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    code = (
+        "import sys, weightsmith; bad=[m for m in ('torch','transformers') if m in sys.modules]; print(bad); "
+        "sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

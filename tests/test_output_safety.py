@@ -80,7 +80,9 @@ def test_output_that_is_or_overlaps_the_input_is_refused(src, cli, tmp_path, how
         (tmp_path / "link").symlink_to(src)
         before = tree_digest(tmp_path)
     r = cli("import", src, dst, "--force")
-    error_line(r, 2, r"the output (is|lies inside|contains) the input .*src", "choose an output directory outside every input")
+    error_line(
+        r, 2, r"the output (is|lies inside|contains) the input .*src", "choose an output directory outside every input"
+    )
     assert tree_digest(tmp_path) == before and not (src / "sub").exists()
 
 
@@ -103,7 +105,13 @@ def test_force_never_replaces_a_directory_weightsmith_did_not_write(src, cli, tm
     (notes / "todo.txt").write_text("mine")
     before = tree_digest(src, notes)
     r = cli("import", src, notes, "--force")
-    error_line(r, 1, "notes: exists and is not a weightsmith output", "--force only replaces weightsmith outputs", "choose another DST")
+    error_line(
+        r,
+        1,
+        "notes: exists and is not a weightsmith output",
+        "--force only replaces weightsmith outputs",
+        "choose another DST",
+    )
     assert tree_digest(src, notes) == before and leftovers(tmp_path, "notes") == []
 
 
@@ -139,15 +147,21 @@ for meth in ("copy_from", "write_bytes"):
         time.sleep(0.15)
         return _orig(self, *a, **k)
     setattr(w.CheckpointWriter, meth, slow)
-from weightsmith.cli import main
+from weightsmith.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def _spawn(*args, slow=False):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    code = _SLOW_CLI if slow else "import sys; from weightsmith.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code = _SLOW_CLI if slow else "import sys; from weightsmith.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(pred, timeout=60.0, proc=None):
@@ -195,13 +209,17 @@ def test_sigterm_from_outside_mid_write_leaves_nothing(src, tmp_path):
     dst = tmp_path / "out"
     p = _spawn("import", src, dst, slow=True)
     try:
-        assert _wait_for(lambda: any((d / "config.json").exists() or any(d.iterdir()) for d in _tmp_dirs(tmp_path, "out")), proc=p), p.communicate()
+        assert _wait_for(
+            lambda: any((d / "config.json").exists() or any(d.iterdir()) for d in _tmp_dirs(tmp_path, "out")), proc=p
+        ), p.communicate()
         p.send_signal(sig)
         _out, err = p.communicate(timeout=30)
     finally:
         p.kill()
     assert p.returncode == 128 + sig, (p.returncode, err)
-    assert [line for line in err.splitlines() if line.strip()] == ["Terminated by SIGTERM; no output was left behind."], err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "Terminated by SIGTERM; no output was left behind."
+    ], err
     assert not dst.exists() and leftovers(tmp_path, "out") == [] and tree_digest(src) == before
 
 
@@ -252,7 +270,12 @@ def test_disk_full_is_one_line_with_the_size_needed(src, cli, tmp_path, monkeypa
     monkeypatch.setattr(destination.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
     before = tree_digest(src)
     r = cli("import", src, tmp_path / "out")
-    error_line(r, 1, r"not enough space for the output out: it needs \d+(\.\d+)? KB, 1.00 KB is free", "free space there or choose another DST")
+    error_line(
+        r,
+        1,
+        r"not enough space for the output out: it needs \d+(\.\d+)? KB, 1.00 KB is free",
+        "free space there or choose another DST",
+    )
     no_complete_output(tmp_path / "out")
     assert not (tmp_path / "out").exists() and tree_digest(src) == before
 
@@ -266,7 +289,13 @@ def test_disk_full_while_writing_names_the_output_and_the_fix(src, cli, tmp_path
     monkeypatch.setattr(wmod.os, "copy_file_range", full, raising=False)  # the writer's fallback is _pwrite
     monkeypatch.setattr(wmod.CheckpointWriter, "_pwrite", full)
     r = cli("import", src, tmp_path / "out")
-    error_line(r, 1, "No space left on device while writing .*out", r"the output needs \d", "free space there or choose another DST")
+    error_line(
+        r,
+        1,
+        "No space left on device while writing .*out",
+        r"the output needs \d",
+        "free space there or choose another DST",
+    )
     assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
 
 
@@ -276,7 +305,12 @@ def test_read_only_parent_is_one_line(src, cli, tmp_path):
     if not Path("/sys").is_dir() or not Path("/sys").is_mount():
         pytest.skip("no sysfs here (a read-only directory even for root)")
     r = cli("import", src, target)
-    error_line(r, 1, r"/sys/\.weightsmith-test-out\.lock: (Permission denied|Read-only file system|Operation not permitted)", "choose a writable DST")
+    error_line(
+        r,
+        1,
+        r"/sys/\.weightsmith-test-out\.lock: (Permission denied|Read-only file system|Operation not permitted)",
+        "choose a writable DST",
+    )
 
 
 def test_second_identical_run_waits_for_the_lock_then_finds_the_output_fresh(made, src, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,24 @@ from weightsmith.checkpoint.card import _front_matter
 
 def _recipe(tmp_path: Path, src: Path, bits: int = 4) -> Path:
     r = tmp_path / "pipe.yaml"
-    r.write_text(yaml.safe_dump({
-        "source": str(src),
-        "out": "out",
-        "steps": [
-            {"name": "base", "pass": "import"},
-            {"name": "w8", "pass": "quant", "options": {"method": "rtn", "bits": 8, "group_size": 32}},
-            {"name": "w4", "pass": "quant", "input": "base", "options": {"method": "rtn", "bits": bits, "group_size": 32}},
-        ],
-    }))
+    r.write_text(
+        yaml.safe_dump(
+            {
+                "source": str(src),
+                "out": "out",
+                "steps": [
+                    {"name": "base", "pass": "import"},
+                    {"name": "w8", "pass": "quant", "options": {"method": "rtn", "bits": 8, "group_size": 32}},
+                    {
+                        "name": "w4",
+                        "pass": "quant",
+                        "input": "base",
+                        "options": {"method": "rtn", "bits": bits, "group_size": 32},
+                    },
+                ],
+            }
+        )
+    )
     return r
 
 
@@ -54,9 +62,13 @@ def test_run_recipe_dry_run_and_errors(tiny_model, cli, tmp_path):
     r = cli("run", _recipe(tmp_path, src), "--dry-run", "--json")
     assert r.code == 0, r
     rows = json.loads(r.out)
-    assert rows[0]["status"] == "dry-run" and rows[1]["status"].startswith("pending") and not (tmp_path / "out").exists()
+    assert (
+        rows[0]["status"] == "dry-run" and rows[1]["status"].startswith("pending") and not (tmp_path / "out").exists()
+    )
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"source": str(src), "steps": [{"name": "x", "pass": "quant", "options": {"bitz": 4}}]}))
+    bad.write_text(
+        yaml.safe_dump({"source": str(src), "steps": [{"name": "x", "pass": "quant", "options": {"bitz": 4}}]})
+    )
     r = cli("run", bad)
     assert r.code == 2 and "step 'x'" in r.err and "bitz" in r.err
     bad.write_text(yaml.safe_dump({"source": str(src), "steps": [{"name": "x", "pass": "nope"}]}))
@@ -64,6 +76,48 @@ def test_run_recipe_dry_run_and_errors(tiny_model, cli, tmp_path):
     assert r.code == 2 and "unknown pass 'nope'" in r.err
     bad.write_text(yaml.safe_dump({"source": str(src), "steps": [{"name": "../x", "pass": "import"}]}))
     assert "plain file name" in cli("run", bad).err
+
+
+def test_run_checks_every_step_before_the_first_starts(tiny_model, cli, tmp_path):
+    """A bad choice or a missing input in a later step is refused before any pass writes anything,
+    with the same message the command line gives for the same value (one build_config)."""
+    src = tiny_model("llama")
+    bad = tmp_path / "late.yaml"
+    steps = [{"name": "base", "pass": "import"}, {"name": "q", "pass": "quant", "options": {"method": "rtnx"}}]
+    bad.write_text(yaml.safe_dump({"source": str(src), "out": "out", "steps": steps}))
+    r = cli("run", bad)
+    assert r.code == 2 and "step 'q'" in r.err and "'rtnx' is not one of" in r.err, r
+    assert not (tmp_path / "out").exists()  # the import step never ran
+    (tmp_path / "opts.yaml").write_text("method: rtnx\n")
+    direct = cli("quant", src, tmp_path / "direct", "--recipe", tmp_path / "opts.yaml")
+    assert direct.code == 2 and r.err.split("'q': ")[1] == direct.err.split("Error: ")[1], (r.err, direct.err)
+    steps = [
+        {"name": "base", "pass": "import"},
+        {"name": "q", "pass": "quant", "input": str(tmp_path / "nowhere"), "options": {"method": "rtn"}},
+    ]
+    bad.write_text(yaml.safe_dump({"source": str(src), "out": "out", "steps": steps}))
+    r = cli("run", bad)
+    assert r.code == 2 and "step 'q'" in r.err and "nowhere does not exist" in r.err, r
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_config_is_the_one_way_to_make_a_config():
+    from weightsmith.app.cli_options import build_config
+    from weightsmith.app.registry import get_pass
+    from weightsmith.errors import UsageError
+
+    spec = get_pass("quant")
+    cfg = build_config(
+        spec, {"method": "rtn", "bits": "3", "override": ["x:skip"]}
+    )  # recipe strings and lists become field types
+    assert (cfg.method, cfg.bits, cfg.override) == ("rtn", 3, ("x:skip",))
+    for values, msg in (
+        ({"method": "rtnx"}, "is not one of"),
+        ({"bitz": 4}, "unknown option(s) bitz"),
+        ({"block_size": "big"}, "not a valid int"),
+    ):
+        with pytest.raises(UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            build_config(spec, values)
 
 
 class StandIn:
@@ -90,7 +144,7 @@ class StandIn:
 
 
 def test_push_dry_run_lists_verified_files_and_uploads_offline(tiny_model, cli, tmp_path, monkeypatch):
-    from weightsmith import publish
+    from weightsmith.app import publish
 
     out = tmp_path / "q"
     assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--max-shard-size", "100KB").code == 0
@@ -137,26 +191,44 @@ def test_example_makefile_reruns_only_what_changed(tiny_model, tmp_path):
     root = Path(__file__).resolve().parents[1]
     steps = tmp_path / "steps"
     steps.mkdir()
-    (steps / "pruned.yaml").write_text("params: '0.8'\ncalib: demo:hamlet\ncalib_samples: 8\ncalib_length: 64\ncandidates: 2\nscore_windows: 2\n")
+    (steps / "pruned.yaml").write_text(
+        "params: '0.8'\ncalib: demo:hamlet\ncalib_samples: 8\ncalib_length: 64\ncandidates: 2\nscore_windows: 2\n"
+    )
     (steps / "distilled.yaml").write_text("calib: demo:hamlet\ntokens: 512\ncalib_length: 64\nbatch_size: 2\n")
-    (steps / "mla.yaml").write_text("method: transmla\nkv_ratio: 0.5\ncalib: demo:hamlet\ncalib_samples: 4\ncalib_length: 64\n")
-    (steps / "w4.yaml").write_text("method: gptq\nbits: 4\ngroup_size: 32\ncalib: demo:hamlet\ncalib_samples: 4\ncalib_length: 64\n"
-                                   "override: ['\\.kv_(a_proj_with_mqa|b_proj)$:skip']\n")
-    ws = Path(sys.executable).parent / "weightsmith"
-    args = ["make", "-C", str(root / "examples"), f"WS={ws}", f"SRC={tiny_model('llama', layers=5)}", f"OUT={tmp_path / 'out'}", f"STEPS={steps}"]
+    (steps / "mla.yaml").write_text(
+        "method: transmla\nkv_ratio: 0.5\ncalib: demo:hamlet\ncalib_samples: 4\ncalib_length: 64\n"
+    )
+    (steps / "w4.yaml").write_text(
+        "method: gptq\nbits: 4\ngroup_size: 32\ncalib: demo:hamlet\ncalib_samples: 4\ncalib_length: 64\n"
+        "override: ['\\.kv_(a_proj_with_mqa|b_proj)$:skip']\n"
+    )
+    ws = f"{sys.executable} -m weightsmith"  # the tree under test, whatever console script is installed
+    args = [
+        "make",
+        "-C",
+        str(root / "examples"),
+        f"WS={ws}",
+        f"SRC={tiny_model('llama', layers=5)}",
+        f"OUT={tmp_path / 'out'}",
+        f"STEPS={steps}",
+    ]
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     first = subprocess.run(args, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     m = json.loads((tmp_path / "out" / "w4" / "manifest.json").read_text())
-    assert [s["pass"]["name"] for s in m["chain"]] == ["import", "minitron", "mla", "distill"] and m["pass"]["name"] == "quant"
+    assert [s["pass"]["name"] for s in m["chain"]] == ["import", "minitron", "mla", "distill"] and m["pass"][
+        "name"
+    ] == "quant"
     card = (tmp_path / "out" / "w4" / "README.md").read_text()
     assert all(p in card for p in ("minitron", "mla", "distill", "quant"))
     import torch
 
     import weightsmith
 
-    final = weightsmith.load(tmp_path / "out" / "w4")  # MLA layout + GPTQ weights (stock GPTQ loading needs optimum, not installed)
+    final = weightsmith.load(
+        tmp_path / "out" / "w4"
+    )  # MLA layout + GPTQ weights (stock GPTQ loading needs optimum, not installed)
     assert type(final).__name__ == "DeepseekV3ForCausalLM"
     assert final.generate(torch.tensor([[5, 17, 42]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
     second = subprocess.run(args, capture_output=True, text=True)
@@ -165,7 +237,7 @@ def test_example_makefile_reruns_only_what_changed(tiny_model, tmp_path):
     (steps / "distilled.yaml").write_text("calib: demo:hamlet\ntokens: 768\ncalib_length: 64\nbatch_size: 2\n")
     third = subprocess.run(args, capture_output=True, text=True)
     assert third.returncode == 0, third.stderr[-2000:]
-    ran = [line.split()[1] for line in third.stdout.splitlines() if line.startswith(str(ws))]
+    ran = [line[len(ws) :].split()[0] for line in third.stdout.splitlines() if line.startswith(ws)]
     assert ran == ["distill", "quant"], third.stdout
     after = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/manifest.json")}
     assert after["base"] == stamps["base"] and after["pruned"] == stamps["pruned"] and after["mla"] == stamps["mla"]

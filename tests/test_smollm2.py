@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_import_matches_transformers_gguf_load(smollm2):
     from transformers import AutoModelForCausalLM
 
-    from weightsmith.demo import smollm2_gguf
+    from weightsmith.assets import smollm2_gguf
 
     gguf = smollm2_gguf()
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).state_dict()

@@ -1,12 +1,14 @@
 """`weightsmith.load(dir)`: a ready transformers model from any weightsmith output.
 
 Plain checkpoints load with `AutoModelForCausalLM.from_pretrained`. Checkpoints whose
-`quantization_config.quant_method` has a registered runtime (the quantization issue registers its
-formats here) are built by that runtime, so `eval`/`diff` work on them too.
+`quantization_config.quant_method` has a runtime in RUNTIMES are built by that runtime, so
+`eval`/`diff` work on them too. The table is filled at start-up by the application
+(weightsmith.app.registry.load(); `weightsmith.load()` does it), never by the runtimes themselves.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -14,11 +16,27 @@ import torch
 from weightsmith.checkpoint.resolve import open_checkpoint
 from weightsmith.errors import UnsupportedError
 
-# quant_method -> loader(checkpoint, dtype, device) -> model
-RUNTIME_LOADERS: dict[str, Callable[..., Any]] = {}
+
+@dataclass(frozen=True)
+class Runtime:
+    """How to use checkpoints of one quant_method: build the model, count its logical parameters."""
+
+    load: Callable[..., Any]  # (checkpoint, dtype=, device=) -> model
+    param_count: Callable[[Any], int]  # (checkpoint) -> parameters (packed weights at their unpacked size)
 
 
-def load(path, *, dtype: torch.dtype | str | None = torch.float32, device: str = "cpu", allow_pickle: bool = False, allow_download: bool = False):
+RUNTIMES: dict[str, Runtime] = {}  # quant_method -> Runtime
+RUNTIME_PROBLEMS: dict[str, str] = {}  # runtime module -> why it could not be imported
+
+
+def load(
+    path,
+    *,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    allow_download: bool = False,
+):
     from transformers import AutoModelForCausalLM
 
     ck = open_checkpoint(str(path), allow_pickle=allow_pickle, allow_download=allow_download)
@@ -29,33 +47,13 @@ def load(path, *, dtype: torch.dtype | str | None = torch.float32, device: str =
     qc = ck.config_dict.get("quantization_config") or {}
     method = qc.get("quant_method")
     if method:
-        loader = RUNTIME_LOADERS.get(method)
-        problems: dict[str, str] = {}
-        if loader is None:
-            problems = _load_runtimes()
-            loader = RUNTIME_LOADERS.get(method)
-        if loader is None:
-            why = "; ".join(problems.values())
+        runtime = RUNTIMES.get(method)
+        if runtime is None:
+            why = "; ".join(RUNTIME_PROBLEMS.values())
             raise UnsupportedError(
-                f"{ck.root}: quantization method {method!r} has no weightsmith runtime; supported: {', '.join(sorted(RUNTIME_LOADERS)) or 'none'}"
-                + (f" ({why})" if why else "")
+                f"{ck.root}: quantization method {method!r} has no weightsmith runtime; supported: "
+                f"{', '.join(sorted(RUNTIMES)) or 'none'}" + (f" ({why})" if why else "")
             )
-        return loader(ck, dtype=dtype, device=device)
+        return runtime.load(ck, dtype=dtype, device=device)
     model = AutoModelForCausalLM.from_pretrained(ck.root, dtype=dtype, use_safetensors=not ck.is_pickle)
     return model.to(device).eval()
-
-
-def _load_runtimes() -> dict[str, str]:
-    """Import the modules that register runtimes (lazy so `import weightsmith` stays lean); returns why any failed."""
-    import importlib
-
-    problems = {}
-    for mod in RUNTIME_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:
-            problems[mod] = f"{mod} is unavailable because {e}"
-    return problems
-
-
-RUNTIME_MODULES: list[str] = ["weightsmith.quant.runtime"]

@@ -1,4 +1,5 @@
-"""The pass registry: one explicit dict, filled by the modules listed in PASS_MODULES.
+"""The pass contract and its registry: one explicit dict, filled by the pass modules that
+weightsmith/app/registry.py lists (the only place that knows every pass).
 
 A pass is a frozen config dataclass + `plan(config, ctx) -> Plan` (shapes only: used by
 `--dry-run` and by the writer) + `run(config, ctx, plan)` (does the work, writes through
@@ -9,32 +10,23 @@ API, the CLI, recipe files and the manifest's `parameters` block cannot drift ap
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from weightsmith.errors import UsageError
 
-# modules that register passes; an import failure is reported, never swallowed
-PASS_MODULES = [
-    "weightsmith.checkpoint.copy_pass",
-    "weightsmith.quant.quant_pass",
-    "weightsmith.merge.merge_pass",
-    "weightsmith.prune.prune_pass",
-    "weightsmith.prune.distill",
-    "weightsmith.prune.minitron",
-    "weightsmith.convert.mla.mla_pass",
-]
-
 
 @dataclass
 class Plan:
-    """What a pass will write: output tensors (None = decided during run), output config, a summary."""
+    """What a pass will write: output tensors (None = decided during run), output config, a summary,
+    and `state`: whatever the pass decided while planning that `run` needs (the pass's own dataclass),
+    so nothing is worked out twice and nothing rides on the context."""
 
     tensors: list | None
     config: Any | None
     summary: dict[str, Any] = field(default_factory=dict)
     layout: dict[str, str] | None = None  # tensor name -> shard key (see CheckpointWriter.plan)
+    state: Any = None
 
 
 @dataclass(frozen=True)
@@ -51,10 +43,21 @@ class PassSpec:
     source_names: tuple[str, ...] = ("src",)
     tags: tuple[str, ...] = ()
 
+    def sources_problem(self, count: int) -> str | None:
+        """Why `count` sources do not suit this pass (None when they do): the one check of their number."""
+        if self.multi_source:
+            return (
+                None if count >= 2 else f"{self.name} needs at least two parents (the first is the base), got {count}"
+            )
+        if count != self.sources:
+            return (
+                f"{self.name} takes {self.sources} source(s) ({' '.join(self.source_names[: self.sources])}), got "
+                f"{count}"
+            )
+        return None
+
 
 _REGISTRY: dict[str, PassSpec] = {}
-_UNAVAILABLE: dict[str, str] = {}
-_LOADED = False
 
 
 def register(spec: PassSpec) -> PassSpec:
@@ -66,33 +69,9 @@ def register(spec: PassSpec) -> PassSpec:
     return spec
 
 
-def load_passes() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    for mod in PASS_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:
-            _UNAVAILABLE[mod] = f"{mod} is unavailable because {e}"
-    _LOADED = True
-
-
-def all_passes() -> dict[str, PassSpec]:
-    load_passes()
+def registered() -> dict[str, PassSpec]:
+    """The passes registered so far (weightsmith.app.registry imports every pass module first)."""
     return dict(_REGISTRY)
-
-
-def unavailable() -> dict[str, str]:
-    load_passes()
-    return dict(_UNAVAILABLE)
-
-
-def get_pass(name: str) -> PassSpec:
-    passes = all_passes()
-    if name not in passes:
-        raise UsageError(f"unknown pass {name!r}; available: {', '.join(sorted(passes))}")
-    return passes[name]
 
 
 def config_to_params(config: Any) -> dict[str, Any]:
@@ -110,27 +89,6 @@ def config_to_params(config: Any) -> dict[str, Any]:
     return {f.name: clean(getattr(config, f.name)) for f in dataclasses.fields(config) if not f.metadata.get("runtime")}
 
 
-def make_config(cls: type, values: dict[str, Any]) -> Any:
-    """Build a pass config from a dict (recipe / CLI), refusing unknown keys (typos fail loudly)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    coerced = {}
-    for k, v in values.items():
-        # recipe files give lists where the dataclass wants tuples
-        if isinstance(v, list) and "tuple" in str(fields[k].type):
-            v = tuple(v)
-        coerced[k] = v
-    try:
-        config = cls(**coerced)
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    check_bounds(config)
-    return config
-
-
 def check_bounds(config: Any) -> None:
     """Numeric options carry their valid range as field metadata (`min`, `max`: inclusive;
     `below`: exclusive upper bound); a value outside it is refused naming the option."""
@@ -140,6 +98,13 @@ def check_bounds(config: Any) -> None:
         if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         if (lo is not None and v < lo) or (hi is not None and v > hi) or (below is not None and v >= below):
-            rng = " and ".join(x for x in (
-                f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "", f"< {below}" if below is not None else "") if x)
+            rng = " and ".join(
+                x
+                for x in (
+                    f">= {lo}" if lo is not None else "",
+                    f"<= {hi}" if hi is not None else "",
+                    f"< {below}" if below is not None else "",
+                )
+                if x
+            )
             raise UsageError(f"--{f.name.replace('_', '-')} {v}: must be {rng}")

@@ -27,12 +27,27 @@ class Reporter:
         if self.quiet or not self.tty:
             yield from items
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        cols = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*cols, console=Console(stderr=True), transient=True) as prog:
-            task = prog.add_task(desc, total=total if total is not None else (len(items) if hasattr(items, "__len__") else None))
+            task = prog.add_task(
+                desc, total=total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+            )
             for x in items:
                 yield x
                 prog.advance(task)

@@ -76,8 +76,18 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ValueError(f"cannot parse size {text!r}; write e.g. 5GB or 500MB")
     value, unit = float(m.group(1)), m.group(2).upper()
-    mult = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}.get(unit)
+    mult = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }.get(unit)
     if mult is None:
         raise ValueError(f"cannot parse size {text!r}; write e.g. 5GB or 500MB")
     return int(value * mult)

@@ -30,9 +30,16 @@ def main() -> None:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src)
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=not asym, strategy="channel" if group == -1 else "group",
-                               group_size=None if group == -1 else group)
-    recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"])
+    weights = QuantizationArgs(
+        num_bits=bits,
+        type="int",
+        symmetric=not asym,
+        strategy="channel" if group == -1 else "group",
+        group_size=None if group == -1 else group,
+    )
+    recipe = GPTQModifier(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, ignore=["lm_head"]
+    )
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
     model.save_pretrained(dst, save_compressed=True)
     tok.save_pretrained(dst)

@@ -26,8 +26,15 @@ def source(bias: bool = True, seed: int = 0) -> tuple[SourceAttention, torch.Ten
     zb = (lambda n: rnd(n) * 0.5) if bias else (lambda n: torch.zeros(n, dtype=F64))
     inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     s = SourceAttention(
-        _aug(rnd(N_H * D, H) / 3, zb(N_H * D)), _aug(rnd(N_KV * D, H) / 3, zb(N_KV * D)), _aug(rnd(N_KV * D, H) / 7, zb(N_KV * D)),
-        rnd(H, N_H * D) / 7, zb(H) if bias else None, N_H, N_KV, D, inv,
+        _aug(rnd(N_H * D, H) / 3, zb(N_H * D)),
+        _aug(rnd(N_KV * D, H) / 3, zb(N_KV * D)),
+        _aug(rnd(N_KV * D, H) / 7, zb(N_KV * D)),
+        rnd(H, N_H * D) / 7,
+        zb(H) if bias else None,
+        N_H,
+        N_KV,
+        D,
+        inv,
     )
     # correlated inputs so PCA has structure to find
     mix = rnd(H, H) / H**0.5 + torch.eye(H, dtype=F64) * 0.3
@@ -41,7 +48,11 @@ def test_rotate_half_to_interleaved_preserves_rope_scores():
     q, k = torch.randn(T, d, dtype=F64), torch.randn(T, d, dtype=F64)
     inv = 1.0 / (100 ** (torch.arange(0, d, 2).double() / d))
     ang = torch.arange(T, dtype=F64)[:, None] * inv
-    half = lambda z: z * torch.cat([ang.cos()] * 2, -1) + torch.cat([-z[:, d // 2 :], z[:, : d // 2]], -1) * torch.cat([ang.sin()] * 2, -1)  # noqa: E731
+
+    def half(z):
+        return z * torch.cat([ang.cos()] * 2, -1) + torch.cat([-z[:, d // 2 :], z[:, : d // 2]], -1) * torch.cat(
+            [ang.sin()] * 2, -1
+        )
 
     def inter(z):
         z1, z2 = z[:, 0::2], z[:, 1::2]
@@ -69,7 +80,9 @@ def test_longrope_factors_reproduce_frequencies_bit_exactly():
 def test_transmla_full_cache_is_exact(bias):
     s, x, C = source(bias)
     keep = [N_KV] * (D // 2)
-    split = comp.build_split(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, inv_freq=s.inv_freq, blocks=comp.single_frequency_blocks(N_KV, D, keep))
+    split = comp.build_split(
+        s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, inv_freq=s.inv_freq, blocks=comp.single_frequency_blocks(N_KV, D, keep)
+    )
     assert split.kept_energy == pytest.approx(1.0) and split.nope_k.shape[0] == 0
     lat = pca_latent(split.nope_k, s.wv, C, N_KV * D, centered=True)
     L = build_layer(s, split, lat, constant=2.0**26)
@@ -82,7 +95,17 @@ def test_mha2mla_full_rank_latent_is_exact_with_partial_rope_as_only_loss(strate
     s, x, C = source(True)
     score = comp.two_norm_scores(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D)
     kept = comp.partial_rope_frequencies(strategy, N_KV, D, D // 2, score)  # every pair keeps RoPE
-    split = comp.build_split(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, inv_freq=s.inv_freq, blocks=comp.head_selection_blocks(N_KV, D, kept), basis="identity")
+    split = comp.build_split(
+        s.wk,
+        s.wq,
+        C,
+        n_h=N_H,
+        n_kv=N_KV,
+        d=D,
+        inv_freq=s.inv_freq,
+        blocks=comp.head_selection_blocks(N_KV, D, kept),
+        basis="identity",
+    )
     lat = svd_latent(split.nope_k, s.wv, N_KV * D)
     assert relative_error(x, s, build_layer(s, split, lat, constant=2.0**26), dtype=F64) < 1e-20
 
@@ -109,7 +132,9 @@ def test_dropping_rope_costs_and_keeping_all_pairs_is_exact():
     s, x, C = source(False)
     errs = []
     for pairs in (2, 8, N_KV * D // 2):
-        scores = [comp.block_scores(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, blocks=comp.single_frequency_blocks(N_KV, D))]
+        scores = [
+            comp.block_scores(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, blocks=comp.single_frequency_blocks(N_KV, D))
+        ]
         blocks = comp.single_frequency_blocks(N_KV, D, comp.allocate_pairs(scores, pairs))
         split = comp.build_split(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, inv_freq=s.inv_freq, blocks=blocks)
         lat = pca_latent(split.nope_k, s.wv, C, split.nope_k.shape[0] + N_KV * D, centered=True)
@@ -159,7 +184,16 @@ def test_engine_construction_has_no_biases_and_folds_frequencies():
     s, x, C = source(False)
     d_r = D // 2
     for fold in (2, 4):
-        split = comp.build_split(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, inv_freq=s.inv_freq, blocks=comp.freqfold_blocks(N_KV, D, d_r, fold, s.inv_freq))
+        split = comp.build_split(
+            s.wk,
+            s.wq,
+            C,
+            n_h=N_H,
+            n_kv=N_KV,
+            d=D,
+            inv_freq=s.inv_freq,
+            blocks=comp.freqfold_blocks(N_KV, D, d_r, fold, s.inv_freq),
+        )
         assert split.rope_k.shape[0] == d_r
         # standard RoPE over d_r dims: pair p turns at source frequency 2p
         torch.testing.assert_close(split.rope_freq, s.inv_freq[0::2].float())
@@ -171,7 +205,16 @@ def test_engine_construction_has_no_biases_and_folds_frequencies():
 
 def test_engine_refuses_biases():
     s, x, C = source(True)
-    split = comp.build_split(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, inv_freq=s.inv_freq, blocks=comp.freqfold_blocks(N_KV, D, D, 1, s.inv_freq))
+    split = comp.build_split(
+        s.wk,
+        s.wq,
+        C,
+        n_h=N_H,
+        n_kv=N_KV,
+        d=D,
+        inv_freq=s.inv_freq,
+        blocks=comp.freqfold_blocks(N_KV, D, D, 1, s.inv_freq),
+    )
     lat = pca_latent(split.nope_k, s.wv, C, 8, centered=False)
     with pytest.raises(ValueError, match="bias"):
         build_layer(s, split, lat, constant=None, samples=x.reshape(-1, H))
@@ -180,7 +223,16 @@ def test_engine_refuses_biases():
 def test_reference_attentions_agree_at_identity_conversion():
     """Sanity of the two reference implementations against each other (used as the calibration loss)."""
     s, x, C = source(True, seed=3)
-    split = comp.build_split(s.wk, s.wq, C, n_h=N_H, n_kv=N_KV, d=D, inv_freq=s.inv_freq, blocks=comp.single_frequency_blocks(N_KV, D, [N_KV] * (D // 2)))
+    split = comp.build_split(
+        s.wk,
+        s.wq,
+        C,
+        n_h=N_H,
+        n_kv=N_KV,
+        d=D,
+        inv_freq=s.inv_freq,
+        blocks=comp.single_frequency_blocks(N_KV, D, [N_KV] * (D // 2)),
+    )
     L = build_layer(s, split, pca_latent(split.nope_k, s.wv, C, N_KV * D, centered=True), constant=2.0**26)
     torch.testing.assert_close(mla_attention(x, L, N_H), gqa_attention(x, s))
 

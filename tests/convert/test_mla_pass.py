@@ -44,7 +44,11 @@ def test_exact_target_reproduces_the_source_at_full_cache(family, tiny_model, tm
     out = model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)
     cfg = json.loads((tmp_path / "mla" / "config.json").read_text())
-    assert cfg["model_type"] == "deepseek_v3" and "auto_map" not in cfg and cfg["first_k_dense_replace"] == cfg["num_hidden_layers"]
+    assert (
+        cfg["model_type"] == "deepseek_v3"
+        and "auto_map" not in cfg
+        and cfg["first_k_dense_replace"] == cfg["num_hidden_layers"]
+    )
     assert (cfg["q_lora_rank"] is not None) == (family == "qwen2")  # q_lora only to carry Qwen2's query bias
     m = json.loads((tmp_path / "mla" / "manifest.json").read_text())["metrics"]
     before, after = m["kv_cache_before"]["values_per_token"], m["kv_cache_after"]["values_per_token"]
@@ -68,7 +72,9 @@ def test_reduced_cache_both_methods_load_generate_and_degrade_gracefully(tiny_mo
             m = json.loads((dst / "manifest.json").read_text())["metrics"]
             src_vals = m["kv_cache_before"]["values_per_token"]
             layers = len(m["layers"])
-            assert m["kv_cache_after"]["values_per_token"] == round(float(ratio) * src_vals) + layers  # budget + constant channel
+            assert (
+                m["kv_cache_after"]["values_per_token"] == round(float(ratio) * src_vals) + layers
+            )  # budget + constant channel
             model.generate(ids[:1, :8], max_new_tokens=3, do_sample=False)
     print(errs)
     # random tiny models compress badly (no structure to find): quality thresholds live in the SmolLM2
@@ -82,7 +88,11 @@ def test_engine_target_matches_the_deepseek_layout_vllm_expects(tiny_model, tmp_
     r = _run(cli, src, dst, hamlet, "--target", "engine")
     assert r.code == 0, r
     cfg = json.loads((dst / "config.json").read_text())
-    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["attention_bias"] is False and cfg["q_lora_rank"] is None
+    assert (
+        cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+        and cfg["attention_bias"] is False
+        and cfg["q_lora_rank"] is None
+    )
     assert cfg["rope_interleave"] is True and cfg["rope_parameters"]["rope_type"] == "default"
     assert cfg["num_key_value_heads"] == cfg["num_attention_heads"]
     n_h, hid = cfg["num_attention_heads"], cfg["hidden_size"]
@@ -94,8 +104,11 @@ def test_engine_target_matches_the_deepseek_layout_vllm_expects(tiny_model, tmp_
         for i in range(cfg["num_hidden_layers"]):
             p = f"model.layers.{i}.self_attn."
             want = {
-                "q_proj.weight": (n_h * (d_n + d_r), hid), "kv_a_proj_with_mqa.weight": (r_ + d_r, hid), "kv_a_layernorm.weight": (r_,),
-                "kv_b_proj.weight": (n_h * (d_n + d_v), r_), "o_proj.weight": (hid, n_h * d_v),
+                "q_proj.weight": (n_h * (d_n + d_r), hid),
+                "kv_a_proj_with_mqa.weight": (r_ + d_r, hid),
+                "kv_a_layernorm.weight": (r_,),
+                "kv_b_proj.weight": (n_h * (d_n + d_v), r_),
+                "o_proj.weight": (hid, n_h * d_v),
             }
             for k, shape in want.items():
                 assert tuple(f.get_slice(p + k).get_shape()) == shape, k
@@ -122,7 +135,9 @@ def test_engine_target_matches_the_deepseek_layout_vllm_expects(tiny_model, tmp_
         ("llama", ("--kv-ratio", "0.01"), "ratio ≥"),
     ],
 )
-def test_impossible_requests_fail_with_a_clear_error_and_no_output(family, args, match, tiny_model, tmp_path, cli, hamlet):
+def test_impossible_requests_fail_with_a_clear_error_and_no_output(
+    family, args, match, tiny_model, tmp_path, cli, hamlet
+):
     r = _run(cli, tiny_model(family), tmp_path / "out", hamlet, *args)
     assert r.code != 0 and match in r.err, r
     assert not (tmp_path / "out").exists()
@@ -140,14 +155,28 @@ def test_conversion_is_deterministic(tiny_model, tmp_path, cli, hamlet):
 
 @pytest.mark.slow
 def test_smollm2_exact_full_cache(smollm2, tmp_path, cli):
-    from weightsmith.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
     dst = tmp_path / "mla"
-    r = cli("mla", str(smollm2), str(dst), "--calib", str(political_speeches()), "--calib-field", "speeches", "--calib-samples", "4", "--calib-length", "128", "--rope-dim", "192")
+    r = cli(
+        "mla",
+        str(smollm2),
+        str(dst),
+        "--calib",
+        str(political_speeches()),
+        "--calib-field",
+        "speeches",
+        "--calib-samples",
+        "4",
+        "--calib-length",
+        "128",
+        "--rope-dim",
+        "192",
+    )
     assert r.code == 0, r
     from transformers import AutoTokenizer
 
-    from weightsmith.demo import hamlet
+    from weightsmith.assets import hamlet
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     ids = tok(Path(hamlet()).read_text()[:4000], return_tensors="pt").input_ids[:, :384]
@@ -164,10 +193,28 @@ def test_budget_resolution_and_engine_default_is_flashmla_shape():
     from weightsmith.convert.mla.mla_pass import MlaConfig, resolve_budget
     from weightsmith.errors import UsageError
 
-    big = arch_for(LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=2, vocab_size=10, intermediate_size=64))
+    big = arch_for(
+        LlamaConfig(
+            hidden_size=4096,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_hidden_layers=2,
+            vocab_size=10,
+            intermediate_size=64,
+        )
+    )
     b = resolve_budget(MlaConfig(target="engine"), big)
     assert (b.rank, b.rope_candidates) == (512, [64])  # what FlashMLA / vLLM's MLA kernels want
-    smol = arch_for(LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=2, vocab_size=10, intermediate_size=64))
+    smol = arch_for(
+        LlamaConfig(
+            hidden_size=576,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            num_hidden_layers=2,
+            vocab_size=10,
+            intermediate_size=64,
+        )
+    )
     b = resolve_budget(MlaConfig(kv_ratio=0.5), smol)
     assert b.total == 192 and b.source == 384 and max(b.rope_candidates) < 192
     b = resolve_budget(MlaConfig(target="engine"), smol)  # too small for 512+64: full cache, width searched
@@ -183,8 +230,17 @@ def test_budget_resolution_and_engine_default_is_flashmla_shape():
 def test_exact_target_carries_llama3_rope_scaling(tmp_path, cli, hamlet):
     from tiny import build_tiny
 
-    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-    src = build_tiny("llama", tmp_path / "src", initializer_range=0.25, rope_parameters=rope, max_position_embeddings=256)
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    src = build_tiny(
+        "llama", tmp_path / "src", initializer_range=0.25, rope_parameters=rope, max_position_embeddings=256
+    )
     r = _run(cli, src, tmp_path / "mla", hamlet)
     assert r.code == 0, r
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(2))
@@ -200,7 +256,12 @@ def test_engine_target_serves_both_methods_at_reduced_cache(tiny_model, tmp_path
     score = torch.tensor([[5.0, 1, 9, 1, 1, 1, 0, 2], [1.0, 7, 1, 1, 3, 1, 4, 1]])  # [n_kv=2, d/2=8]
     blocks = comp.engine_head_selection_blocks(2, 16, 8, score, torch.arange(8, dtype=torch.float64))
     kept = [(b.slots[0], float(b.freqs[0])) for b in blocks if b.keep]
-    assert kept == [((0, 0), 0.0), ((0, 2), 2.0), ((1, 4), 4.0), ((1, 6), 6.0)]  # every collapse-th frequency, its best head
+    assert kept == [
+        ((0, 0), 0.0),
+        ((0, 2), 2.0),
+        ((1, 4), 4.0),
+        ((1, 6), 6.0),
+    ]  # every collapse-th frequency, its best head
 
     src = _tiny(tiny_model, "llama")
     ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(2))

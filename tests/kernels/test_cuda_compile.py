@@ -3,8 +3,8 @@ torch ships its CUDA headers."""
 
 from __future__ import annotations
 
-import shutil
 import re
+import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -20,8 +20,21 @@ nvcc = shutil.which("nvcc") or (Path("/usr/local/cuda/bin/nvcc") if Path("/usr/l
 @pytest.mark.parametrize("arch", cuda_ext.ARCHS)
 def test_kernel_compiles(arch, tmp_path):
     src = next(s for s in cuda_ext.SOURCES if s.suffix == ".cu")
-    r = subprocess.run([str(nvcc), *cuda_ext.NVCC_FLAGS, *cuda_ext.gencode(arch), f"-I{cuda_ext.SRC_DIR}", "--resource-usage", "-c", str(src),
-                        "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            str(nvcc),
+            *cuda_ext.NVCC_FLAGS,
+            *cuda_ext.gencode(arch),
+            f"-I{cuda_ext.SRC_DIR}",
+            "--resource-usage",
+            "-c",
+            str(src),
+            "-o",
+            str(tmp_path / "k.o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "k.o").stat().st_size > 10_000
     # every dtype x bits x m-tiles x sym instantiation is in the object ...
@@ -43,11 +56,27 @@ def test_kernel_uses_the_marlin_instructions(tmp_path):
     with an L2 evict-first policy for the weights, lop3 dequantization, and no int->float conversion
     of codes in the inner loop."""
     src = next(s for s in cuda_ext.SOURCES if s.suffix == ".cu")
-    r = subprocess.run([str(nvcc), "-std=c++17", "-O3", "-arch=sm_80", f"-I{cuda_ext.SRC_DIR}", "-ptx", str(src), "-o", str(tmp_path / "k.ptx")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            str(nvcc),
+            "-std=c++17",
+            "-O3",
+            "-arch=sm_80",
+            f"-I{cuda_ext.SRC_DIR}",
+            "-ptx",
+            str(src),
+            "-o",
+            str(tmp_path / "k.ptx"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ptx = (tmp_path / "k.ptx").read_text()
-    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx and "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
+    assert (
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+        and "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
+    )
     assert "cp.async.cg.shared.global.L2::cache_hint" in ptx and "createpolicy.fractional.L2::evict_first" in ptx
     assert "lop3.b32" in ptx and "cp.async.wait_group 2" in ptx
     assert "cvt.rn.f16.s32" not in ptx and "cvt.rn.f16.u32" not in ptx
@@ -67,8 +96,17 @@ def test_binding_compiles(tmp_path):
     shim.mkdir(parents=True)
     (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     src = next(s for s in cuda_ext.SOURCES if s.suffix == ".cpp")
-    args = [cxx, "-std=c++17", "-fsyntax-only", str(src), "-DTORCH_EXTENSION_NAME=ws", f"-I{sysconfig.get_paths()['include']}",
-            f"-I{cuda_include}", f"-I{tmp_path / 'shim'}", f"-I{cuda_ext.SRC_DIR}"]
+    args = [
+        cxx,
+        "-std=c++17",
+        "-fsyntax-only",
+        str(src),
+        "-DTORCH_EXTENSION_NAME=ws",
+        f"-I{sysconfig.get_paths()['include']}",
+        f"-I{cuda_include}",
+        f"-I{tmp_path / 'shim'}",
+        f"-I{cuda_ext.SRC_DIR}",
+    ]
     r = subprocess.run(args + [f"-I{p}" for p in include_paths()], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 

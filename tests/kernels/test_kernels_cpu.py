@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from weightsmith.kernels import layout
+from weightsmith.kernels.packing import pack_dense
 from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight
-from weightsmith.quant.formats.packing import pack_dense
 
 GRID = [(b, g, sym) for b in (2, 3, 4, 8) for g, sym in ((32, True), (64, False), (128, True), (-1, False))]
 
@@ -19,14 +19,26 @@ def random_codes(bits, n, k, group, sym, seed=0):
     q = torch.randint(0, 2**bits, (n, k), dtype=torch.int32, generator=gen)
     groups = 1 if group == -1 else k // group
     s = torch.rand(groups, n, generator=gen) * 0.05 + 0.01
-    z = torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int32) if sym else torch.randint(0, 2**bits, (groups, n), dtype=torch.int32, generator=gen)
+    z = (
+        torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int32)
+        if sym
+        else torch.randint(0, 2**bits, (groups, n), dtype=torch.int32, generator=gen)
+    )
     gi = (torch.arange(k) // (k if group == -1 else group)).int()
     return QuantizedWeight(q, s, z, gi, LinearQuant(bits, group, sym))
 
 
 def kernel_weight(qw, dtype=torch.float16):
-    return layout.repack(pack_dense(qw.q, qw.quant.bits).T.contiguous(), pack_dense(qw.zeros, qw.quant.bits), qw.scales.to(dtype),
-                         qw.g_idx, qw.quant.bits, qw.quant.group_size, qw.quant.sym, dtype)
+    return layout.repack(
+        pack_dense(qw.q, qw.quant.bits).T.contiguous(),
+        pack_dense(qw.zeros, qw.quant.bits),
+        qw.scales.to(dtype),
+        qw.g_idx,
+        qw.quant.bits,
+        qw.quant.group_size,
+        qw.quant.sym,
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("bits,group,sym", GRID)
@@ -54,11 +66,15 @@ def test_repack_refuses_what_kernels_cannot_serve():
     assert "5-bit" in layout.check_repackable(5, 64, 16, qw.g_idx, 32)
 
 
-needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="no GPU and no TRITON_INTERPRET")
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="no GPU and no TRITON_INTERPRET"
+)
 
 
 @needs_interpreter
-@pytest.mark.parametrize("bits,group,sym", [(2, 32, True), (3, 64, False), (4, 128, True), (4, -1, False), (8, 32, True)])
+@pytest.mark.parametrize(
+    "bits,group,sym", [(2, 32, True), (3, 64, False), (4, 128, True), (4, -1, False), (8, 32, True)]
+)
 @pytest.mark.parametrize("m", [1, 3, 17])
 def test_triton_matches_reference(bits, group, sym, m):
     pytest.importorskip("triton")
@@ -119,6 +135,7 @@ def test_dispatcher_explains_and_falls_back(monkeypatch):
 
     m, qw = _quant_linear()
     x = torch.randn(2, 128)
+    m = m.packed()  # the kernels take tensors, not the module
     why = dispatch.explain(x, m)
     assert why["cuda"] == "input is not on a CUDA device" and why["reference"] is None
     assert why["dequant"].startswith("CPU inputs")
@@ -147,4 +164,6 @@ def test_quantized_model_generates_the_same_tokens_through_triton(tiny_model, cl
     model = weightsmith.load(out, dtype=torch.float16)
     got = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, ref)
-    assert any(getattr(mod, "_kernel_weight", None) is not None for mod in model.modules())  # really went through the kernel
+    assert any(
+        getattr(mod, "_kernel_cache", {}).get("kernel") is not None for mod in model.modules()
+    )  # really went through the kernel

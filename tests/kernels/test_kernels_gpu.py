@@ -15,7 +15,10 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576)]
 
 @pytest.mark.parametrize("impl", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits,group,sym", [(4, 128, True), (4, 32, False), (3, 64, True), (3, -1, False), (2, 32, True), (2, 128, False), (8, 128, True)])
+@pytest.mark.parametrize(
+    "bits,group,sym",
+    [(4, 128, True), (4, 32, False), (3, 64, True), (3, -1, False), (2, 32, True), (2, 128, False), (8, 128, True)],
+)
 def test_sweep_against_reference(impl, dtype, bits, group, sym):
     from test_kernels_cpu import kernel_weight, random_codes
 

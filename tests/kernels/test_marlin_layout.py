@@ -9,14 +9,22 @@ import torch
 from test_kernels_cpu import random_codes
 
 from weightsmith.kernels import marlin_layout as ml
-from weightsmith.quant.formats.packing import pack_dense
+from weightsmith.kernels.packing import pack_dense
 
 GRID = [(b, g, sym) for b in (2, 3, 4) for g, sym in ((32, True), (64, False), (128, True), (-1, False))]
 
 
 def marlin_weight(qw, dtype=torch.float16):
-    return ml.repack(pack_dense(qw.q, qw.quant.bits).T.contiguous(), pack_dense(qw.zeros, qw.quant.bits), qw.scales.to(dtype),
-                     qw.g_idx, qw.quant.bits, qw.quant.group_size, qw.quant.sym, dtype)
+    return ml.repack(
+        pack_dense(qw.q, qw.quant.bits).T.contiguous(),
+        pack_dense(qw.zeros, qw.quant.bits),
+        qw.scales.to(dtype),
+        qw.g_idx,
+        qw.quant.bits,
+        qw.quant.group_size,
+        qw.quant.sym,
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("bits,group,sym", GRID)
@@ -26,7 +34,9 @@ def test_repack_round_trip_through_the_kernels_index_maths(bits, group, sym):
     assert torch.equal(ml.unpack(mw), qw.q)
     w = {4: [4], 3: [2, 1], 2: [2]}[bits]
     assert [tuple(p.shape) for p in mw.planes] == [(256 // 64, 80 // 16 * 32 * x) for x in w]
-    assert mw.nbytes() * 8 / (80 * 256) == pytest.approx(bits + 16 / (256 if group == -1 else group) * (1 if sym else 2))
+    assert mw.nbytes() * 8 / (80 * 256) == pytest.approx(
+        bits + 16 / (256 if group == -1 else group) * (1 if sym else 2)
+    )
     assert (mw.zeros_scaled is None) == sym
 
 
@@ -42,7 +52,9 @@ def test_lane_words_hold_exactly_their_fragment_codes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 128, False), (3, 64, True), (3, -1, False), (2, 32, False), (2, 128, True)])
+@pytest.mark.parametrize(
+    "bits,group,sym", [(4, 32, True), (4, 128, False), (3, 64, True), (3, -1, False), (2, 32, False), (2, 128, True)]
+)
 def test_register_dequantization_matches_the_grid(dtype, bits, group, sym):
     """The magic-number trick gives the codes exactly; the scale step rounds once, in `dtype`."""
     qw = random_codes(bits, 48, 256, group, sym, seed=3)
@@ -50,7 +62,7 @@ def test_register_dequantization_matches_the_grid(dtype, bits, group, sym):
     ref = qw.dequantize().T  # fp32 [K, N]
     got = ml.dequant_fragments(mw, dtype).float()
     eps = torch.finfo(dtype).eps
-    assert ((got - ref).abs() <= ref.abs() * eps + 2 * mw.scales.float().abs().max() * eps * 2 ** bits).all()
+    assert ((got - ref).abs() <= ref.abs() * eps + 2 * mw.scales.float().abs().max() * eps * 2**bits).all()
     if sym:  # symmetric: (c - z) exact, then one rounding of (c - z) * s -> the correctly rounded value
         exact = ((qw.q.T.double() - 2 ** (bits - 1)) * mw.scales.double()[torch.arange(256) // mw.group_size]).to(dtype)
         assert torch.equal(got.to(dtype), exact)
@@ -78,7 +90,9 @@ def test_split_plan_fills_the_gpu_and_covers_k():
         splits, per = ml.split_plan(k, n, 132, 2)
         blocks = -(-n // ml.NB) * splits
         assert (splits - 1) * per < k // ml.KB <= splits * per  # every k-block once, no empty split
-        assert blocks >= 132 or splits == min(32, max(1, k // ml.KB // 4))  # fills the SMs, or splits as far as allowed (>= 4 k-blocks each)
+        assert blocks >= 132 or splits == min(
+            32, max(1, k // ml.KB // 4)
+        )  # fills the SMs, or splits as far as allowed (>= 4 k-blocks each)
 
 
 def test_check_explains_what_the_cuda_kernel_cannot_serve():
@@ -109,10 +123,19 @@ def test_repack_from_an_on_disk_gptq_v1_checkpoint(bits, tiny_model, cli, tmp_pa
     import weightsmith
 
     out = tmp_path / "q"
-    assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--bits", str(bits), "--group-size", "32", "--no-sym").code == 0
+    assert (
+        cli(
+            "quant", tiny_model("llama"), out, "--method", "rtn", "--bits", str(bits), "--group-size", "32", "--no-sym"
+        ).code
+        == 0
+    )
     model = weightsmith.load(out, dtype=torch.float16)
-    name, mod = next((n, m) for n, m in model.named_modules() if type(m).__name__ == "QuantLinear" and m.out_features % 16 == 0)
-    mw = ml.repack(mod.qweight, mod.qzeros, mod.scales, mod.g_idx, mod.bits, mod.quant.group_size, mod.quant.sym, torch.float16)
+    name, mod = next(
+        (n, m) for n, m in model.named_modules() if type(m).__name__ == "QuantLinear" and m.out_features % 16 == 0
+    )
+    mw = ml.repack(
+        mod.qweight, mod.qzeros, mod.scales, mod.g_idx, mod.bits, mod.quant.group_size, mod.quant.sym, torch.float16
+    )
     prefix = next(p for p in _disk_prefixes(out) if p.endswith(name.split("model.", 1)[-1]) or p.endswith(name))
     with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
         qweight, qzeros = f.get_tensor(prefix + ".qweight"), f.get_tensor(prefix + ".qzeros")

@@ -19,7 +19,9 @@ def test_interpolate_into_matches_fp32_definition():
             out = interpolate_into([t if l else None for t, l in zip(ts, lam)], lam, torch.empty(4097, dtype=dtype))
             # rounded once to the output dtype: within half an ulp of the fp32 value (lerp: one more fp32 rounding)
             torch.testing.assert_close(out.float(), ref.to(dtype).float(), rtol=torch.finfo(dtype).eps, atol=1e-6)
-        assert torch.equal(interpolate_into([None, ts[1], None], (0.0, 1.0, 0.0), torch.empty(4097, dtype=dtype)), ts[1])
+        assert torch.equal(
+            interpolate_into([None, ts[1], None], (0.0, 1.0, 0.0), torch.empty(4097, dtype=dtype)), ts[1]
+        )
     # a cast on the way (selection with --out-dtype)
     x = torch.randn(100, generator=g)
     assert torch.equal(interpolate_into([x], (1.0,), torch.empty(100, dtype=torch.bfloat16)), x.bfloat16())
@@ -31,7 +33,7 @@ def test_square_sums_do_not_depend_on_the_cut():
     x = torch.randn(10_000, generator=g)
     whole = math.fsum(square_sums(x, 64))
     for cut in (64, 640, 6400):
-        parts = [square_sums(x[a:a + cut], 64) for a in range(0, x.numel(), cut)]
+        parts = [square_sums(x[a : a + cut], 64) for a in range(0, x.numel(), cut)]
         assert math.fsum(v for p in parts for v in p) == whole
     assert abs(whole - float(x.double().square().sum())) < 1e-9 * whole
     m = torch.randn(300, 50, generator=g)

@@ -45,7 +45,12 @@ def to_fp8(src: Path, dst: Path, *, only_divisible: bool = False) -> Path:
             out[k] = v.to(torch.bfloat16)
     save_file(out, f, metadata={"format": "pt"})
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": BLOCK, "activation_scheme": "dynamic"}
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "weight_block_size": BLOCK,
+        "activation_scheme": "dynamic",
+    }
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
@@ -81,7 +86,19 @@ def test_selection_is_byte_exact(pair, cli, tmp_path):
 def test_chimera_rule_on_fp8_copies_weights_and_scales(fp8_pair, cli, tmp_path):
     v3, r1 = fp8_pair
     out = tmp_path / "chimera"
-    r = cli("merge", out, "--parent", v3, "--parent", r1, "--weights", "parent:0", "--rule", "group:routed_experts=parent:1", "--json")
+    r = cli(
+        "merge",
+        out,
+        "--parent",
+        v3,
+        "--parent",
+        r1,
+        "--weights",
+        "parent:0",
+        "--rule",
+        "group:routed_experts=parent:1",
+        "--json",
+    )
     assert r.code == 0, r
     ck, A, B = Checkpoint(out), Checkpoint(v3), Checkpoint(r1)
     experts = [n for n in A.names if ".mlp.experts." in n]
@@ -90,7 +107,9 @@ def test_chimera_rule_on_fp8_copies_weights_and_scales(fp8_pair, cli, tmp_path):
         want = B if ".mlp.experts." in n else A
         assert _bytes(ck, n) == _bytes(want, n), n
     m = json.loads((out / "manifest.json").read_text())["metrics"]
-    assert m["groups"]["routed_experts"]["selected"] == {"1": 4 * 3} and m["groups"]["attention"]["selected"] == {"0": 14}
+    assert m["groups"]["routed_experts"]["selected"] == {"1": 4 * 3} and m["groups"]["attention"]["selected"] == {
+        "0": 14
+    }
     # weight 0 parents are never read: B contributed exactly its experts' bytes
     assert m["bytes_read_per_parent"][1] == sum(B.info(n).nbytes for n in experts)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["weight_block_size"] == BLOCK
@@ -112,7 +131,9 @@ def test_interpolation_matches_float_reference(pair, cli, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
-    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.float(), ck.get("model.layers.0.mlp.up_proj.weight").float())
+    torch.testing.assert_close(
+        model.model.layers[0].mlp.up_proj.weight.float(), ck.get("model.layers.0.mlp.up_proj.weight").float()
+    )
 
 
 def test_fp8_interpolation_requantizes_blockwise(fp8_pair, cli, tmp_path):
@@ -124,7 +145,9 @@ def test_fp8_interpolation_requantizes_blockwise(fp8_pair, cli, tmp_path):
     deq = [dequantize_blockwise(c.get(name), c.get(name + "_scale_inv"), tuple(BLOCK)) for c in (A, B)]
     q, s = quantize_blockwise(0.5 * deq[0] + 0.5 * deq[1], tuple(BLOCK))
     assert ck.info(name).dtype == torch.float8_e4m3fn
-    assert torch.equal(ck.get(name).view(torch.uint8), q.view(torch.uint8)) and torch.equal(ck.get(name + "_scale_inv"), s)
+    assert torch.equal(ck.get(name).view(torch.uint8), q.view(torch.uint8)) and torch.equal(
+        ck.get(name + "_scale_inv"), s
+    )
     # --out-dtype bf16: dequantized, scales gone, loads with plain from_pretrained
     bf = tmp_path / "bf16"
     assert cli("merge", bf, "--parent", v3, "--parent", r1, "--weights", "0.5,0.5", "--out-dtype", "bfloat16").code == 0
@@ -148,7 +171,23 @@ def test_delta_copies_tensors_that_barely_differ(pair, cli, tmp_path, tiny_model
     ck, A = Checkpoint(out), Checkpoint(a)
     assert all(_bytes(ck, n) == _bytes(A, n) for n in A.names)
     out2 = tmp_path / "d2"  # a per-rule delta of 0 interpolates attention anyway
-    assert cli("merge", out2, "--parent", a, "--parent", near, "--weights", "0.5,0.5", "--delta", "0.01", "--rule", "self_attn=0.5,0.5;delta=0").code == 0
+    assert (
+        cli(
+            "merge",
+            out2,
+            "--parent",
+            a,
+            "--parent",
+            near,
+            "--weights",
+            "0.5,0.5",
+            "--delta",
+            "0.01",
+            "--rule",
+            "self_attn=0.5,0.5;delta=0",
+        ).code
+        == 0
+    )
     m = json.loads((out2 / "manifest.json").read_text())["metrics"]["groups"]
     assert m["attention"]["interpolated"] == 8 and m["dense_mlp"]["copied_below_delta"] == 6
 
@@ -157,7 +196,9 @@ def test_output_sharded_like_the_base(tiny_model, cli, tmp_path):
     sharded = tmp_path / "sh"
     assert cli("import", tiny_model("llama"), sharded, "--max-shard-size", "100KB").code == 0
     b = perturbed(sharded, tmp_path / "shb", 4)
-    shutil.rmtree(b / "manifest.json", ignore_errors=True) if (b / "manifest.json").is_dir() else (b / "manifest.json").unlink()
+    shutil.rmtree(b / "manifest.json", ignore_errors=True) if (b / "manifest.json").is_dir() else (
+        b / "manifest.json"
+    ).unlink()
     out = tmp_path / "o"
     assert cli("merge", out, "--parent", sharded, "--parent", b).code == 0
     src_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
@@ -187,12 +228,29 @@ def test_refusals_write_nothing(tiny_model, pair, cli, tmp_path):
     del t["model.layers.1.mlp.up_proj.weight"]
     save_file(t, c / "model.safetensors", metadata={"format": "pt"})
     r = cli("merge", tmp_path / "x", "--parent", a, "--parent", c)
-    assert r.code != 0 and "model.layers.1.mlp.up_proj.weight" in r.err and "--partial" in r.err and not (tmp_path / "x").exists()
+    assert (
+        r.code != 0
+        and "model.layers.1.mlp.up_proj.weight" in r.err
+        and "--partial" in r.err
+        and not (tmp_path / "x").exists()
+    )
     r = cli("merge", tmp_path / "y", "--parent", a, "--parent", c, "--partial", "base")
-    assert r.code == 0 and _bytes(Checkpoint(tmp_path / "y"), "model.layers.1.mlp.up_proj.weight") == _bytes(Checkpoint(a), "model.layers.1.mlp.up_proj.weight")
+    assert r.code == 0 and _bytes(Checkpoint(tmp_path / "y"), "model.layers.1.mlp.up_proj.weight") == _bytes(
+        Checkpoint(a), "model.layers.1.mlp.up_proj.weight"
+    )
     # different tokenizers: refused until one is chosen
     tok = json.loads((b / "tokenizer.json").read_text())
-    tok["added_tokens"] = tok.get("added_tokens", []) + [{"id": 255, "content": "<x>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}]
+    tok["added_tokens"] = tok.get("added_tokens", []) + [
+        {
+            "id": 255,
+            "content": "<x>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    ]
     (b / "tokenizer.json").write_text(json.dumps(tok))
     r = cli("merge", tmp_path / "x", "--parent", a, "--parent", b)
     assert r.code != 0 and "tokenizer.json" in r.err and "--tokenizer-from" in r.err and not (tmp_path / "x").exists()
@@ -203,18 +261,27 @@ def test_refusals_write_nothing(tiny_model, pair, cli, tmp_path):
 def test_dry_run_and_recipe_file(pair, cli, tmp_path):
     a, b = pair
     recipe = tmp_path / "chimera.yaml"
-    recipe.write_text("weights: parent:0\nrule:\n  - {group: attention, weights: [0, 1]}\n  - 'mlp\\.down_proj=0.5,0.5'\n")
+    recipe.write_text(
+        "weights: parent:0\nrule:\n  - {group: attention, weights: [0, 1]}\n  - 'mlp\\.down_proj=0.5,0.5'\n"
+    )
     r = cli("merge", tmp_path / "o", "--parent", a, "--parent", b, "--recipe", recipe, "--dry-run", "--json")
     assert r.code == 0, r
     plan = json.loads(r.out)["plan"]
-    assert plan["groups"]["attention"]["rules"] == {"group:attention=0,1": 8} and plan["select"] == 21 - 2 and plan["interpolate"] == 2
+    assert (
+        plan["groups"]["attention"]["rules"] == {"group:attention=0,1": 8}
+        and plan["select"] == 21 - 2
+        and plan["interpolate"] == 2
+    )
     assert not (tmp_path / "o").exists()
     r = cli("merge", tmp_path / "o", "--parent", a, "--parent", b, "--recipe", recipe)
     assert r.code == 0, r
     ck, A, B = Checkpoint(tmp_path / "o"), Checkpoint(a), Checkpoint(b)
     assert _bytes(ck, "model.layers.0.self_attn.q_proj.weight") == _bytes(B, "model.layers.0.self_attn.q_proj.weight")
     assert _bytes(ck, "model.layers.0.mlp.up_proj.weight") == _bytes(A, "model.layers.0.mlp.up_proj.weight")
-    torch.testing.assert_close(ck.get("model.layers.0.mlp.down_proj.weight"), 0.5 * A.get("model.layers.0.mlp.down_proj.weight") + 0.5 * B.get("model.layers.0.mlp.down_proj.weight"))
+    torch.testing.assert_close(
+        ck.get("model.layers.0.mlp.down_proj.weight"),
+        0.5 * A.get("model.layers.0.mlp.down_proj.weight") + 0.5 * B.get("model.layers.0.mlp.down_proj.weight"),
+    )
 
 
 def test_fp8_strips_equal_whole_tensor(monkeypatch):
@@ -230,7 +297,9 @@ def test_fp8_strips_equal_whole_tensor(monkeypatch):
     monkeypatch.setattr(maths, "STRIP_ELEMENTS", 128 * 200)  # one block-row per strip
     strips = maths.merge_fp8(ws, ss, [0.3, 0.7], (128, 128), requantize=True)
     assert torch.equal(whole[0].view(torch.uint8), strips[0].view(torch.uint8)) and torch.equal(whole[1], strips[1])
-    ref = quantize_blockwise(0.3 * dequantize_blockwise(ws[0], ss[0]) + 0.7 * dequantize_blockwise(ws[1], ss[1]), (128, 128))
+    ref = quantize_blockwise(
+        0.3 * dequantize_blockwise(ws[0], ss[0]) + 0.7 * dequantize_blockwise(ws[1], ss[1]), (128, 128)
+    )
     assert torch.equal(whole[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(whole[1], ref[1])
 
 
@@ -240,9 +309,13 @@ def test_parts_and_workers_do_not_change_the_output(pair, fp8_pair, cli, tmp_pat
     from weightsmith.merge import stream
 
     monkeypatch.setattr(stream, "REDUCE_ELEMS", 64)  # the δ gate's fixed grid; parts of 300 bytes then cut every tensor
-    cases = [(pair, ["--weights", "0.3,0.7"]), (pair, ["--weights", "0.5,0.5", "--delta", "0.3"]),
-             (fp8_pair, ["--weights", "0.5,0.5"]), (fp8_pair, ["--weights", "0.5,0.5", "--out-dtype", "bfloat16"]),
-             (fp8_pair, ["--weights", "0.5,0.5", "--delta", "0.2"])]
+    cases = [
+        (pair, ["--weights", "0.3,0.7"]),
+        (pair, ["--weights", "0.5,0.5", "--delta", "0.3"]),
+        (fp8_pair, ["--weights", "0.5,0.5"]),
+        (fp8_pair, ["--weights", "0.5,0.5", "--out-dtype", "bfloat16"]),
+        (fp8_pair, ["--weights", "0.5,0.5", "--delta", "0.2"]),
+    ]
     for i, ((a, b), args) in enumerate(cases):
         outs = []
         for part_bytes, workers in ((1 << 30, "1"), (300, "3")):
@@ -262,7 +335,12 @@ def test_parts_and_workers_do_not_change_the_output(pair, fp8_pair, cli, tmp_pat
 def test_parts_cover_tensors_exactly():
     from weightsmith.merge.stream import parts_of
 
-    for shape, dtype, block in [((1000,), torch.bfloat16, None), ((300, 200), torch.float8_e4m3fn, (128, 128)), ((7,), torch.float32, None), ((0,), torch.float32, None)]:
+    for shape, dtype, block in [
+        ((1000,), torch.bfloat16, None),
+        ((300, 200), torch.float8_e4m3fn, (128, 128)),
+        ((7,), torch.float32, None),
+        ((0,), torch.float32, None),
+    ]:
         for pb in (1, 100, 4096, 1 << 30):
             ps = parts_of(shape, dtype, fp8_block=block, part_bytes=pb)
             esize = torch.empty((), dtype=dtype).element_size()
@@ -280,7 +358,10 @@ def test_fp8_outputs_load_with_transformers_fp8_loader(tiny_model, cli, tmp_path
     a = to_fp8(tiny_model("deepseek_v3"), tmp_path / "v3", only_divisible=True)
     b = to_fp8(perturbed(tiny_model("deepseek_v3"), tmp_path / "r1-bf", 5), tmp_path / "r1", only_divisible=True)
     name = "model.layers.1.mlp.experts.2.down_proj.weight"
-    for label, args in (("chimera", ["--weights", "parent:0", "--rule", "group:routed_experts=parent:1"]), ("mix", ["--weights", "0.5,0.5"])):
+    for label, args in (
+        ("chimera", ["--weights", "parent:0", "--rule", "group:routed_experts=parent:1"]),
+        ("mix", ["--weights", "0.5,0.5"]),
+    ):
         out = tmp_path / label
         assert cli("merge", out, "--parent", a, "--parent", b, *args).code == 0
         ck = Checkpoint(out)
@@ -288,7 +369,9 @@ def test_fp8_outputs_load_with_transformers_fp8_loader(tiny_model, cli, tmp_path
         model = AutoModelForCausalLM.from_pretrained(out)
         sd = model.state_dict()
         mine = ck.get(name, dequantize=True, dtype=torch.bfloat16)
-        theirs = [v for k, v in sd.items() if k == name] or [v[2] for k, v in sd.items() if k == "model.layers.1.mlp.experts.down_proj"]
+        theirs = [v for k, v in sd.items() if k == name] or [
+            v[2] for k, v in sd.items() if k == "model.layers.1.mlp.experts.down_proj"
+        ]
         assert theirs, sorted(sd)[:20]
         # transformers multiplies in bf16 (we in fp32, rounded once): equal up to a bf16 rounding or two
         torch.testing.assert_close(theirs[0].float(), mine.float(), rtol=2**-7, atol=1e-6)
@@ -300,9 +383,26 @@ def test_three_parents_like_r1t2(tiny_model, cli, tmp_path):
     from the base; the dry run explains each group in words."""
     a = tiny_model("llama")
     b, c = perturbed(a, tmp_path / "b", 7), perturbed(a, tmp_path / "c", 8)
-    args = ["--parent", a, "--parent", b, "--parent", c, "--weights", "parent:0", "--rule", "group:attention=parent:2", "--rule", "mlp=0.2,0.3,0.5"]
+    args = [
+        "--parent",
+        a,
+        "--parent",
+        b,
+        "--parent",
+        c,
+        "--weights",
+        "parent:0",
+        "--rule",
+        "group:attention=parent:2",
+        "--rule",
+        "mlp=0.2,0.3,0.5",
+    ]
     r = cli("merge", tmp_path / "o", *args, "--dry-run")
-    assert r.code == 0 and "attention: 8 tensor(s) from parent 2 (bytes copied)" in r.err and "= 0.2·parent 0 + 0.3·parent 1 + 0.5·parent 2" in r.err, r
+    assert (
+        r.code == 0
+        and "attention: 8 tensor(s) from parent 2 (bytes copied)" in r.err
+        and "= 0.2·parent 0 + 0.3·parent 1 + 0.5·parent 2" in r.err
+    ), r
     assert cli("merge", tmp_path / "o", *args).code == 0
     ck, A, B, C = Checkpoint(tmp_path / "o"), Checkpoint(a), Checkpoint(b), Checkpoint(c)
     for n in A.names:
@@ -320,7 +420,20 @@ def test_three_parents_like_r1t2(tiny_model, cli, tmp_path):
 def test_chimera_to_bf16_dequantizes_each_parent_with_its_own_scales(fp8_pair, cli, tmp_path):
     v3, r1 = fp8_pair
     out = tmp_path / "bf"
-    r = cli("merge", out, "--parent", v3, "--parent", r1, "--weights", "parent:0", "--rule", "group:routed_experts=parent:1", "--out-dtype", "bfloat16")
+    r = cli(
+        "merge",
+        out,
+        "--parent",
+        v3,
+        "--parent",
+        r1,
+        "--weights",
+        "parent:0",
+        "--rule",
+        "group:routed_experts=parent:1",
+        "--out-dtype",
+        "bfloat16",
+    )
     assert r.code == 0, r
     ck, A, B = Checkpoint(out), Checkpoint(v3), Checkpoint(r1)
     assert not [n for n in ck.names if n.endswith("_scale_inv")]

@@ -9,12 +9,30 @@ import torch
 
 import weightsmith
 from weightsmith.eval.perplexity import divergence
+from weightsmith.progress import Reporter
 
 
 @pytest.fixture
 def student(tiny_model, cli, tmp_path, hamlet):
     out = tmp_path / "student"
-    assert cli("prune", tiny_model("llama"), out, "--ffn", "48", "--heads", "2", "--calib", hamlet, "--calib-samples", "4", "--calib-length", "64").code == 0
+    assert (
+        cli(
+            "prune",
+            tiny_model("llama"),
+            out,
+            "--ffn",
+            "48",
+            "--heads",
+            "2",
+            "--calib",
+            hamlet,
+            "--calib-samples",
+            "4",
+            "--calib-length",
+            "64",
+        ).code
+        == 0
+    )
     return out
 
 
@@ -26,12 +44,22 @@ def _kl(teacher, path, hamlet):
     return divergence(weightsmith.load(teacher), weightsmith.load(path), ids)["mean_kl"]
 
 
+def _interrupting_track(after: int):
+    """A Reporter.track that raises KeyboardInterrupt, as Ctrl-C would, once `after` items are done."""
+
+    def track(self, items, *, total=None, desc=""):
+        for k, x in enumerate(items):
+            if k == after:
+                raise KeyboardInterrupt
+            yield x
+
+    return track
+
+
 ARGS = ["--tokens", "4096", "--calib-length", "128", "--batch-size", "4", "--lr", "1e-3", "--save-every", "2"]
 
 
 def test_distill_lowers_divergence_and_resumes_exactly(student, tiny_model, cli, tmp_path, hamlet, monkeypatch):
-    from weightsmith.prune import distill
-
     teacher = tiny_model("llama")
     out = tmp_path / "d"
     r = cli("distill", student, teacher, out, "--calib", hamlet, *ARGS)
@@ -43,10 +71,12 @@ def test_distill_lowers_divergence_and_resumes_exactly(student, tiny_model, cli,
     assert [s["pass"]["name"] for s in m["chain"]] == ["prune"]
     # interrupted after step 5 (state saved at step 4), then resumed: the same bytes
     out2 = tmp_path / "d2"
-    monkeypatch.setattr(distill, "_INTERRUPT_AT", 5)
-    r = cli("distill", student, teacher, out2, "--calib", hamlet, *ARGS)
+    with (
+        monkeypatch.context() as mp
+    ):  # Ctrl-C as the sixth step is about to start (the loop steps through Reporter.track)
+        mp.setattr(Reporter, "track", _interrupting_track(after=5))
+        r = cli("distill", student, teacher, out2, "--calib", hamlet, *ARGS)
     assert r.code == 130 and not out2.exists() and (tmp_path / ".d2.distill-state" / "state.pt").exists()
-    monkeypatch.setattr(distill, "_INTERRUPT_AT", None)
     r = cli("distill", student, teacher, out2, "--calib", hamlet, *ARGS)
     assert r.code == 0 and "resumed from the saved training state at step 4/8" in r.err
     assert not (tmp_path / ".d2.distill-state").exists()

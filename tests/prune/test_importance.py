@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from weightsmith.prune import importance as imp
-from weightsmith.prune.structure import HIDDEN, KVROWS, QROWS, FFN, Keep, LayerKeep, slice_tensor
+from weightsmith.prune.structure import FFN, HIDDEN, KVROWS, QROWS, Keep, LayerKeep, slice_tensor
 
 G = torch.Generator().manual_seed(0)
 
 
 def test_head_scores_are_l2_over_head_dim():
     x = torch.rand(6 * 8, generator=G)
-    want = torch.stack([x[h * 8:(h + 1) * 8].norm() for h in range(6)])
+    want = torch.stack([x[h * 8 : (h + 1) * 8].norm() for h in range(6)])
     torch.testing.assert_close(imp.head_scores(x, 6, 8), want)
 
 
@@ -65,7 +65,9 @@ def test_block_influence():
 def test_contiguous_block_has_the_lowest_sum_and_spares_the_ends():
     s = torch.tensor([0.0, 5.0, 1.0, 1.0, 3.0, 0.5, 0.0])
     assert imp.contiguous_block(s, 2) == [2, 3]
-    assert imp.contiguous_block(s, 3) == min(([i, i + 1, i + 2] for i in range(1, 4)), key=lambda b: (float(s[b].sum()), b[0]))
+    assert imp.contiguous_block(s, 3) == min(
+        ([i, i + 1, i + 2] for i in range(1, 4)), key=lambda b: (float(s[b].sum()), b[0])
+    )
     assert imp.contiguous_block(s, 0) == []
     with pytest.raises(ValueError):
         imp.contiguous_block(s, 7)
@@ -77,10 +79,27 @@ def test_sliced_attention_and_mlp_compute_the_restricted_source():
     H, heads, kv, hd, F = 24, 6, 2, 4, 20
     lk = LayerKeep(torch.tensor([0, 2, 3, 5]), torch.tensor([0, 1]), torch.tensor([1, 4, 7, 8, 15]))
     keep = Keep(torch.arange(H), [0], {0: lk}, hd)
-    W = {n: torch.randn(s, generator=G) for n, s in {"q": (heads * hd, H), "k": (kv * hd, H), "v": (kv * hd, H), "o": (H, heads * hd),
-                                                      "gate": (F, H), "up": (F, H), "down": (H, F)}.items()}
-    axes = {"q": (QROWS, HIDDEN), "k": (KVROWS, HIDDEN), "v": (KVROWS, HIDDEN), "o": (HIDDEN, QROWS), "gate": (FFN, HIDDEN),
-            "up": (FFN, HIDDEN), "down": (HIDDEN, FFN)}
+    W = {
+        n: torch.randn(s, generator=G)
+        for n, s in {
+            "q": (heads * hd, H),
+            "k": (kv * hd, H),
+            "v": (kv * hd, H),
+            "o": (H, heads * hd),
+            "gate": (F, H),
+            "up": (F, H),
+            "down": (H, F),
+        }.items()
+    }
+    axes = {
+        "q": (QROWS, HIDDEN),
+        "k": (KVROWS, HIDDEN),
+        "v": (KVROWS, HIDDEN),
+        "o": (HIDDEN, QROWS),
+        "gate": (FFN, HIDDEN),
+        "up": (FFN, HIDDEN),
+        "down": (HIDDEN, FFN),
+    }
     S = {n: slice_tensor(w, axes[n], keep, 0, None) for n, w in W.items()}
     x = torch.randn(3, 5, H, generator=G)
 
@@ -96,7 +115,7 @@ def test_sliced_attention_and_mlp_compute_the_restricted_source():
 
     mask = torch.zeros(heads * hd)
     for h in lk.q_heads.tolist():
-        mask[h * hd:(h + 1) * hd] = 1
+        mask[h * hd : (h + 1) * hd] = 1
     nmask = torch.zeros(F)
     nmask[lk.ffn] = 1
     torch.testing.assert_close(attn(S, 4, 2), attn({**W, "o": W["o"] * mask}, heads, kv))

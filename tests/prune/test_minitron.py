@@ -11,7 +11,21 @@ from transformers import AutoModelForCausalLM
 def test_search_writes_the_best_candidate_within_budget(tiny_model, cli, tmp_path, hamlet):
     src = tiny_model("llama", layers=5)
     out = tmp_path / "m"
-    r = cli("minitron", src, out, "--params", "0.7", "--calib", hamlet, "--calib-samples", "12", "--calib-length", "64", "--score-windows", "4")
+    r = cli(
+        "minitron",
+        src,
+        out,
+        "--params",
+        "0.7",
+        "--calib",
+        hamlet,
+        "--calib-samples",
+        "12",
+        "--calib-length",
+        "64",
+        "--score-windows",
+        "4",
+    )
     assert r.code == 0, r
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     kls = [c["kl"] for c in m["candidates"]]
@@ -26,14 +40,39 @@ def test_search_writes_the_best_candidate_within_budget(tiny_model, cli, tmp_pat
 def test_search_by_loss_with_a_distillation_round(tiny_model, cli, tmp_path, hamlet):
     src = tiny_model("qwen2", layers=4)
     out = tmp_path / "m"
-    r = cli("minitron", src, out, "--params", "0.75", "--rank-by", "loss", "--candidates", "3", "--top-k", "1", "--distill-tokens", "512",
-            "--lr", "1e-3", "--calib", hamlet, "--calib-samples", "10", "--calib-length", "64", "--score-windows", "2")
+    r = cli(
+        "minitron",
+        src,
+        out,
+        "--params",
+        "0.75",
+        "--rank-by",
+        "loss",
+        "--candidates",
+        "3",
+        "--top-k",
+        "1",
+        "--distill-tokens",
+        "512",
+        "--lr",
+        "1e-3",
+        "--calib",
+        hamlet,
+        "--calib-samples",
+        "10",
+        "--calib-length",
+        "64",
+        "--score-windows",
+        "2",
+    )
     assert r.code == 0, r
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     losses = [c["loss"] for c in m["candidates"]]
     assert m["rank_by"] == "loss" and losses == sorted(losses) and m["source_loss"] > 0
     top = m["candidates"][:1]
-    assert len(m["candidates"]) >= 2 and "loss_after_distill" in top[0] and "loss_after_distill" not in m["candidates"][-1]
+    assert (
+        len(m["candidates"]) >= 2 and "loss_after_distill" in top[0] and "loss_after_distill" not in m["candidates"][-1]
+    )
     best = min(top, key=lambda c: min(c["loss"], c["loss_after_distill"]))
     assert m["chosen"] == best["candidate"]
     assert "candidates ranked by loss" in r.err

@@ -22,7 +22,9 @@ IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 @pytest.mark.parametrize("fam", ["llama", "qwen2", "qwen3"])
 def test_no_reduction_reproduces_logits(fam, tiny_model, cli, tmp_path, hamlet):
     src = tiny_model(fam)
-    r = cli("prune", src, tmp_path / "o", "--ffn", "96", "--calib", hamlet, *CAL)  # the source's own width: no reduction
+    r = cli(
+        "prune", src, tmp_path / "o", "--ffn", "96", "--calib", hamlet, *CAL
+    )  # the source's own width: no reduction
     assert r.code == 0, r
     torch.testing.assert_close(_logits(tmp_path / "o", IDS), _logits(src, IDS), rtol=0, atol=1e-5)
 
@@ -41,7 +43,7 @@ def test_kept_heads_and_neurons_compute_the_restricted_source(tiny_model, cli, t
             assert len(k["q_heads"]) == 2 and sorted({h // 2 for h in k["q_heads"]}) == [0, 1]  # one per KV group
             mask = torch.zeros(ref.config.num_attention_heads * hd)
             for h in k["q_heads"]:
-                mask[h * hd:(h + 1) * hd] = 1
+                mask[h * hd : (h + 1) * hd] = 1
             layer.self_attn.o_proj.weight.mul_(mask)
             nm = torch.zeros(ref.config.intermediate_size)
             nm[k["ffn"]] = 1
@@ -50,15 +52,18 @@ def test_kept_heads_and_neurons_compute_the_restricted_source(tiny_model, cli, t
     torch.testing.assert_close(_logits(out, IDS), want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("fam,args", [
-    ("llama", ["--hidden", "48", "--ffn", "64", "--heads", "2"]),
-    ("mistral", ["--params", "0.7"]),
-    ("qwen2", ["--kv-heads", "1", "--heads", "1", "--importance", "wanda"]),
-    ("qwen3", ["--hidden", "32", "--layers", "1", "--importance", "magnitude"]),
-    ("mixtral", ["--expert-ffn", "24", "--hidden", "48"]),
-    ("qwen2_moe", ["--expert-ffn", "16", "--heads", "2"]),
-    ("qwen3_moe", ["--expert-ffn", "16", "--ffn", "48"]),
-])
+@pytest.mark.parametrize(
+    "fam,args",
+    [
+        ("llama", ["--hidden", "48", "--ffn", "64", "--heads", "2"]),
+        ("mistral", ["--params", "0.7"]),
+        ("qwen2", ["--kv-heads", "1", "--heads", "1", "--importance", "wanda"]),
+        ("qwen3", ["--hidden", "32", "--layers", "1", "--importance", "magnitude"]),
+        ("mixtral", ["--expert-ffn", "24", "--hidden", "48"]),
+        ("qwen2_moe", ["--expert-ffn", "16", "--heads", "2"]),
+        ("qwen3_moe", ["--expert-ffn", "16", "--ffn", "48"]),
+    ],
+)
 def test_families_load_and_generate(fam, args, tiny_model, cli, tmp_path, hamlet):
     out = tmp_path / "o"
     r = cli("prune", tiny_model(fam), out, "--calib", hamlet, *CAL, *args)
@@ -66,8 +71,12 @@ def test_families_load_and_generate(fam, args, tiny_model, cli, tmp_path, hamlet
     m = AutoModelForCausalLM.from_pretrained(out)
     assert m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
     meta = json.loads((out / "manifest.json").read_text())["metrics"]
-    assert meta["params_after"] < meta["params_before"] and meta["params_after"] == sum(p.numel() for p in m.parameters())
-    emb = m.get_input_embeddings().weight.numel() + (0 if m.config.tie_word_embeddings else m.get_output_embeddings().weight.numel())
+    assert meta["params_after"] < meta["params_before"] and meta["params_after"] == sum(
+        p.numel() for p in m.parameters()
+    )
+    emb = m.get_input_embeddings().weight.numel() + (
+        0 if m.config.tie_word_embeddings else m.get_output_embeddings().weight.numel()
+    )
     assert meta["non_embedding_params_after"] == meta["params_after"] - emb
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["head_dim"] == 16 or fam == "qwen2"
@@ -85,7 +94,9 @@ def test_depth_pruning_drops_the_least_influential_layer(tiny_model, cli, tmp_pa
     out_m = AutoModelForCausalLM.from_pretrained(out)
     new = m["kept"]["layers"].index(3) if 3 in m["kept"]["layers"] else None
     if new is not None:
-        torch.testing.assert_close(out_m.model.layers[new].mlp.up_proj.weight, src_ck.model.layers[3].mlp.up_proj.weight)
+        torch.testing.assert_close(
+            out_m.model.layers[new].mlp.up_proj.weight, src_ck.model.layers[3].mlp.up_proj.weight
+        )
 
 
 def test_tied_embeddings_are_sliced_once_and_stay_tied(tiny_model, cli, tmp_path, hamlet):
@@ -136,9 +147,18 @@ def test_impossible_targets_name_the_valid_values(tiny_model, cli, tmp_path, ham
 
 @pytest.mark.slow
 def test_smollm2_activation_beats_magnitude(smollm2, cli, tmp_path, hamlet):
-    from weightsmith.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
-    calib = ["--calib", political_speeches(), "--calib-field", "speeches", "--calib-samples", "32", "--calib-length", "256"]
+    calib = [
+        "--calib",
+        political_speeches(),
+        "--calib-field",
+        "speeches",
+        "--calib-samples",
+        "32",
+        "--calib-length",
+        "256",
+    ]
     ppl = {}
     for imp in ("activation", "magnitude"):
         out = tmp_path / imp
@@ -152,4 +172,8 @@ def test_smollm2_activation_beats_magnitude(smollm2, cli, tmp_path, hamlet):
     tok = AutoTokenizer.from_pretrained(tmp_path / "activation")
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     gen = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert gen.shape == (1, ids.shape[1] + 4) and model.config.intermediate_size == 1024 and model.config.tie_word_embeddings
+    assert (
+        gen.shape == (1, ids.shape[1] + 4)
+        and model.config.intermediate_size == 1024
+        and model.config.tie_word_embeddings
+    )

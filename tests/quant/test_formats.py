@@ -75,9 +75,23 @@ def test_compressed_tensors_library_decompresses_our_output(tiny_model, cli, tmp
     import weightsmith
 
     out = tmp_path / "ct"
-    args = ["quant", tiny_model("qwen2"), out, "--method", "rtn", "--format", "compressed-tensors", "--bits", str(bits), "--group-size", str(group)]
+    args = [
+        "quant",
+        tiny_model("qwen2"),
+        out,
+        "--method",
+        "rtn",
+        "--format",
+        "compressed-tensors",
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(group),
+    ]
     assert cli(*args, *([] if sym else ["--no-sym"])).code == 0
-    ref = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    ).eval()
     ours = weightsmith.load(out)
     checked = 0
     for name, mod in ours.named_modules():
@@ -96,13 +110,35 @@ def test_gptq_config_matches_what_vllm_expects(tiny_model, cli, tmp_path):
     assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--group-size", "32").code == 0
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert {k: cfg[k] for k in ("quant_method", "checkpoint_format", "bits", "group_size", "sym", "desc_act")} == {
-        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": False}
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": 4,
+        "group_size": 32,
+        "sym": True,
+        "desc_act": False,
+    }
     ck = Checkpoint(out)
     for i in range(2):
-        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for proj in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
             p = f"model.layers.{i}.{proj}"
             assert f"{p}.weight" not in ck
-            n, k = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "g": (96, 64), "u": (96, 64), "d": (64, 96)}[proj.split(".")[1][0]]
+            n, k = {
+                "q": (64, 64),
+                "k": (32, 64),
+                "v": (32, 64),
+                "o": (64, 64),
+                "g": (96, 64),
+                "u": (96, 64),
+                "d": (64, 96),
+            }[proj.split(".")[1][0]]
             assert ck.info(f"{p}.qweight").shape == (k // 8, n) and ck.info(f"{p}.qweight").dtype == torch.int32
             assert ck.info(f"{p}.qzeros").shape == (k // 32, n // 8) and ck.info(f"{p}.scales").shape == (k // 32, n)
             assert ck.info(f"{p}.scales").dtype == torch.float16 and ck.info(f"{p}.g_idx").shape == (k,)

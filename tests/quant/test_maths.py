@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightsmith.quant.formats.packing import pack_dense, unpack_dense
+from weightsmith.kernels.packing import pack_dense, unpack_dense
 from weightsmith.quant.gptq import GPTQSpec, gptq_quantize, output_error
 from weightsmith.quant.grid import GridSpec, dequantize_codes, find_params, rtn
 
@@ -27,7 +27,9 @@ def test_pack_roundtrip(bits):
         pack_dense(torch.full((1, 32), 2**bits), bits)
 
 
-@pytest.mark.parametrize("bits,group,sym", [(4, 64, True), (4, -1, True), (3, 64, False), (2, 32, True), (8, 128, False)])
+@pytest.mark.parametrize(
+    "bits,group,sym", [(4, 64, True), (4, -1, True), (3, 64, False), (2, 32, True), (8, 128, False)]
+)
 @pytest.mark.parametrize("act_order", ["none", "static", "group"])
 def test_gptq_beats_rtn_on_correlated_inputs(bits, group, sym, act_order):
     h = _correlated()

@@ -19,6 +19,7 @@ def _kl(a_path, b_path, text=None):
         ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     else:
         from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(a_path)
         ids = torch.tensor(tok(text.read_text()[-20000:])["input_ids"][: 8 * 128]).view(8, 128)
     return divergence(weightsmith.load(a_path), weightsmith.load(b_path), ids)
@@ -31,7 +32,20 @@ def test_gptq_on_families_loads_and_beats_rtn(fam, tiny_model, cli, tmp_path, ha
     # the GPTQ format packs 3-bit zeros across out_features in 32s; tiny MoE experts are 48/24 wide
     bits = "3" if fam in ("llama", "qwen2", "qwen3") else "4"
     common = ["--bits", bits, "--group-size", "32"]
-    res = cli("quant", src, g, "--calib", hamlet, "--calib-samples", "16", "--calib-length", "64", "--min-expert-tokens", "8", *common)
+    res = cli(
+        "quant",
+        src,
+        g,
+        "--calib",
+        hamlet,
+        "--calib-samples",
+        "16",
+        "--calib-length",
+        "64",
+        "--min-expert-tokens",
+        "8",
+        *common,
+    )
     assert res.code == 0, res
     assert cli("quant", src, r, "--method", "rtn", *common).code == 0
     m = json.loads((g / "manifest.json").read_text())
@@ -49,7 +63,22 @@ def AutoModel(path):
 
 def test_moe_expert_fallback_and_router_kept(tiny_model, cli, tmp_path, hamlet):
     out = tmp_path / "o"
-    assert cli("quant", tiny_model("mixtral"), out, "--calib", hamlet, "--calib-samples", "4", "--calib-length", "32", "--min-expert-tokens", "1000").code == 0
+    assert (
+        cli(
+            "quant",
+            tiny_model("mixtral"),
+            out,
+            "--calib",
+            hamlet,
+            "--calib-samples",
+            "4",
+            "--calib-length",
+            "32",
+            "--min-expert-tokens",
+            "1000",
+        ).code
+        == 0
+    )
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     assert len(m["rtn_fallback_experts"]) == 2 * 4 * 3  # every expert projection of both layers
     assert "tokens_per_expert" in m["modules"]["model.layers.0.<experts>"]
@@ -60,8 +89,19 @@ def test_moe_expert_fallback_and_router_kept(tiny_model, cli, tmp_path, hamlet):
 
 def test_overrides_and_group_fallback(tiny_model, cli, tmp_path):
     out = tmp_path / "o"
-    r = cli("quant", tiny_model("llama"), out, "--method", "rtn", "--group-size", "64",
-            "--override", r"mlp\.down_proj:skip", "--override", r"layers\.1\.self_attn\.q_proj:bits=8,group_size=32")
+    r = cli(
+        "quant",
+        tiny_model("llama"),
+        out,
+        "--method",
+        "rtn",
+        "--group-size",
+        "64",
+        "--override",
+        r"mlp\.down_proj:skip",
+        "--override",
+        r"layers\.1\.self_attn\.q_proj:bits=8,group_size=32",
+    )
     assert r.code == 0, r
     ck = Checkpoint(out)
     assert "model.layers.0.mlp.down_proj.weight" in ck and "model.layers.0.mlp.down_proj.qweight" not in ck
@@ -77,16 +117,35 @@ def test_overrides_and_group_fallback(tiny_model, cli, tmp_path):
 def test_group_mismatch_modes(tiny_model, cli, tmp_path):
     src = tiny_model("llama")  # down_proj has in_features 96: 64 does not divide it
     r = cli("quant", src, tmp_path / "e", "--method", "rtn", "--group-size", "64", "--group-mismatch", "error")
-    assert r.code == 2 and "model.layers.0.mlp.down_proj: group size 64 does not divide in_features 96" in r.err and "32" in r.err
+    assert (
+        r.code == 2
+        and "model.layers.0.mlp.down_proj: group size 64 does not divide in_features 96" in r.err
+        and "32" in r.err
+    )
     assert not (tmp_path / "e").exists()
     r = cli("quant", src, tmp_path / "f", "--method", "rtn", "--group-size", "64", "--json")
     adj = json.loads((tmp_path / "f" / "manifest.json").read_text())["metrics"]["group_adjustments"]
     assert adj == {f"model.layers.{i}.mlp.down_proj": "group 64 -> 32: 64 does not divide 96" for i in range(2)}
-    assert cli("quant", src, tmp_path / "g", "--method", "rtn", "--group-size", "64", "--group-mismatch", "ragged").code == 0
+    assert (
+        cli("quant", src, tmp_path / "g", "--method", "rtn", "--group-size", "64", "--group-mismatch", "ragged").code
+        == 0
+    )
     ck = Checkpoint(tmp_path / "g")
     assert ck.info("model.layers.0.mlp.down_proj.scales").shape == (2, 64)  # ceil(96 / 64) groups
     assert torch.equal(ck.get("model.layers.0.mlp.down_proj.g_idx"), torch.arange(96, dtype=torch.int32) // 64)
-    r = cli("quant", src, tmp_path / "h", "--method", "rtn", "--group-size", "64", "--group-mismatch", "ragged", "--format", "compressed-tensors")
+    r = cli(
+        "quant",
+        src,
+        tmp_path / "h",
+        "--method",
+        "rtn",
+        "--group-size",
+        "64",
+        "--group-mismatch",
+        "ragged",
+        "--format",
+        "compressed-tensors",
+    )
     assert r.code == 2 and "cannot store ragged groups" in r.err
 
 
@@ -104,7 +163,11 @@ def test_unsupported_shapes_and_bad_weights(tiny_model, cli, tmp_path):
     t["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
     save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
     r = cli("quant", bad, tmp_path / "o2", "--method", "rtn")
-    assert r.code == 1 and "model.layers.1.mlp.up_proj.weight: contains NaN or Inf" in r.err and not (tmp_path / "o2").exists()
+    assert (
+        r.code == 1
+        and "model.layers.1.mlp.up_proj.weight: contains NaN or Inf" in r.err
+        and not (tmp_path / "o2").exists()
+    )
 
 
 def test_deterministic(tiny_model, cli, tmp_path, hamlet):
@@ -121,14 +184,26 @@ def test_dry_run_and_inspect(tiny_model, cli, tmp_path):
     assert plan["quantized_modules"] == 14 and plan["output_bytes"] < 200_000 and not (tmp_path / "o").exists()
     assert cli("quant", tiny_model("llama"), tmp_path / "o", "--method", "rtn").code == 0
     info = json.loads(cli("inspect", tmp_path / "o", "--json").out)
-    assert info["quantization"] == "gptq" and info["parameters"] == json.loads(cli("inspect", tiny_model("llama"), "--json").out)["parameters"]
+    assert (
+        info["quantization"] == "gptq"
+        and info["parameters"] == json.loads(cli("inspect", tiny_model("llama"), "--json").out)["parameters"]
+    )
 
 
 @pytest.mark.slow
 def test_smollm2_gptq_beats_rtn(smollm2, cli, tmp_path, hamlet):
-    from weightsmith.demo import political_speeches
+    from weightsmith.assets import political_speeches
 
-    calib = ["--calib", political_speeches(), "--calib-field", "speeches", "--calib-samples", "32", "--calib-length", "512"]
+    calib = [
+        "--calib",
+        political_speeches(),
+        "--calib-field",
+        "speeches",
+        "--calib-samples",
+        "32",
+        "--calib-length",
+        "512",
+    ]
     g, r = tmp_path / "g", tmp_path / "r"
     assert cli("quant", smollm2, g, "--bits", "3", "--group-size", "64", *calib).code == 0
     assert cli("quant", smollm2, r, "--method", "rtn", "--bits", "3", "--group-size", "64").code == 0

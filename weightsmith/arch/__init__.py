@@ -9,7 +9,17 @@ from weightsmith.arch.spec import Family
 from weightsmith.arch.view import GROUPS, ArchView, Linear, check_supported
 from weightsmith.errors import UnsupportedError
 
-__all__ = ["FAMILIES", "GROUPS", "ArchView", "Family", "Linear", "arch_for", "family_for", "supports", "supported_model_types"]
+__all__ = [
+    "FAMILIES",
+    "GROUPS",
+    "ArchView",
+    "Family",
+    "Linear",
+    "arch_for",
+    "family_for",
+    "supports",
+    "supported_model_types",
+]
 
 _BY_TYPE = {mt: f for f in FAMILIES.values() for mt in f.model_types}
 

@@ -60,7 +60,9 @@ FAMILIES: dict[str, Family] = {
             name="qwen3",
             model_types=("qwen3",),
             architectures=("Qwen3ForCausalLM",),
-            attention=AttentionSpec("gqa", _GQA, bias_roles=("q", "k", "v", "o"), bias_key="attention_bias", norms=_QK_NORM),
+            attention=AttentionSpec(
+                "gqa", _GQA, bias_roles=("q", "k", "v", "o"), bias_key="attention_bias", norms=_QK_NORM
+            ),
         ),
         Family(
             name="mixtral",
@@ -94,8 +96,12 @@ FAMILIES: dict[str, Family] = {
             name="qwen3_moe",
             model_types=("qwen3_moe",),
             architectures=("Qwen3MoeForCausalLM",),
-            attention=AttentionSpec("gqa", _GQA, bias_roles=("q", "k", "v", "o"), bias_key="attention_bias", norms=_QK_NORM),
-            moe=MoESpec(disk_root="mlp", experts_key="num_experts", ffn_key="moe_intermediate_size", **_QWEN_MOE_LAYERS),
+            attention=AttentionSpec(
+                "gqa", _GQA, bias_roles=("q", "k", "v", "o"), bias_key="attention_bias", norms=_QK_NORM
+            ),
+            moe=MoESpec(
+                disk_root="mlp", experts_key="num_experts", ffn_key="moe_intermediate_size", **_QWEN_MOE_LAYERS
+            ),
         ),
         Family(
             name="deepseek_v2",

@@ -12,6 +12,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+# Block-quantized fp8 checkpoints (DeepSeek) store each weight's scales next to it under this suffix:
+# `<prefix>.weight` -> `<prefix>.weight_scale_inv`. A scale belongs to its weight's tensor group.
+SCALE_SUFFIX = "_scale_inv"
+
+
+def is_scale_name(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIX)
+
 
 def _ro(d: dict) -> Mapping:
     return MappingProxyType(dict(d))
@@ -48,7 +56,9 @@ class AttentionSpec:
 class MlpSpec:
     """A gated (SwiGLU) MLP: role (gate/up/down) -> module path relative to its parent."""
 
-    modules: Mapping[str, str] = field(default_factory=lambda: _ro({"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}))
+    modules: Mapping[str, str] = field(
+        default_factory=lambda: _ro({"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+    )
     bias_key: str | None = None
 
 
@@ -86,7 +96,9 @@ class Family:
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
     layer: str = "model.layers.{i}"
-    layer_norms: Mapping[str, str] = field(default_factory=lambda: _ro({"input": "input_layernorm", "post_attention": "post_attention_layernorm"}))
+    layer_norms: Mapping[str, str] = field(
+        default_factory=lambda: _ro({"input": "input_layernorm", "post_attention": "post_attention_layernorm"})
+    )
     required_keys: tuple[str, ...] = ()  # extra config keys the family needs
     mtp_key: str | None = None  # config key: number of multi-token-prediction layers stored after the decoder
     paper: str | None = None

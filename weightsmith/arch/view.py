@@ -12,10 +12,21 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from weightsmith.arch.spec import Family, MlpSpec
-from weightsmith.errors import UnsupportedError
+from weightsmith.arch.spec import SCALE_SUFFIX, Family, MlpSpec
 
-GROUPS = ("embed", "lm_head", "final_norm", "attention", "norm", "dense_mlp", "router", "routed_experts", "shared_experts", "mtp", "other")
+GROUPS = (
+    "embed",
+    "lm_head",
+    "final_norm",
+    "attention",
+    "norm",
+    "dense_mlp",
+    "router",
+    "routed_experts",
+    "shared_experts",
+    "mtp",
+    "other",
+)
 
 
 def _cfg(config: Any, key: str, default: Any = None) -> Any:
@@ -247,8 +258,6 @@ class ArchView:
 
     def classify(self, name: str) -> str:
         """The tensor group a name belongs to (one of GROUPS); fp8 scales follow their weight."""
-        from weightsmith.checkpoint.fp8 import SCALE_SUFFIX
-
         base = name[: -len(SCALE_SUFFIX)] if name.endswith(SCALE_SUFFIX) else name
         f = self.family
         if base == f.embed:
@@ -286,14 +295,14 @@ class ArchView:
         """
         m = self.family.moe
         if m is not None and m.module_root != m.disk_root and self.is_moe(i) and rel.startswith(m.module_root + "."):
-            rel = m.disk_root + rel[len(m.module_root):]
+            rel = m.disk_root + rel[len(m.module_root) :]
         return f"{self.layer_prefix(i)}.{rel}"
 
     def module_to_disk(self, path: str) -> str:
         """Disk name for any module/parameter path of the transformers model."""
         lp = self.layers_path + "."
         if path.startswith(lp):
-            idx, _, rel = path[len(lp):].partition(".")
+            idx, _, rel = path[len(lp) :].partition(".")
             if idx.isdigit() and rel:
                 return self.to_disk(int(idx), rel)
         return path
@@ -302,7 +311,9 @@ class ArchView:
     def kv_cache_values_per_token(self) -> int:
         """Cached values per token over all layers (K and V for GQA; latent + rope key for MLA)."""
         if self.is_mla:
-            return self.num_layers * (int(_cfg(self.config, "kv_lora_rank")) + int(_cfg(self.config, "qk_rope_head_dim")))
+            return self.num_layers * (
+                int(_cfg(self.config, "kv_lora_rank")) + int(_cfg(self.config, "qk_rope_head_dim"))
+            )
         return self.num_layers * 2 * self.kv_heads * self.head_dim
 
 
@@ -318,12 +329,22 @@ def check_supported(family: Family, config: Any) -> str | None:
             return f"config key {k!r} is missing or null, but the {family.name} family needs it"
     for k in [*keys, family.sizes.kv_heads, family.sizes.head_dim]:
         v = _cfg(config, k)
-        if v is not None and k not in family.required_keys and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+        if (
+            v is not None
+            and k not in family.required_keys
+            and (isinstance(v, bool) or not isinstance(v, int) or v <= 0)
+        ):
             return f"config key {k!r} is {v!r}; it must be a positive integer"
     hd = _cfg(config, family.sizes.head_dim)
-    heads, kv = _cfg(config, family.sizes.heads), _cfg(config, family.sizes.kv_heads) or _cfg(config, family.sizes.heads)
+    heads, kv = (
+        _cfg(config, family.sizes.heads),
+        _cfg(config, family.sizes.kv_heads) or _cfg(config, family.sizes.heads),
+    )
     if not hd and _cfg(config, family.sizes.hidden) % heads:
-        return f"hidden_size {_cfg(config, family.sizes.hidden)} is not divisible by num_attention_heads {heads} and head_dim is not set"
+        return (
+            f"hidden_size {_cfg(config, family.sizes.hidden)} is not divisible by num_attention_heads {heads} and "
+            "head_dim is not set"
+        )
     if family.attention.kind == "gqa" and heads % kv:
         return f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
     return None

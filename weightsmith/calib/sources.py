@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from weightsmith import assets
 from weightsmith.errors import UsageError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
@@ -28,7 +29,10 @@ def _records_texts(records: list[Any], field: str, where: str) -> list[str]:
         if not isinstance(rec, dict):
             raise UsageError(f"{where}: record {k} is a {type(rec).__name__}, not an object with a {field!r} field")
         if field not in rec:
-            raise UsageError(f"{where}: record {k} has no {field!r} field (fields: {', '.join(sorted(rec)) or 'none'}); choose one with --calib-field")
+            raise UsageError(
+                f"{where}: record {k} has no {field!r} field (fields: {', '.join(sorted(rec)) or 'none'}); choose one "
+                "with --calib-field"
+            )
         docs.extend(_strings(rec[field], f"{where}: record {k} field {field!r}"))
     return docs
 
@@ -69,13 +73,19 @@ def read_datasets_dir(path: Path, field: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise UsageError(f"{path}: reading a saved HF datasets directory needs the 'datasets' package: pip install 'weightsmith[datasets]'") from None
+        raise UsageError(
+            f"{path}: reading a saved HF datasets directory needs the 'datasets' package: pip install "
+            "'weightsmith[datasets]'"
+        ) from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         split = "train" if "train" in ds else sorted(ds)[0]
         ds = ds[split]
     if field not in ds.column_names:
-        raise UsageError(f"{path}: dataset has no column {field!r} (columns: {', '.join(ds.column_names)}); choose one with --calib-field")
+        raise UsageError(
+            f"{path}: dataset has no column {field!r} (columns: {', '.join(ds.column_names)}); choose one with "
+            "--calib-field"
+        )
     return _records_texts([{field: v} for v in ds[field]], field, str(path))
 
 
@@ -97,7 +107,11 @@ READERS: dict[str, Callable[[Path, str], list[str]]] = {
 
 def source_kind(path: Path) -> str:
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if (
+            (path / "dataset_info.json").exists()
+            or (path / "dataset_dict.json").exists()
+            or (path / "state.json").exists()
+        ):
             return "datasets"
         return "text-dir"
     suffix = path.suffix.lower()
@@ -108,20 +122,15 @@ def source_kind(path: Path) -> str:
     return "text"
 
 
-# The texts that ship with the demo (from PyPI wheels), by name: portable in recipes and Makefiles.
-# name -> (function in weightsmith.demo returning the path, record field)
-EMBEDDED = {"demo:hamlet": ("hamlet", "text"), "demo:speeches": ("political_speeches", "speeches")}
-
-
 def read_documents(spec: str, field: str = "text") -> tuple[str, list[str]]:
     """(kind, documents) for a path-like calibration source, or an embedded text (demo:NAME)."""
-    if spec.startswith("demo:"):
-        if spec not in EMBEDDED:
-            raise UsageError(f"--calib {spec}: unknown embedded text; available: {', '.join(EMBEDDED)}")
-        import weightsmith.demo as demo
-
-        fn, fixed_field = EMBEDDED[spec]
-        kind, docs = read_documents(str(getattr(demo, fn)()), fixed_field)
+    if assets.is_asset(spec):  # the texts that ship as PyPI wheels, by name
+        asset = assets.find(spec, "text", "records")
+        if asset is None:
+            raise UsageError(
+                f"--calib {spec}: unknown embedded text; available: {', '.join(assets.names('text', 'records'))}"
+            )
+        kind, docs = read_documents(str(asset.path()), asset.field or "text")
         return f"embedded {kind}", docs
     path = Path(spec).expanduser()
     if not path.exists():

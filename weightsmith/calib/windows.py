@@ -55,9 +55,21 @@ def _tokenize_stream(tokenizer, docs: list[str], need: int, chat: bool) -> list[
     return stream
 
 
-def windows_from_documents(tokenizer, docs: list[str], samples: int, length: int, seed: int, *, chat: bool = False, source: str = "calibration source") -> tuple[torch.Tensor, int]:
+def windows_from_documents(
+    tokenizer,
+    docs: list[str],
+    samples: int,
+    length: int,
+    seed: int,
+    *,
+    chat: bool = False,
+    source: str = "calibration source",
+) -> tuple[torch.Tensor, int]:
     if samples < 1 or length < 2:
-        raise UsageError(f"calibration needs at least 1 sample of at least 2 tokens (got --calib-samples {samples}, --calib-length {length})")
+        raise UsageError(
+            f"calibration needs at least 1 sample of at least 2 tokens (got --calib-samples {samples}, --calib-length "
+            f"{length})"
+        )
     rng = random.Random(seed)
     docs = list(docs)
     rng.shuffle(docs)
@@ -65,7 +77,8 @@ def windows_from_documents(tokenizer, docs: list[str], samples: int, length: int
     stream = _tokenize_stream(tokenizer, docs, need, chat)
     if len(stream) < need:
         raise UsageError(
-            f"{source}: found {len(stream)} tokens, need {need} (= --calib-samples {samples} x --calib-length {length}); "
+            f"{source}: found {len(stream)} tokens, need {need} (= --calib-samples {samples} x --calib-length "
+            f"{length}); "
             "give more text or lower --calib-samples / --calib-length"
         )
     slots = len(stream) // length
@@ -85,8 +98,15 @@ def self_generated(model, tokenizer, samples: int, length: int, seed: int, *, ba
         first = torch.tensor([vocab[int(j)] for j in torch.randint(len(vocab), (n,), generator=gen)]).view(n, 1)
         torch.manual_seed(seed * 1_000_003 + start)  # generate() samples from the global RNG
         out = model.generate(
-            input_ids=first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=length - 1, min_new_tokens=length - 1, pad_token_id=tokenizer.pad_token_id or 0,
+            input_ids=first,
+            attention_mask=torch.ones_like(first),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=length - 1,
+            min_new_tokens=length - 1,
+            pad_token_id=tokenizer.pad_token_id or 0,
         )
         rows.append(out[:, :length].cpu())
     return torch.cat(rows)
@@ -100,8 +120,15 @@ def load_calibration(cfg: CalibConfig, tokenizer, *, model_loader=None, default:
     """
     spec = cfg.calib or default
     if spec is None:
-        raise UsageError("this pass needs calibration text: give --calib FILE (or --calib self for data-free calibration)")
-    desc: dict[str, Any] = {"source": spec, "samples": cfg.calib_samples, "length": cfg.calib_length, "seed": cfg.calib_seed}
+        raise UsageError(
+            "this pass needs calibration text: give --calib FILE (or --calib self for data-free calibration)"
+        )
+    desc: dict[str, Any] = {
+        "source": spec,
+        "samples": cfg.calib_samples,
+        "length": cfg.calib_length,
+        "seed": cfg.calib_seed,
+    }
     if spec == "self":
         if model_loader is None:
             raise UsageError("--calib self is not available for this pass")
@@ -109,7 +136,15 @@ def load_calibration(cfg: CalibConfig, tokenizer, *, model_loader=None, default:
         desc.update(kind="self-generated", defaulted=cfg.calib is None)
     else:
         kind, docs = read_documents(spec, cfg.calib_field)
-        ids, available = windows_from_documents(tokenizer, docs, cfg.calib_samples, cfg.calib_length, cfg.calib_seed, chat=cfg.calib_chat_template, source=spec)
+        ids, available = windows_from_documents(
+            tokenizer,
+            docs,
+            cfg.calib_samples,
+            cfg.calib_length,
+            cfg.calib_seed,
+            chat=cfg.calib_chat_template,
+            source=spec,
+        )
         desc.update(kind=kind, documents=len(docs), tokens_available=available, chat_template=cfg.calib_chat_template)
         if kind in ("jsonl", "json", "datasets"):
             desc["field"] = cfg.calib_field

@@ -56,7 +56,9 @@ def base_models(core: dict[str, Any], sources) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def render_card(spec, core: dict[str, Any], sources) -> str:
+def render_card(spec, core: dict[str, Any], sources, tags: list[str]) -> str:
+    """`spec` is the pass (name, help, reference_url, relation, multi_source); `tags` are the Hub tags
+    of every pass in the chain, which the caller looks up (the core knows no registry)."""
     meta: dict[str, Any] = {}
     bms = base_models(core, sources)
     relation = "merge" if spec.multi_source else spec.relation
@@ -68,15 +70,7 @@ def render_card(spec, core: dict[str, Any], sources) -> str:
     lic = next((source_card_meta(ck).get("license") for ck in sources if source_card_meta(ck).get("license")), None)
     if lic:
         meta["license"] = lic
-    steps = [s.get("pass", {}).get("name") for s in core.get("chain", [])] + [spec.name]
-    tags = ["weightsmith"]
-    for step in steps:
-        from weightsmith.passes import all_passes
-
-        p = all_passes().get(step)
-        if p:
-            tags += list(p.tags)
-    meta["tags"] = list(dict.fromkeys(tags))
+    meta["tags"] = list(dict.fromkeys(["weightsmith", *tags]))
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
     lines.append(f"# {spec.name}: output of weightsmith")
     lines.append("")
@@ -98,5 +92,10 @@ def render_card(spec, core: dict[str, Any], sources) -> str:
         name = step.get("pass", {}).get("name", "?")
         ins = ", ".join(i.get("repo_id") or i.get("gguf_file") or i.get("path", "?") for i in step.get("inputs", []))
         lines.append(f"| {k} | {name} | {ins} |")
-    lines += ["", "Full provenance (input and output hashes, environment) is in `manifest.json`; check it with `weightsmith verify`.", ""]
+    lines += [
+        "",
+        "Full provenance (input and output hashes, environment) is in `manifest.json`; check it with `weightsmith "
+        "verify`.",
+        "",
+    ]
     return "\n".join(lines)

@@ -62,7 +62,9 @@ def refuse_overlap(dst: Path, sources: Iterable) -> None:
             if _inside(dst, p) or _inside(p, dst):
                 what = "is" if dst == p else ("lies inside" if _inside(dst, p) else "contains")
                 shown = root if p == root or _inside(p, root) else p
-                raise UsageError(f"{dst}: the output {what} the input {shown}; choose an output directory outside every input")
+                raise UsageError(
+                    f"{dst}: the output {what} the input {shown}; choose an output directory outside every input"
+                )
 
 
 def is_weightsmith_output(path: Path) -> bool:
@@ -87,7 +89,8 @@ def refuse_foreign(path: Path) -> None:
         raise WeightsmithError(f"{path}: exists and is not a directory; refusing to replace it (choose another DST)")
     if not replaceable(path):
         raise WeightsmithError(
-            f"{path}: exists and is not a weightsmith output (no manifest.json); --force only replaces weightsmith outputs, "
+            f"{path}: exists and is not a weightsmith output (no manifest.json); --force only replaces weightsmith "
+            "outputs, "
             "so move it away or choose another DST"
         )
 
@@ -191,7 +194,9 @@ def os_error(e: OSError, dst: Path, needed: int | None = None) -> WeightsmithErr
             free = f" ({human_bytes(shutil.disk_usage(dst.parent).free)} free)"
         except OSError:
             free = ""
-        return WeightsmithError(f"{where}: {why} while writing {dst}{free}; {need}free space there or choose another DST")
+        return WeightsmithError(
+            f"{where}: {why} while writing {dst}{free}; {need}free space there or choose another DST"
+        )
     if e.errno in _PERMISSION:
         return WeightsmithError(f"{where}: {why}; cannot write the output {dst} there; choose a writable DST")
     return WeightsmithError(f"{where}: {why} (while writing {dst})")
@@ -205,6 +210,7 @@ def check_free_space(dst: Path, needed: int) -> None:
         return
     if needed > free:
         raise WeightsmithError(
-            f"{dst.parent}: not enough space for the output {dst.name}: it needs {human_bytes(needed)}, {human_bytes(free)} is free; "
+            f"{dst.parent}: not enough space for the output {dst.name}: it needs {human_bytes(needed)}, "
+            f"{human_bytes(free)} is free; "
             "free space there or choose another DST"
         )

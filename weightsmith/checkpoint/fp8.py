@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from weightsmith.arch.spec import SCALE_SUFFIX
+
 E4M3_MAX = 448.0
-SCALE_SUFFIX = "_scale_inv"  # `<prefix>.weight` -> `<prefix>.weight_scale_inv`
 
 
 def scale_name(weight_name: str) -> str:
     return weight_name + SCALE_SUFFIX
-
-
-def is_scale_name(name: str) -> bool:
-    return name.endswith(SCALE_SUFFIX)
 
 
 def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
@@ -27,7 +24,10 @@ def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int])
     rows, cols = shape
     want = (-(-rows // bm), -(-cols // bn))
     if tuple(scale.shape) != want:
-        raise ValueError(f"scale shape {list(scale.shape)} does not match weight {list(shape)} with blocks {bm}x{bn} (expected {list(want)})")
+        raise ValueError(
+            f"scale shape {list(scale.shape)} does not match weight {list(shape)} with blocks {bm}x{bn} (expected "
+            f"{list(want)})"
+        )
     return scale.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
 
 
@@ -54,7 +54,9 @@ def _to_float_scaled(w: torch.Tensor) -> tuple[torch.Tensor, float]:
     return w, 1.0
 
 
-def dequantize_blockwise(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_blockwise(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128), dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """fp8 weight + block scales -> floating weight (computed in fp32; bit-identical to
     `w.float() * scale_inv` expanded to the weight's shape)."""
     if w.dim() != 2:
@@ -63,7 +65,10 @@ def dequantize_blockwise(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
     rows, cols = w.shape
     want = (-(-rows // bm), -(-cols // bn))
     if tuple(scale_inv.shape) != want:
-        raise ValueError(f"scale shape {list(scale_inv.shape)} does not match weight {list(w.shape)} with blocks {bm}x{bn} (expected {list(want)})")
+        raise ValueError(
+            f"scale shape {list(scale_inv.shape)} does not match weight {list(w.shape)} with blocks {bm}x{bn} "
+            f"(expected {list(want)})"
+        )
     s = scale_inv.float()
     vals, m = _to_float_scaled(w)
     if m != 1.0:  # (x / 256) * (s * 256) rounds like x * s: both factors are exact rescalings
@@ -79,7 +84,9 @@ def dequantize_blockwise(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
     return out.to(dtype)
 
 
-def quantize_blockwise(w: torch.Tensor, block: tuple[int, int] = (128, 128), ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(
+    w: torch.Tensor, block: tuple[int, int] = (128, 128), ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Floating weight -> (fp8 e4m3 weight, fp32 scale_inv) with one scale per block."""
     if w.dim() != 2:
         raise ValueError(f"block-scaled fp8 weights must be 2-D, got shape {list(w.shape)}")

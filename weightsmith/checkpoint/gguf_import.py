@@ -39,7 +39,8 @@ def check_gguf_header(path: Path) -> None:
     # every tensor entry takes at least 8+4+8+4+8 bytes, every metadata entry at least 8+4+1
     if 24 + n_tensors * 32 + n_kv * 13 > size:
         raise CheckpointError(
-            f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} metadata entries, more than a {size}-byte file can hold; "
+            f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} metadata entries, more than a {size}-byte "
+            "file can hold; "
             "the file is damaged or truncated (download it again)"
         )
 
@@ -63,14 +64,18 @@ def _convert(path: Path, dst: Path, inputs: list[dict]) -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise WeightsmithError(f"{path}: reading GGUF needs the 'gguf' package; install it with: pip install 'weightsmith[gguf]'") from None
+        raise WeightsmithError(
+            f"{path}: reading GGUF needs the 'gguf' package; install it with: pip install 'weightsmith[gguf]'"
+        ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # transformers raises many types for unsupported/corrupt GGUF
-        raise CheckpointError(f"{path}: cannot import GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{path}: cannot import GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized now
@@ -87,5 +92,11 @@ def _convert(path: Path, dst: Path, inputs: list[dict]) -> None:
         with tempfile.TemporaryDirectory() as td:
             tok.save_pretrained(td)
             w.copy_aux_files(td, sorted(p.name for p in Path(td).iterdir() if p.is_file()))
-        core = mf.build_core(pass_name=PASS_NAME, reference_url="https://huggingface.co/docs/transformers/gguf", parameters={}, inputs=inputs, input_manifests=[])
+        core = mf.build_core(
+            pass_name=PASS_NAME,
+            reference_url="https://huggingface.co/docs/transformers/gguf",
+            parameters={},
+            inputs=inputs,
+            input_manifests=[],
+        )
         w.finalize(lambda tmp: mf.with_outputs(core, tmp, tensors=len(state), total_size=w.total_size))

@@ -93,15 +93,25 @@ def input_files(root: Path) -> list[str]:
 
 @lru_cache(maxsize=1)
 def tool_info() -> dict[str, Any]:
-    from weightsmith import __version__
+    from weightsmith.version import __version__
 
     info: dict[str, Any] = {"name": "weightsmith", "version": __version__, "git_sha": None}
     pkg = Path(__file__).resolve().parents[2]
     if (pkg / ".git").exists():
         try:
-            r = subprocess.run(["git", "-C", str(pkg), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, timeout=5)
+            r = subprocess.run(
+                ["git", "-C", str(pkg), "rev-parse", "--verify", "-q", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
             sha = r.stdout.strip() if r.returncode == 0 else ""
-            dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no", "weightsmith"], capture_output=True, text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no", "weightsmith"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
             info["git_sha"] = (sha + ("+dirty" if dirty else "")) if sha else None
         except (OSError, subprocess.SubprocessError):
             pass
@@ -218,7 +228,23 @@ def verify(root: str | os.PathLike) -> list[str]:
         if size != want.get("bytes"):
             problems.append(f"{name}: {size} bytes, manifest says {want.get('bytes')}")
         elif digests[name] != want.get("sha256"):
-            problems.append(f"{name}: sha256 {digests[name][:12]}… does not match the manifest's {str(want.get('sha256'))[:12]}…")
+            problems.append(
+                f"{name}: sha256 {digests[name][:12]}… does not match the manifest's {str(want.get('sha256'))[:12]}…"
+            )
+    return problems
+
+
+def verify_output(root: str | os.PathLike) -> list[str]:
+    """What `weightsmith verify` checks (and `push` requires): the files against the manifest, then the headers."""
+    from weightsmith.checkpoint.reader import Checkpoint
+    from weightsmith.errors import WeightsmithError
+
+    problems = verify(root)
+    if not problems:
+        try:
+            Checkpoint(root)
+        except WeightsmithError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -248,7 +274,7 @@ def freshness(dst: str | os.PathLike, *, pass_name: str, parameters: dict, input
             return "damaged", f"{name} is missing"
         if p.stat().st_size != info.get("bytes"):
             return "damaged", f"{name} is {p.stat().st_size} bytes, the manifest says {info.get('bytes')}"
-    from weightsmith import __version__
+    from weightsmith.version import __version__
 
     if m.get("tool", {}).get("version") != __version__ or m.get("pass", {}).get("name") != pass_name:
         return "stale", "made by another pass or weightsmith version"

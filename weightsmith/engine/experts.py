@@ -38,7 +38,9 @@ class UnfusedExperts(nn.ModuleList):
         self.num_experts = num_experts
         self.register_buffer("tokens", torch.zeros(num_experts, dtype=torch.long), persistent=False)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
         for e in range(self.num_experts):
             token_idx, k_pos = torch.where(top_k_index == e)
@@ -56,12 +58,16 @@ def unfuse_experts(fused: nn.Module, names: Mapping[str, str]) -> UnfusedExperts
     extra = sorted(n for n, _ in fused.named_parameters() if n not in ("gate_up_proj", "down_proj"))
     if not isinstance(gu, torch.Tensor) or not isinstance(down, torch.Tensor) or gu.dim() != 3 or extra:
         raise NotImplementedError(
-            f"{type(fused).__name__}: unexpected fused-experts layout (parameters {sorted(n for n, _ in fused.named_parameters())}); "
+            f"{type(fused).__name__}: unexpected fused-experts layout (parameters "
+            f"{sorted(n for n, _ in fused.named_parameters())}); "
             "this transformers version stores experts differently from what weightsmith's engine knows"
         )
     e, two_i, h = gu.shape
     if tuple(down.shape) != (e, h, two_i // 2):
-        raise NotImplementedError(f"{type(fused).__name__}: gate_up_proj {list(gu.shape)} and down_proj {list(down.shape)} are not [E, 2I, H] / [E, H, I]")
+        raise NotImplementedError(
+            f"{type(fused).__name__}: gate_up_proj {list(gu.shape)} and down_proj {list(down.shape)} are not [E, 2I, "
+            "H] / [E, H, I]"
+        )
     with torch.device(gu.device):
         mod = UnfusedExperts(e, h, two_i // 2, fused.act_fn, names)
     return mod.to(gu.dtype)

@@ -18,7 +18,7 @@ A pass drives it through `LayerHandle`s::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -134,7 +134,10 @@ class LayerHandle:
     def set_weight(self, disk_name: str, value: torch.Tensor) -> None:
         t = self.tensor(disk_name)
         if tuple(value.shape) != tuple(t.shape):
-            raise ValueError(f"{disk_name}: new value {list(value.shape)} does not match {list(t.shape)}; use replace_module for shape changes")
+            raise ValueError(
+                f"{disk_name}: new value {list(value.shape)} does not match {list(t.shape)}; use replace_module for "
+                "shape changes"
+            )
         with torch.no_grad():
             t.copy_(value.to(t.dtype))
 
@@ -146,7 +149,9 @@ class LayerHandle:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Current parameters and persistent buffers of the layer, by on-disk name."""
         out = {}
-        for rel, t in list(self.module.named_parameters()) + [(n, b) for n, b in self.module.named_buffers() if not n.endswith(".tokens")]:
+        for rel, t in list(self.module.named_parameters()) + [
+            (n, b) for n, b in self.module.named_buffers() if not n.endswith(".tokens")
+        ]:
             out[self.view.to_disk(self.index, rel)] = t.detach()
         return out
 
@@ -157,7 +162,13 @@ class LayerHandle:
         return None
 
     # --- execution ---
-    def run(self, observe: dict[str, Observer] | None = None, *, keep_outputs: bool = True, inputs: ActivationStore | None = None) -> ActivationStore | None:
+    def run(
+        self,
+        observe: dict[str, Observer] | None = None,
+        *,
+        keep_outputs: bool = True,
+        inputs: ActivationStore | None = None,
+    ) -> ActivationStore | None:
         """Push every calibration batch through the layer as it is now; hooks see module inputs/outputs.
 
         Without `keep_outputs`, a batch's forward stops as soon as every observed module has run
@@ -223,7 +234,10 @@ class LayerwiseEngine:
         self.ck = ck
         method = (ck.config_dict.get("quantization_config") or {}).get("quant_method")
         if method not in (None, "fp8"):
-            raise UnsupportedError(f"{ck.root}: the layer-wise engine reads floating-point or fp8 checkpoints, not {method!r}-quantized ones")
+            raise UnsupportedError(
+                f"{ck.root}: the layer-wise engine reads floating-point or fp8 checkpoints, not {method!r}-quantized "
+                "ones"
+            )
         self.config = ck.config
         self.view = arch_for(self.config)
         self.device = torch.device(device or default_device())
@@ -257,7 +271,9 @@ class LayerwiseEngine:
         store = self.new_store()
         with torch.no_grad():
             for s in range(0, ids.shape[0], self.batch_size):
-                store.data[s : s + self.batch_size] = emb(ids[s : s + self.batch_size].to(self.device)).to("cpu", store.dtype)
+                store.data[s : s + self.batch_size] = emb(ids[s : s + self.batch_size].to(self.device)).to(
+                    "cpu", store.dtype
+                )
         release(emb)
         return store
 
@@ -290,7 +306,14 @@ class LayerwiseEngine:
         return sinks
 
     # --- the loop ---
-    def run(self, ids: torch.Tensor, process: Callable[[LayerHandle], None] | None = None, *, layers: Iterable[int] | None = None, inputs: ActivationStore | None = None) -> ActivationStore:
+    def run(
+        self,
+        ids: torch.Tensor,
+        process: Callable[[LayerHandle], None] | None = None,
+        *,
+        layers: Iterable[int] | None = None,
+        inputs: ActivationStore | None = None,
+    ) -> ActivationStore:
         """Embed `ids` (or start from `inputs`), then for each layer: materialise, process, advance."""
         h = inputs if inputs is not None else self.embed(ids)
         if inputs is not None:
@@ -304,7 +327,9 @@ class LayerwiseEngine:
             if process is not None:
                 process(handle)
             nxt = handle.next_inputs if handle.next_inputs is not None else handle.run()
-            self.layer_stats.append(LayerStats(i, time.perf_counter() - t0, handle.forward_passes, handle.expert_tokens()))
+            self.layer_stats.append(
+                LayerStats(i, time.perf_counter() - t0, handle.forward_passes, handle.expert_tokens())
+            )
             if handle.module is not module:  # a pass replaced the whole layer
                 self.layers[i] = handle.module
             release(self.layers[i])
@@ -315,7 +340,9 @@ class LayerwiseEngine:
         return h
 
     # --- the head ---
-    def head(self, hidden: ActivationStore, fn: Callable[[slice, torch.Tensor], None], *, apply_norm: bool = True) -> None:
+    def head(
+        self, hidden: ActivationStore, fn: Callable[[slice, torch.Tensor], None], *, apply_norm: bool = True
+    ) -> None:
         """Materialise final norm + LM head and call fn(batch_slice, logits fp32) per batch."""
         f = self.view.family
         norm_path = self.view.module_path(f.final_norm)
@@ -324,7 +351,9 @@ class LayerwiseEngine:
         head = get_path(self.model, head_path)
         materialize(norm, lambda n: f"{norm_path}.{n}", self.ck, self.device, "the final norm")
         emb_w = f.embed if self.view.tied else None
-        materialize(head, (lambda n: emb_w) if emb_w else (lambda n: f"{head_path}.{n}"), self.ck, self.device, "the LM head")
+        materialize(
+            head, (lambda n: emb_w) if emb_w else (lambda n: f"{head_path}.{n}"), self.ck, self.device, "the LM head"
+        )
         try:
             with torch.no_grad():
                 for sl, x in hidden.batches(self.batch_size):

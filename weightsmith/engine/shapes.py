@@ -15,7 +15,6 @@ import torch
 from weightsmith.arch import arch_for, supports
 from weightsmith.errors import CheckpointError, WeightsmithError
 
-
 _CACHE: dict[str, dict[str, tuple[int, ...]]] = {}  # config JSON -> shapes (a merge's parents share one config)
 
 
@@ -48,7 +47,11 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     for path, p in model.named_parameters():
         out[view.module_to_disk(path)] = tuple(p.shape)
-    non_persistent = {f"{mn}.{b}" if mn else b for mn, m in model.named_modules() for b in getattr(m, "_non_persistent_buffers_set", ())}
+    non_persistent = {
+        f"{mn}.{b}" if mn else b
+        for mn, m in model.named_modules()
+        for b in getattr(m, "_non_persistent_buffers_set", ())
+    }
     for path, b in model.named_buffers():
         if path not in non_persistent:
             out[view.module_to_disk(path)] = tuple(b.shape)
@@ -68,7 +71,10 @@ def check_shapes(ck) -> None:
     except WeightsmithError:
         raise
     except Exception as e:  # transformers cannot build the model from this config
-        raise CheckpointError(f"{ck.root / 'config.json'}: transformers cannot build the model it describes ({type(e).__name__}: {str(e).splitlines()[0][:160]}); fix config.json") from None
+        raise CheckpointError(
+            f"{ck.root / 'config.json'}: transformers cannot build the model it describes ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]}); fix config.json"
+        ) from None
     for name in ck.names:
         shape = want.get(name)
         if shape is None or ck.is_fp8(name) and len(shape) != len(ck.info(name).shape):
@@ -76,6 +82,7 @@ def check_shapes(ck) -> None:
         have = tuple(ck.info(name).shape)
         if have != shape:
             raise CheckpointError(
-                f"{ck.root}: tensor {name!r} ({ck.info(name).file}) has shape {list(have)}, but config.json implies {list(shape)}; "
+                f"{ck.root}: tensor {name!r} ({ck.info(name).file}) has shape {list(have)}, but config.json implies "
+                f"{list(shape)}; "
                 "the weights and config.json do not belong together (fix the config or the weights)"
             )

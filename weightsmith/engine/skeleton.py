@@ -51,9 +51,15 @@ def build_skeleton(config, view: ArchView, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def materialize(module: nn.Module, names_to_disk: Callable[[str], str], ck, device: torch.device | str, what: str) -> nn.Module:
+def materialize(
+    module: nn.Module, names_to_disk: Callable[[str], str], ck, device: torch.device | str, what: str
+) -> nn.Module:
     """Allocate `module` on `device` and fill every parameter/persistent buffer from the checkpoint."""
-    non_persistent = {f"{mn}.{b}" if mn else b for mn, m in module.named_modules() for b in getattr(m, "_non_persistent_buffers_set", ())}
+    non_persistent = {
+        f"{mn}.{b}" if mn else b
+        for mn, m in module.named_modules()
+        for b in getattr(m, "_non_persistent_buffers_set", ())
+    }
     module.to_empty(device=device)
     state = dict(module.named_parameters())
     state.update({n: b for n, b in module.named_buffers() if n not in non_persistent})
@@ -63,7 +69,9 @@ def materialize(module: nn.Module, names_to_disk: Callable[[str], str], ck, devi
             raise CheckpointError(f"{ck.root}: {what} needs tensor {disk!r}, which the checkpoint lacks")
         src = ck.get(disk, dequantize=True)
         if tuple(src.shape) != tuple(t.shape):
-            raise CheckpointError(f"{ck.root}: tensor {disk!r} has shape {list(src.shape)}, the config implies {list(t.shape)}")
+            raise CheckpointError(
+                f"{ck.root}: tensor {disk!r} has shape {list(src.shape)}, the config implies {list(t.shape)}"
+            )
         with torch.no_grad():
             t.copy_(src)
     for name in non_persistent:

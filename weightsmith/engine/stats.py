@@ -12,7 +12,9 @@ import torch
 class Gram:
     """Σ xᵀx over all rows of the module input (or output): GPTQ Hessians, PCA covariances."""
 
-    def __init__(self, dim: int, *, on: str = "input", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(
+        self, dim: int, *, on: str = "input", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ):
         self.sum = torch.zeros(dim, dim, dtype=dtype, device=device)
         self.rows = 0
         self.on = on
@@ -56,7 +58,7 @@ class ChannelSquares:
         self.on = on
 
     def __call__(self, inp: torch.Tensor, out: torch.Tensor) -> None:
-        x = (inp if self.on == "input" else out)
+        x = inp if self.on == "input" else out
         x = x.reshape(-1, x.shape[-1]).to(self.sq.device, torch.float64)
         self.sq += x.pow(2).sum(0)
         self.rows += x.shape[0]

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from weightsmith.arch import arch_for, supports
 from weightsmith.util import element_size
 
-# quant_method -> function(checkpoint) -> logical parameter count; quantization formats register here
-PARAM_COUNTERS: dict[str, Callable[[Any], int]] = {}
-
 
 def _plain_params(ck) -> int:
-    from weightsmith.checkpoint.fp8 import is_scale_name
+    from weightsmith.arch.spec import is_scale_name
 
     return sum(i.numel for i in ck.infos() if not is_scale_name(i.name))
 
@@ -22,13 +19,10 @@ def _plain_params(ck) -> int:
 def param_count(ck) -> int:
     """Logical parameters (packed low-bit weights count as their unpacked size; scales excluded)."""
     method = (ck.config_dict.get("quantization_config") or {}).get("quant_method", "")
-    counter = PARAM_COUNTERS.get(method)
-    if counter is None and method:
-        from weightsmith.loading import _load_runtimes
+    from weightsmith.loading import RUNTIMES  # filled by the app at start-up
 
-        _load_runtimes()
-        counter = PARAM_COUNTERS.get(method)
-    return counter(ck) if counter else _plain_params(ck)
+    runtime = RUNTIMES.get(method)
+    return runtime.param_count(ck) if runtime else _plain_params(ck)
 
 
 def disk_bytes(ck) -> int:
@@ -56,4 +50,9 @@ def kv_cache(config: Any, cache_dtype: torch.dtype | None = None) -> dict[str, A
     view = arch_for(config)
     values = view.kv_cache_values_per_token()
     dt = cache_dtype or config_dtype(config)
-    return {"values_per_token": values, "bytes_per_token": values * element_size(dt), "dtype": str(dt).removeprefix("torch."), "kind": "mla" if view.is_mla else ("mha" if view.kv_heads == view.heads else "gqa")}
+    return {
+        "values_per_token": values,
+        "bytes_per_token": values * element_size(dt),
+        "dtype": str(dt).removeprefix("torch."),
+        "kind": "mla" if view.is_mla else ("mha" if view.kv_heads == view.heads else "gqa"),
+    }

@@ -10,7 +10,15 @@ from weightsmith.engine import LayerwiseEngine
 from weightsmith.progress import QUIET
 
 
-def layerwise_perplexity(ck, windows: torch.Tensor, *, device: str | None = None, batch_size: int = 4, dtype: torch.dtype = torch.float32, report=QUIET) -> dict:
+def layerwise_perplexity(
+    ck,
+    windows: torch.Tensor,
+    *,
+    device: str | None = None,
+    batch_size: int = 4,
+    dtype: torch.dtype = torch.float32,
+    report=QUIET,
+) -> dict:
     eng = LayerwiseEngine(ck, device=device, dtype=dtype, batch_size=batch_size, report=report)
     try:
         hidden = eng.run(windows)
@@ -18,4 +26,10 @@ def layerwise_perplexity(ck, windows: torch.Tensor, *, device: str | None = None
     finally:
         eng.close()
     mean = float(nll.mean())
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": windows.shape[0] * (windows.shape[1] - 1), "windows": int(windows.shape[0]), "length": int(windows.shape[1])}
+    return {
+        "perplexity": math.exp(mean),
+        "nll": mean,
+        "tokens": windows.shape[0] * (windows.shape[1] - 1),
+        "windows": int(windows.shape[0]),
+        "length": int(windows.shape[1]),
+    }

@@ -20,7 +20,9 @@ def logits_of(model, ids: torch.Tensor, device: str | torch.device = "cpu") -> t
 
 
 @torch.inference_mode()
-def perplexity(model, windows: torch.Tensor, *, batch_size: int = 4, device: str = "cpu", report=None) -> dict[str, float]:
+def perplexity(
+    model, windows: torch.Tensor, *, batch_size: int = 4, device: str = "cpu", report=None
+) -> dict[str, float]:
     """exp(mean next-token NLL) over all windows; each window is scored independently (no carried context)."""
     nll, count = 0.0, 0
     batches = list(_batches(windows, batch_size))
@@ -31,11 +33,19 @@ def perplexity(model, windows: torch.Tensor, *, batch_size: int = 4, device: str
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum")
         nll += float(loss)
         count += labels[:, 1:].numel()
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": int(windows.shape[0]), "length": int(windows.shape[1])}
+    return {
+        "perplexity": math.exp(nll / count),
+        "nll": nll / count,
+        "tokens": count,
+        "windows": int(windows.shape[0]),
+        "length": int(windows.shape[1]),
+    }
 
 
 @torch.inference_mode()
-def divergence(model_a, model_b, windows: torch.Tensor, *, batch_size: int = 4, device: str = "cpu", report=None) -> dict[str, float]:
+def divergence(
+    model_a, model_b, windows: torch.Tensor, *, batch_size: int = 4, device: str = "cpu", report=None
+) -> dict[str, float]:
     """Logits divergence of B from A: max |Δlogit|, mean KL(A‖B) per token, top-1 agreement."""
     max_abs, kl_sum, agree, count = 0.0, 0.0, 0, 0
     batches = list(_batches(windows, batch_size))

@@ -6,19 +6,16 @@ from pathlib import Path
 
 import torch
 
+from weightsmith import assets
 from weightsmith.errors import UsageError
 
 
-EMBEDDED_TEXTS = {"demo:hamlet": "hamlet"}  # name -> function in weightsmith.demo (portable in recipes/Makefiles)
-
-
 def read_text(path: str | Path) -> str:
-    if str(path).startswith("demo:"):
-        if str(path) not in EMBEDDED_TEXTS:
-            raise UsageError(f"{path}: unknown embedded text; available: {', '.join(EMBEDDED_TEXTS)}")
-        import weightsmith.demo as demo
-
-        path = getattr(demo, EMBEDDED_TEXTS[str(path)])()
+    if assets.is_asset(path):  # an embedded text by name (portable in recipes/Makefiles)
+        asset = assets.find(path, "text")
+        if asset is None:
+            raise UsageError(f"{path}: unknown embedded text; available: {', '.join(assets.names('text'))}")
+        path = asset.path()
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -31,18 +28,25 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def token_windows(tokenizer, text: str, length: int, windows: int | None = None, *, source: str = "text") -> torch.Tensor:
+def token_windows(
+    tokenizer, text: str, length: int, windows: int | None = None, *, source: str = "text"
+) -> torch.Tensor:
     """Tokenize without special tokens and cut into `windows` consecutive windows of `length` tokens."""
     if length < 2:
         raise UsageError(f"--length must be at least 2 (got {length})")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     n = len(ids) // length
     if n == 0:
-        raise UsageError(f"{source}: has {len(ids)} tokens, fewer than one window of --length {length}; use a longer text or a shorter --length")
+        raise UsageError(
+            f"{source}: has {len(ids)} tokens, fewer than one window of --length {length}; use a longer text or a "
+            "shorter --length"
+        )
     if windows is not None:
         if windows < 1:
             raise UsageError(f"--windows must be at least 1 (got {windows})")
         if windows > n:
-            raise UsageError(f"{source}: has {len(ids)} tokens = {n} windows of {length}, fewer than --windows {windows}")
+            raise UsageError(
+                f"{source}: has {len(ids)} tokens = {n} windows of {length}, fewer than --windows {windows}"
+            )
         n = windows
     return torch.tensor(ids[: n * length], dtype=torch.long).view(n, length)

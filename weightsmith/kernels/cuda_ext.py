@@ -37,8 +37,14 @@ def gencode(arch: str) -> list[str]:
 def _build(arch: str):
     from torch.utils.cpp_extension import load
 
-    return load(name=f"weightsmith_quant_gemm_sm{arch}", sources=[str(s) for s in SOURCES], extra_include_paths=[str(SRC_DIR)],
-                extra_cuda_cflags=NVCC_FLAGS + gencode(arch), build_directory=str(cache_dir(arch)), verbose=False)
+    return load(
+        name=f"weightsmith_quant_gemm_sm{arch}",
+        sources=[str(s) for s in SOURCES],
+        extra_include_paths=[str(SRC_DIR)],
+        extra_cuda_cflags=NVCC_FLAGS + gencode(arch),
+        build_directory=str(cache_dir(arch)),
+        verbose=False,
+    )
 
 
 def _arch(device_index: int) -> str:
@@ -70,4 +76,6 @@ def unavailable(device_index: int = 0) -> str | None:
 
 def quant_gemm(x, planes, scales, zeros_scaled, bias, bits: int, group_size: int, n: int):
     ext = _build(_arch(x.device.index or 0))
-    return ext.quant_gemm(x, planes[0], planes[1] if len(planes) > 1 else None, scales, zeros_scaled, bias, bits, group_size, n)
+    return ext.quant_gemm(
+        x, planes[0], planes[1] if len(planes) > 1 else None, scales, zeros_scaled, bias, bits, group_size, n
+    )

@@ -56,12 +56,19 @@ class KernelWeight:
         return self.zeros_scaled is None
 
     def to(self, device) -> "KernelWeight":  # same class: subclasses (other plane layouts) keep theirs
-        return dataclasses.replace(self, planes=[p.to(device) for p in self.planes], scales=self.scales.to(device),
-                                   zeros_scaled=None if self.zeros_scaled is None else self.zeros_scaled.to(device))
+        return dataclasses.replace(
+            self,
+            planes=[p.to(device) for p in self.planes],
+            scales=self.scales.to(device),
+            zeros_scaled=None if self.zeros_scaled is None else self.zeros_scaled.to(device),
+        )
 
     def nbytes(self) -> int:
-        return sum(p.numel() * 4 for p in self.planes) + self.scales.numel() * self.scales.element_size() + (
-            0 if self.zeros_scaled is None else self.zeros_scaled.numel() * self.zeros_scaled.element_size())
+        return (
+            sum(p.numel() * 4 for p in self.planes)
+            + self.scales.numel() * self.scales.element_size()
+            + (0 if self.zeros_scaled is None else self.zeros_scaled.numel() * self.zeros_scaled.element_size())
+        )
 
 
 def check_repackable(bits: int, k: int, n: int, g_idx: torch.Tensor, group_size: int) -> str | None:
@@ -79,7 +86,10 @@ def check_repackable(bits: int, k: int, n: int, g_idx: torch.Tensor, group_size:
 def g_idx_reason(g_idx: torch.Tensor | None, k: int, gs: int) -> str | None:
     """None if the groups are contiguous along k (what every kernel layout assumes), else why not."""
     if g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(k) // gs):
-        return "g_idx is not k // group_size (act-order with reordering; re-quantize with weightsmith to get contiguous groups)"
+        return (
+            "g_idx is not k // group_size (act-order with reordering; re-quantize with weightsmith to get "
+            "contiguous groups)"
+        )
     return None
 
 
@@ -122,8 +132,16 @@ def unpack(kw: KernelWeight) -> torch.Tensor:
     return out.to(torch.int32)
 
 
-def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
-           sym: bool, dtype: torch.dtype) -> KernelWeight:
+def repack(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    dtype: torch.dtype,
+) -> KernelWeight:
     """From QuantLinear's buffers (GPTQ orientation, true zeros) to the kernel layout."""
     k, n = g_idx.shape[0], scales.shape[1]
     why = check_repackable(bits, k, n, g_idx, group_size)
@@ -137,7 +155,7 @@ def decode_gptq(qweight, qzeros, scales, bits: int, group_size: int, sym: bool, 
     """QuantLinear's buffers (GPTQ orientation, true zeros) -> (codes int [N, K], scales [G, N] in
     dtype, zeros·scales [G, N] or None when every zero is the symmetric 2^(b-1), group size in k):
     what every kernel layout is repacked from."""
-    from weightsmith.quant.formats.packing import unpack_dense
+    from weightsmith.kernels.packing import unpack_dense
 
     n = scales.shape[1]
     q = unpack_dense(qweight.T.contiguous().cpu(), bits, k)  # [N, K]

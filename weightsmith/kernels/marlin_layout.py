@@ -55,7 +55,10 @@ def check(bits: int, k: int, n: int, group_size: int, g_idx: torch.Tensor | None
         return f"shape {k}x{n} (the CUDA kernel needs in_features % 64 == 0 and out_features % 16 == 0)"
     gs = k if group_size == -1 else group_size
     if gs < 32 or gs % 16 or k % gs:
-        return f"group size {group_size} (the CUDA kernel needs groups of >= 32, a multiple of 16, dividing in_features {k})"
+        return (
+            f"group size {group_size} (the CUDA kernel needs groups of >= 32, a multiple of 16, dividing "
+            f"in_features {k})"
+        )
     return g_idx_reason(g_idx, k, gs)
 
 
@@ -91,8 +94,16 @@ def repack_codes(q: torch.Tensor, bits: int) -> list[torch.Tensor]:
     return planes
 
 
-def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
-           sym: bool, dtype: torch.dtype) -> MarlinWeight:
+def repack(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    dtype: torch.dtype,
+) -> MarlinWeight:
     """From QuantLinear's buffers (GPTQ orientation: qweight [K·b/32, N], qzeros [G, N·b/32], true
     zeros) to the fragment layout. Pure: same inputs, same bytes."""
     k, n = g_idx.shape[0], scales.shape[1]
@@ -149,7 +160,11 @@ def dequant_fragments(mw: MarlinWeight, dtype: torch.dtype = torch.float16) -> t
     bits16, magic_f = MAGIC[dtype]
     g = torch.arange(mw.k) // mw.group_size
     s_full = mw.scales.cpu().to(dtype)[g].reshape(mw.k // KB, KB, mw.n // NT, NT).permute(0, 2, 1, 3)
-    zs_full = None if mw.sym else mw.zeros_scaled.cpu().to(dtype)[g].reshape(mw.k // KB, KB, mw.n // NT, NT).permute(0, 2, 1, 3)
+    zs_full = (
+        None
+        if mw.sym
+        else mw.zeros_scaled.cpu().to(dtype)[g].reshape(mw.k // KB, KB, mw.n // NT, NT).permute(0, 2, 1, 3)
+    )
     out = torch.zeros(mw.k // KB, mw.n // NT, KB, NT, dtype=dtype)
     for kt in range(KB // 16):
         for s in range(2):
@@ -184,7 +199,9 @@ def split_plan(k: int, n: int, sms: int, blocks_per_sm: int, max_splits: int = 3
     return -(-kblocks // per), per
 
 
-def emulate_gemm(x: torch.Tensor, mw: MarlinWeight, bias: torch.Tensor | None = None, *, sms: int = 132, blocks_per_sm: int = 2) -> torch.Tensor:
+def emulate_gemm(
+    x: torch.Tensor, mw: MarlinWeight, bias: torch.Tensor | None = None, *, sms: int = 132, blocks_per_sm: int = 2
+) -> torch.Tensor:
     """The kernel's result on the CPU: fragment dequantization in x's dtype, fp32 accumulation per
     split of K (as the grid partitions it), partials summed in split order, bias, rounding to x's dtype."""
     w = dequant_fragments(mw, x.dtype).float()

@@ -21,23 +21,48 @@ def _kw(p0, p1, scales, zs, bits, group_size, k, n) -> layout.KernelWeight:
 
 
 @torch.library.custom_op("weightsmith::gemm_ref", mutates_args=())
-def gemm_ref(x: torch.Tensor, p0: torch.Tensor, p1: Optional[torch.Tensor], scales: torch.Tensor, zeros_scaled: Optional[torch.Tensor],
-             bits: int, group_size: int, n: int) -> torch.Tensor:
+def gemm_ref(
+    x: torch.Tensor,
+    p0: torch.Tensor,
+    p1: Optional[torch.Tensor],
+    scales: torch.Tensor,
+    zeros_scaled: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    n: int,
+) -> torch.Tensor:
     kw = _kw(p0, p1, scales, zeros_scaled, bits, group_size, x.shape[-1], n)
     return (x.float() @ layout.dequantize(kw).to(x.device)).to(x.dtype)
 
 
 @torch.library.custom_op("weightsmith::gemm_triton", mutates_args=())
-def gemm_triton(x: torch.Tensor, p0: torch.Tensor, p1: Optional[torch.Tensor], scales: torch.Tensor, zeros_scaled: Optional[torch.Tensor],
-                bits: int, group_size: int, n: int) -> torch.Tensor:
+def gemm_triton(
+    x: torch.Tensor,
+    p0: torch.Tensor,
+    p1: Optional[torch.Tensor],
+    scales: torch.Tensor,
+    zeros_scaled: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    n: int,
+) -> torch.Tensor:
     from weightsmith.kernels.triton_kernel import quant_matmul
 
     return quant_matmul(x, _kw(p0, p1, scales, zeros_scaled, bits, group_size, x.shape[-1], n))
 
 
 @torch.library.custom_op("weightsmith::gemm_cuda", mutates_args=())
-def gemm_cuda(x: torch.Tensor, p0: torch.Tensor, p1: Optional[torch.Tensor], scales: torch.Tensor, zeros_scaled: Optional[torch.Tensor],
-              bias: Optional[torch.Tensor], bits: int, group_size: int, n: int) -> torch.Tensor:
+def gemm_cuda(
+    x: torch.Tensor,
+    p0: torch.Tensor,
+    p1: Optional[torch.Tensor],
+    scales: torch.Tensor,
+    zeros_scaled: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    n: int,
+) -> torch.Tensor:
     from weightsmith.kernels import cuda_ext
 
     planes = [p0] + ([p1] if p1 is not None else [])

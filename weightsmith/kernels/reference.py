@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from weightsmith.quant.formats.packing import unpack_dense
+from weightsmith.kernels.packing import unpack_dense
 
 
-def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     k = g_idx.shape[0]
     n = scales.shape[1]
     q = unpack_dense(qweight.T.contiguous(), bits, k).to(scales.device)  # [N, K]
@@ -20,8 +27,3 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     gi = g_idx.long()
     w = scales.float()[gi].T * (q.float() - z.float()[gi].T)
     return w.to(dtype or scales.dtype)
-
-
-def quant_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx, bits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    w = dequantize(qweight, qzeros, scales, g_idx, bits, x.dtype)
-    return torch.nn.functional.linear(x, w, bias)

@@ -27,10 +27,25 @@ def _plane_codes(plane_ptr, offs_k, offs_n, n, mask_n, WIDTH: tl.constexpr):
 
 @triton.jit
 def _quant_matmul_kernel(
-    x_ptr, p0_ptr, p1_ptr, s_ptr, zs_ptr, y_ptr,
-    M, N, K, stride_xm, stride_ym, group_size,
-    BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    p0_ptr,
+    p1_ptr,
+    s_ptr,
+    zs_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_ym,
+    group_size,
+    BITS: tl.constexpr,
+    W0: tl.constexpr,
+    W1: tl.constexpr,
+    SYM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -53,7 +68,11 @@ def _quant_matmul_kernel(
             zs = tl.load(zs_ptr + g[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
             w = q.to(tl.float32) * s - zs
         acc += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
 def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,9 +89,25 @@ def quant_matmul(x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = 
     block_k = 64 if kw.k % 64 == 0 and kw.group_size % 64 == 0 else 32
     grid = (triton.cdiv(m, block_m), triton.cdiv(kw.n, block_n))
     _quant_matmul_kernel[grid](
-        x2, kw.planes[0], p1, kw.scales, zs, y, m, kw.n, kw.k, x2.stride(0), y.stride(0), kw.group_size,
-        BITS=kw.bits, W0=widths[0], W1=widths[1] if len(widths) > 1 else 0, SYM=kw.zeros_scaled is None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        x2,
+        kw.planes[0],
+        p1,
+        kw.scales,
+        zs,
+        y,
+        m,
+        kw.n,
+        kw.k,
+        x2.stride(0),
+        y.stride(0),
+        kw.group_size,
+        BITS=kw.bits,
+        W0=widths[0],
+        W1=widths[1] if len(widths) > 1 else 0,
+        SYM=kw.zeros_scaled is None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     if bias is not None:
         y += bias

@@ -25,7 +25,9 @@ def interpolate(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tens
     return out
 
 
-def interpolate_into(tensors: list[torch.Tensor | None], weights: list[float] | tuple[float, ...], out: torch.Tensor) -> torch.Tensor:
+def interpolate_into(
+    tensors: list[torch.Tensor | None], weights: list[float] | tuple[float, ...], out: torch.Tensor
+) -> torch.Tensor:
     """out = Σ λ_i W_i for equal-shaped parts (None where λ = 0), computed in fp32 and rounded to
     out's dtype once. Two parents of out's dtype take one fused lerp, A + λ_B (B − A), which
     rounds the same fp32 value once (weights sum to 1)."""
@@ -34,7 +36,11 @@ def interpolate_into(tensors: list[torch.Tensor | None], weights: list[float] | 
         raise ValueError("interpolate_into: every weight is zero")
     if len(active) == 1 and active[0][1] == 1:
         return out.copy_(active[0][0])
-    if len(active) == 2 and all(t.dtype == out.dtype for t, _ in active) and abs(active[0][1] + active[1][1] - 1) < 1e-12:
+    if (
+        len(active) == 2
+        and all(t.dtype == out.dtype for t, _ in active)
+        and abs(active[0][1] + active[1][1] - 1) < 1e-12
+    ):
         (a, _), (b, wb) = active
         return torch.lerp(a, b, wb, out=out)
     return out.copy_(interpolate([t for t, _ in active], [w for _, w in active]))
@@ -55,8 +61,16 @@ def square_sums(x: torch.Tensor, row: int) -> list[float]:
     return out
 
 
-def merge_fp8(weights_fp8: list[torch.Tensor | None], scales: list[torch.Tensor | None], lambdas: list[float],
-              block: tuple[int, int], *, requantize: bool, ue8m0: bool = False, out_dtype: torch.dtype = torch.bfloat16):
+def merge_fp8(
+    weights_fp8: list[torch.Tensor | None],
+    scales: list[torch.Tensor | None],
+    lambdas: list[float],
+    block: tuple[int, int],
+    *,
+    requantize: bool,
+    ue8m0: bool = False,
+    out_dtype: torch.dtype = torch.bfloat16,
+):
     """Dequantize each parent's fp8 weight with its own scales, interpolate, and either requantize
     to the same block format (returns (fp8 weight, fp32 scale_inv)) or return the merged weight in
     `out_dtype` (returns (weight, None))."""
@@ -71,7 +85,9 @@ def merge_fp8(weights_fp8: list[torch.Tensor | None], scales: list[torch.Tensor 
     for r0 in range(0, rows, strip):
         r1 = min(rows, r0 + strip)
         b0, b1 = r0 // bm, -(-r1 // bm)
-        deq = [None if w is None else dequantize_blockwise(w[r0:r1], s[b0:b1], block) for w, s in zip(weights_fp8, scales)]
+        deq = [
+            None if w is None else dequantize_blockwise(w[r0:r1], s[b0:b1], block) for w, s in zip(weights_fp8, scales)
+        ]
         merged = interpolate(deq, lambdas)
         if requantize:
             q, sc = quantize_blockwise(merged, block, ue8m0=ue8m0)

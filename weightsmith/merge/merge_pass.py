@@ -13,7 +13,6 @@ needs are read, and the output keeps the base's sharding.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import re
@@ -26,7 +25,9 @@ from typing import Literal
 import torch
 
 from weightsmith.arch import arch_for
-from weightsmith.checkpoint.fp8 import SCALE_SUFFIX, dequantize_blockwise
+from weightsmith.arch.spec import SCALE_SUFFIX
+from weightsmith.checkpoint import tokenizer
+from weightsmith.checkpoint.fp8 import dequantize_blockwise
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import CheckpointError, UsageError
 from weightsmith.merge import stream
@@ -35,25 +36,76 @@ from weightsmith.merge.rules import Rule, parse_rule, parse_weights, resolve
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name, dtype_name, element_size
 
-# files that make up a tokenizer: parents must agree on them (or the user picks one)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
 # config keys that make two checkpoints different architectures (shapes are checked per tensor)
-STRUCTURAL_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads",
-                   "num_key_value_heads", "intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts",
-                   "num_local_experts", "first_k_dense_replace", "kv_lora_rank", "q_lora_rank", "head_dim", "tie_word_embeddings")
+STRUCTURAL_KEYS = (
+    "model_type",
+    "architectures",
+    "num_hidden_layers",
+    "hidden_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "num_experts",
+    "num_local_experts",
+    "first_k_dense_replace",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "head_dim",
+    "tie_word_embeddings",
+)
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    weights: str | None = field(default=None, metadata={"help": "default rule: one λ per parent (e.g. 0.7,0.3) or parent:N; default: equal weights"})
-    rule: tuple[str, ...] = field(default=(), metadata={"help": "PATTERN=λ1,λ2[;delta=D] or group:NAME=parent:N (repeat; first match wins; PATTERN is a regex searched in the tensor name)"})
-    delta: float = field(default=0.0, metadata={"help": "interpolate a tensor only where a parent differs from the base by more than this (relative Frobenius norm); else copy the base"})
-    out_dtype: Literal["keep", "bfloat16", "float16", "float32"] = field(default="keep", metadata={"help": "keep the parents' dtypes (fp8 stays block-scaled fp8) or write this dtype (fp8 dequantized)"})
-    ue8m0: bool = field(default=False, metadata={"help": "round requantized fp8 scales to powers of two (DeepSeek V3.1 scale_fmt ue8m0)"})
-    tokenizer_from: int | None = field(default=None, metadata={"help": "take the tokenizer files from this parent (0-based) when the parents' tokenizers differ"})
-    partial: Literal["error", "base", "first"] = field(default="error", metadata={"help": "a tensor only some parents have: error, take the base's (drop it if the base lacks it: never), or take it from the first parent that has it"})
-    workers: int = field(default=0, metadata={"help": "parallel tensor workers (0: one per core, at most 8); the output does not depend on it", "runtime": True})
+    weights: str | None = field(
+        default=None,
+        metadata={"help": "default rule: one λ per parent (e.g. 0.7,0.3) or parent:N; default: equal weights"},
+    )
+    rule: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "PATTERN=λ1,λ2[;delta=D] or group:NAME=parent:N (repeat; first match wins; PATTERN is a regex "
+            "searched in the tensor name)"
+        },
+    )
+    delta: float = field(
+        default=0.0,
+        metadata={
+            "help": "interpolate a tensor only where a parent differs from the base by more than this (relative "
+            "Frobenius norm); else copy the base"
+        },
+    )
+    out_dtype: Literal["keep", "bfloat16", "float16", "float32"] = field(
+        default="keep",
+        metadata={
+            "help": "keep the parents' dtypes (fp8 stays block-scaled fp8) or write this dtype (fp8 dequantized)"
+        },
+    )
+    ue8m0: bool = field(
+        default=False,
+        metadata={"help": "round requantized fp8 scales to powers of two (DeepSeek V3.1 scale_fmt ue8m0)"},
+    )
+    tokenizer_from: int | None = field(
+        default=None,
+        metadata={"help": "take the tokenizer files from this parent (0-based) when the parents' tokenizers differ"},
+    )
+    partial: Literal["error", "base", "first"] = field(
+        default="error",
+        metadata={
+            "help": "a tensor only some parents have: error, take the base's (drop it if the base lacks it: never), or "
+            "take it from the first parent that has it"
+        },
+    )
+    workers: int = field(
+        default=0,
+        metadata={
+            "help": "parallel tensor workers (0: one per core, at most 8); the output does not depend on it",
+            "runtime": True,
+        },
+    )
 
 
 @dataclass
@@ -76,20 +128,21 @@ def _parents_config_check(cks) -> list[str]:
         other = ck.config_dict
         for key in STRUCTURAL_KEYS:
             if base.get(key) != other.get(key):
-                raise CheckpointError(f"parent {k} ({ck.root}) is a different architecture: {key} = {other.get(key)!r}, the base has {base.get(key)!r}")
-        differ = sorted(kk for kk in set(base) | set(other) if kk not in ("_name_or_path", "transformers_version") and base.get(kk) != other.get(kk))
+                raise CheckpointError(
+                    f"parent {k} ({ck.root}) is a different architecture: {key} = {other.get(key)!r}, the base has "
+                    f"{base.get(key)!r}"
+                )
+        differ = sorted(
+            kk
+            for kk in set(base) | set(other)
+            if kk not in ("_name_or_path", "transformers_version") and base.get(kk) != other.get(kk)
+        )
         if differ:
-            notes.append(f"parent {k}'s config differs from the base in {', '.join(differ[:6])}{'…' if len(differ) > 6 else ''}: the base's config is kept")
+            notes.append(
+                f"parent {k}'s config differs from the base in "
+                f"{', '.join(differ[:6])}{'…' if len(differ) > 6 else ''}: the base's config is kept"
+            )
     return notes
-
-
-def _tokenizer_digest(ck) -> dict[str, str]:
-    out = {}
-    for f in TOKENIZER_FILES:
-        p = ck.root / f
-        if p.is_file():
-            out[f] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def _check_tokenizers(cfg: MergeConfig, cks) -> int:
@@ -98,12 +151,14 @@ def _check_tokenizers(cfg: MergeConfig, cks) -> int:
         if not 0 <= cfg.tokenizer_from < len(cks):
             raise UsageError(f"--tokenizer-from {cfg.tokenizer_from}: there are {len(cks)} parents (0..{len(cks) - 1})")
         return cfg.tokenizer_from
-    digests = [_tokenizer_digest(ck) for ck in cks]
+    digests = [tokenizer.digest(ck.root) for ck in cks]
     for k, d in enumerate(digests[1:], 1):
-        differ = sorted(f for f in set(d) | set(digests[0]) if d.get(f) != digests[0].get(f))
+        differ = tokenizer.differences(digests[0], d)
         if differ:
-            raise CheckpointError(f"parent {k} ({cks[k].root}) has a different tokenizer than the base ({', '.join(differ)} differ); "
-                                  f"merged weights index the vocabulary, so choose one explicitly with --tokenizer-from N")
+            raise CheckpointError(
+                f"parent {k} ({cks[k].root}) has a different tokenizer than the base ({', '.join(differ)} differ); "
+                f"merged weights index the vocabulary, so choose one explicitly with --tokenizer-from N"
+            )
     return 0
 
 
@@ -126,17 +181,28 @@ def _units(cfg: MergeConfig, ctx) -> tuple[list[Unit], list[Rule], Rule]:
         if len(have) != n:
             missing = [k for k in range(n) if k not in have]
             if cfg.partial == "error":
-                raise CheckpointError(f"tensor {nm!r} is missing from parent(s) {', '.join(map(str, missing))}; "
-                                      f"say how to treat tensors only some parents have with --partial base|first")
+                raise CheckpointError(
+                    f"tensor {nm!r} is missing from parent(s) {', '.join(map(str, missing))}; "
+                    f"say how to treat tensors only some parents have with --partial base|first"
+                )
             if cfg.partial == "base" and 0 not in have:
-                raise CheckpointError(f"tensor {nm!r} is not in the base parent (--partial base); use --partial first to take it from parent {have[0]}")
+                raise CheckpointError(
+                    f"tensor {nm!r} is not in the base parent (--partial base); use --partial first to take it from "
+                    f"parent {have[0]}"
+                )
         infos = [cks[k].info(nm) for k in have]
         for k, inf in zip(have, infos):
             if inf.shape != infos[0].shape:
-                raise CheckpointError(f"tensor {nm!r}: parent {k} has shape {list(inf.shape)}, parent {have[0]} has {list(infos[0].shape)}")
+                raise CheckpointError(
+                    f"tensor {nm!r}: parent {k} has shape {list(inf.shape)}, parent {have[0]} has "
+                    f"{list(infos[0].shape)}"
+                )
             if inf.dtype != infos[0].dtype:
-                raise CheckpointError(f"tensor {nm!r}: parent {k} is {dtype_name(inf.dtype)}, parent {have[0]} is {dtype_name(infos[0].dtype)}; "
-                                      f"bring them to one dtype first (e.g. weightsmith import --dequantize-fp8)")
+                raise CheckpointError(
+                    f"tensor {nm!r}: parent {k} is {dtype_name(inf.dtype)}, parent {have[0]} is "
+                    f"{dtype_name(infos[0].dtype)}; "
+                    f"bring them to one dtype first (e.g. weightsmith import --dequantize-fp8)"
+                )
         group = view.classify(nm)
         rule = resolve(rules, default, nm, group)
         used.add(rule.text)
@@ -146,10 +212,16 @@ def _units(cfg: MergeConfig, ctx) -> tuple[list[Unit], list[Rule], Rule]:
         dt = infos[0].dtype
         scale = cks[have[0]].scale_of(nm) if dt in FP8_DTYPES else None
         if dt in FP8_DTYPES and scale is None:
-            raise CheckpointError(f"tensor {nm!r} is fp8 without a {nm + SCALE_SUFFIX!r} block scale; only DeepSeek-style block-scaled fp8 can be merged")
+            raise CheckpointError(
+                f"tensor {nm!r} is fp8 without a {nm + SCALE_SUFFIX!r} block scale; only DeepSeek-style block-scaled "
+                "fp8 can be merged"
+            )
         if scale is not None:
             for k in have:
-                if cks[k].scale_of(nm) is None or cks[k].info(cks[k].scale_of(nm)).shape != cks[have[0]].info(scale).shape:
+                if (
+                    cks[k].scale_of(nm) is None
+                    or cks[k].info(cks[k].scale_of(nm)).shape != cks[have[0]].info(scale).shape
+                ):
                     raise CheckpointError(f"tensor {nm!r}: parent {k} lacks a matching {scale!r}")
         out_dt = dt
         if want_dtype is not None and (dt in FLOAT_DTYPES or dt in FP8_DTYPES):
@@ -158,21 +230,31 @@ def _units(cfg: MergeConfig, ctx) -> tuple[list[Unit], list[Rule], Rule]:
     unused = [r.text for r in rules if r.text not in used]
     if unused:
         groups = sorted({u.group for u in units})
-        raise UsageError(f"rule {unused[0]!r} matches no tensor (groups present: {', '.join(groups)}); fix or remove it")
+        raise UsageError(
+            f"rule {unused[0]!r} matches no tensor (groups present: {', '.join(groups)}); fix or remove it"
+        )
     for u in units:
         sel = u.rule.selects
         u.action = "select" if sel is not None else "interpolate"
         dt = cks[u.have[0]].info(u.name).dtype
         if u.action == "interpolate" and not (dt in FLOAT_DTYPES or dt in FP8_DTYPES):
-            raise UsageError(f"tensor {u.name!r} is {dtype_name(dt)} and cannot be interpolated (rule {u.rule.text!r}); "
-                             f"select it from one parent with a rule before this one, e.g. --rule '{re.escape(u.name)}=parent:0'")
+            raise UsageError(
+                f"tensor {u.name!r} is {dtype_name(dt)} and cannot be interpolated (rule {u.rule.text!r}); "
+                f"select it from one parent with a rule before this one, e.g. --rule '{re.escape(u.name)}=parent:0'"
+            )
     return units, rules, default
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What plan() decided for run(): one unit per output tensor, and the parent giving the tokenizer."""
+
+    units: list  # [Unit]
+    tokenizer_from: int
 
 
 def plan(cfg: MergeConfig, ctx) -> Plan:
     cks = ctx.sources
-    if len(cks) < 2:
-        raise UsageError("merge needs at least two --parent checkpoints (the first is the base)")
     if cfg.delta < 0:
         raise UsageError(f"--delta {cfg.delta}: must be ≥ 0")
     if cfg.workers < 0:
@@ -205,18 +287,26 @@ def plan(cfg: MergeConfig, ctx) -> Plan:
     by_rule = {u.rule.text: u.rule for u in units}
     for gname, g in groups.items():
         for text, count in g["rules"].items():
-            ctx.notes.append(f"plan: {gname}: {count} tensor(s) {_describe(by_rule[text], cfg.delta, cfg.out_dtype)}  [{text}]")
+            ctx.notes.append(
+                f"plan: {gname}: {count} tensor(s) {_describe(by_rule[text], cfg.delta, cfg.out_dtype)}  [{text}]"
+            )
     reads = [0] * len(cks)
     for u in units:
         for k in u.have:
             if u.rule.weights[k] != 0 or (u.action == "interpolate" and _delta(cfg, u) > 0 and k == 0):
                 reads[k] += cks[k].info(u.name).nbytes + (cks[k].info(u.scale).nbytes if u.scale else 0)
-    summary = {"parents": [str(ck.root) for ck in cks], "groups": groups, "select": sum(u.action == "select" for u in units),
-               "interpolate": sum(u.action == "interpolate" for u in units), "delta": cfg.delta, "tokenizer_from": tok_from,
-               "bytes_to_read_per_parent": reads}
-    ctx.tokenizer_from = tok_from
-    ctx.merge_units = units
-    return Plan(tensors=tensors, config=out_cfg, summary=summary, layout=layout or None)
+    summary = {
+        "parents": [str(ck.root) for ck in cks],
+        "groups": groups,
+        "select": sum(u.action == "select" for u in units),
+        "interpolate": sum(u.action == "interpolate" for u in units),
+        "delta": cfg.delta,
+        "tokenizer_from": tok_from,
+        "bytes_to_read_per_parent": reads,
+    }
+    return Plan(
+        tensors=tensors, config=out_cfg, summary=summary, layout=layout or None, state=MergePlan(units, tok_from)
+    )
 
 
 def _describe(rule: Rule, delta: float, out_dtype: str) -> str:
@@ -297,7 +387,9 @@ def _read_values(cks, u: Unit, k: int, part: stream.Part, slot: str):
     sname = ck.scale_of(u.name)
     sinfo = ck.info(sname)
     srow = sinfo.shape[1] * element_size(sinfo.dtype)
-    sc = stream.typed(stream.read_part(ck, sname, b0 * srow, b1 * srow, f"{slot}s{k}"), sinfo.dtype, (b1 - b0, sinfo.shape[1]))
+    sc = stream.typed(
+        stream.read_part(ck, sname, b0 * srow, b1 * srow, f"{slot}s{k}"), sinfo.dtype, (b1 - b0, sinfo.shape[1])
+    )
     return stream.typed(raw, info.dtype, (r1 - r0, info.shape[1])), sc
 
 
@@ -306,11 +398,20 @@ def _merge_part(cfg: MergeConfig, cks, u: Unit, lam, part: stream.Part, key: str
     need = [k for k in range(len(cks)) if lam[k] != 0]
     vals = {k: _read_values(cks, u, k, part, "in") for k in need}
     for k in need:
-        stats.add_read(k, part.stop - part.start + (vals[k][1].numel() * vals[k][1].element_size() if u.scale is not None else 0))
+        stats.add_read(
+            k, part.stop - part.start + (vals[k][1].numel() * vals[k][1].element_size() if u.scale is not None else 0)
+        )
     if u.scale is not None:
         requant = u.out_dtype in FP8_DTYPES
-        q, s = merge_fp8([vals[k][0] if k in vals else None for k in range(len(cks))], [vals[k][1] if k in vals else None for k in range(len(cks))],
-                         list(lam), cks[need[0]].fp8_block, requantize=requant, ue8m0=cfg.ue8m0, out_dtype=u.out_dtype)
+        q, s = merge_fp8(
+            [vals[k][0] if k in vals else None for k in range(len(cks))],
+            [vals[k][1] if k in vals else None for k in range(len(cks))],
+            list(lam),
+            cks[need[0]].fp8_block,
+            requantize=requant,
+            ue8m0=cfg.ue8m0,
+            out_dtype=u.out_dtype,
+        )
         (r0, _r1), (b0, _b1) = part.rows, part.block_rows
         w.write_range(u.name, r0 * q.shape[1] * q.element_size(), q)
         if s is not None:
@@ -319,7 +420,10 @@ def _merge_part(cfg: MergeConfig, cks, u: Unit, lam, part: stream.Part, key: str
     else:
         ref = vals[need[0]]
         if not ref.is_floating_point():
-            raise CheckpointError(f"cannot interpolate {u.name!r} ({dtype_name(ref.dtype)}); select it from one parent with a rule (…=parent:N)")
+            raise CheckpointError(
+                f"cannot interpolate {u.name!r} ({dtype_name(ref.dtype)}); select it from one parent with a rule "
+                "(…=parent:N)"
+            )
         out = stream.out_buffer(u.out_dtype, ref.numel())
         interpolate_into([vals.get(k) for k in range(len(cks))], lam, out)
         w.write_range(u.name, part.start // ref.element_size() * out.element_size(), out)
@@ -336,6 +440,7 @@ def _gated_unit(cfg: MergeConfig, cks, u: Unit, *, w, stats: _Stats) -> None:
     num: dict[int, list[float]] = {k: [] for k in others}
     den: list[float] = []
     for part in parts:
+
         def value(k):
             v = _read_values(cks, u, k, part, "gate" if k else "base")
             return dequantize_blockwise(v[0], v[1], cks[k].fp8_block) if u.scale is not None else v
@@ -345,14 +450,25 @@ def _gated_unit(cfg: MergeConfig, cks, u: Unit, *, w, stats: _Stats) -> None:
         for k in others:
             num[k] += square_sums(value(k).double() - base.double(), stream.REDUCE_ELEMS)
     for k in [0, *others]:
-        stats.add_read(k, cks[k].info(u.name).nbytes + (cks[k].info(cks[k].scale_of(u.name)).nbytes if u.scale is not None else 0))
+        stats.add_read(
+            k, cks[k].info(u.name).nbytes + (cks[k].info(cks[k].scale_of(u.name)).nbytes if u.scale is not None else 0)
+        )
     diff = max((_ratio(math.fsum(num[k]), math.fsum(den)) for k in others), default=0.0)
     if diff <= _delta(cfg, u):
         if cks[0].info(u.name).dtype == u.out_dtype:
             _copy_unit(cks, u, 0, "copied_below_delta", diff, w=w, stats=stats)
         else:
             for part in parts:
-                _merge_part(cfg, cks, u, tuple(1.0 if i == 0 else 0.0 for i in range(len(cks))), part, "copied_below_delta", w=w, stats=_NoCount(stats))
+                _merge_part(
+                    cfg,
+                    cks,
+                    u,
+                    tuple(1.0 if i == 0 else 0.0 for i in range(len(cks))),
+                    part,
+                    "copied_below_delta",
+                    w=w,
+                    stats=_NoCount(stats),
+                )
             stats.count(u.group, "copied_below_delta", diff)
         return
     for part in parts:
@@ -381,7 +497,7 @@ def _ratio(num2: float, den2: float) -> float:
 
 def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
     cks = ctx.sources
-    units: list[Unit] = ctx.merge_units
+    units: list[Unit] = plan.state.units
     by_name = {u.name: u for u in units}
     order = [nm for nm in cks[0].file_order() if nm in by_name] + [u.name for u in units if 0 not in u.have]
     workers = cfg.workers or min(8, os.cpu_count() or 1)
@@ -404,24 +520,38 @@ def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0
     # the streaming rate, startup and hashing excluded (reported, not stored: outputs stay byte-identical)
-    ctx.notes.append(f"merged {len(order)} tensors in {seconds:.2f} s: read {sum(stats.read) / 1e6:,.0f} MB "
-                     f"({sum(stats.read) / 1e6 / max(seconds, 1e-9):,.0f} MB/s)")
+    ctx.notes.append(
+        f"merged {len(order)} tensors in {seconds:.2f} s: read {sum(stats.read) / 1e6:,.0f} MB "
+        f"({sum(stats.read) / 1e6 / max(seconds, 1e-9):,.0f} MB/s)"
+    )
     # tokenizer & co.: from the chosen parent; other aux files (generation config...) from the base
     ctx.copy_aux = False
-    tok = cks[ctx.tokenizer_from]
+    tok = cks[plan.state.tokenizer_from]
     aux = set(cks[0].aux_files())
-    tok_files = [f for f in tok.aux_files() if f in TOKENIZER_FILES]
+    tok_files = [f for f in tok.aux_files() if f in tokenizer.TOKENIZER_FILES]
     ctx.writer.copy_aux_files(tok.root, tok_files)
-    ctx.writer.copy_aux_files(cks[0].root, sorted(f for f in aux if f not in TOKENIZER_FILES))
+    ctx.writer.copy_aux_files(cks[0].root, sorted(f for f in aux if f not in tokenizer.TOKENIZER_FILES))
     out_names = {s.name for s in ctx.writer.planned}
-    dropped = [nm for ck in cks for nm in ck.names if nm not in out_names and not (cfg.out_dtype != "keep" and nm.endswith(SCALE_SUFFIX))]
+    dropped = [
+        nm
+        for ck in cks
+        for nm in ck.names
+        if nm not in out_names and not (cfg.out_dtype != "keep" and nm.endswith(SCALE_SUFFIX))
+    ]
     if dropped:  # the plan covers every tensor; this guards the invariant
         raise CheckpointError(f"internal error: input tensor {dropped[0]!r} has no place in the output")
-    ctx.metrics.update({
-        "parents": len(cks), "groups": stats.groups, "bytes_read_per_parent": stats.read, "delta": cfg.delta,
-        "rules": [r for r in cfg.rule], "default_weights": cfg.weights or "equal",
-        "tokenizer_from": ctx.tokenizer_from, "input_tensors_accounted": sum(len(ck.names) for ck in cks),
-    })
+    ctx.metrics.update(
+        {
+            "parents": len(cks),
+            "groups": stats.groups,
+            "bytes_read_per_parent": stats.read,
+            "delta": cfg.delta,
+            "rules": [r for r in cfg.rule],
+            "default_weights": cfg.weights or "equal",
+            "tokenizer_from": plan.state.tokenizer_from,
+            "input_tensors_accounted": sum(len(ck.names) for ck in cks),
+        }
+    )
 
 
 register(
@@ -430,7 +560,8 @@ register(
         config_cls=MergeConfig,
         plan=plan,
         run=run,
-        help="Chimera / Assembly-of-Experts merge: per-tensor selection or interpolation of parents (fp8 block scales handled)",
+        help="Chimera / Assembly-of-Experts merge: per-tensor selection or interpolation of parents (fp8 block scales "
+        "handled)",
         reference_url="https://arxiv.org/abs/2506.14794",
         relation="merge",
         multi_source=True,

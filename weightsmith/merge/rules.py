@@ -18,10 +18,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from weightsmith.arch import GROUPS  # the tensor groups rules may name (ArchView.classify)
 from weightsmith.errors import UsageError
 
 _RULE = re.compile(r"(?P<pattern>.+)=(?P<weights>parent:\d+|[-+0-9.eE,\s]+)")
-GROUPS = ("embed", "lm_head", "final_norm", "attention", "norm", "dense_mlp", "router", "routed_experts", "shared_experts", "mtp", "other")
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,21 @@ def parse_weights(text: str, parents: int, where: str) -> tuple[float, ...]:
     try:
         ws = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise UsageError(f"{where}: weights {text!r} must be numbers separated by commas (one per parent) or parent:N") from None
+        raise UsageError(
+            f"{where}: weights {text!r} must be numbers separated by commas (one per parent) or parent:N"
+        ) from None
     if len(ws) != parents:
-        raise UsageError(f"{where}: {len(ws)} weight(s) for {parents} parents; give one λ per parent, e.g. {','.join(['0.5'] * parents)}")
+        raise UsageError(
+            f"{where}: {len(ws)} weight(s) for {parents} parents; give one λ per parent, e.g. "
+            f"{','.join(['0.5'] * parents)}"
+        )
     if any(w < 0 for w in ws) or all(w == 0 for w in ws):
         raise UsageError(f"{where}: weights {text!r} must be ≥ 0 and not all zero")
     if abs(sum(ws) - 1) > 1e-6:
-        raise UsageError(f"{where}: weights {text!r} sum to {sum(ws):g}; they must sum to 1 (Σ λ_i W_i keeps the scale of the weights)")
+        raise UsageError(
+            f"{where}: weights {text!r} sum to {sum(ws):g}; they must sum to 1 (Σ λ_i W_i keeps the scale of the "
+            "weights)"
+        )
     return ws
 
 
@@ -70,7 +78,10 @@ def parse_rule(spec: Any, parents: int, index: int) -> Rule:
     if isinstance(spec, dict):
         unknown = set(spec) - {"match", "group", "weights", "delta"}
         if unknown or ("match" in spec) == ("group" in spec) or "weights" not in spec:
-            raise UsageError(f"{where}: a rule mapping needs exactly one of 'match'/'group' and 'weights' (optional 'delta'), got {sorted(spec)}")
+            raise UsageError(
+                f"{where}: a rule mapping needs exactly one of 'match'/'group' and 'weights' (optional 'delta'), got "
+                f"{sorted(spec)}"
+            )
         pattern = f"group:{spec['group']}" if "group" in spec else str(spec["match"])
         w = spec["weights"]
         weights = ",".join(str(x) for x in w) if isinstance(w, (list, tuple)) else str(w)
@@ -94,7 +105,7 @@ def parse_rule(spec: Any, parents: int, index: int) -> Rule:
             raise UsageError(f"{where}: delta must be ≥ 0")
     ws = parse_weights(weights, parents, f"{where} ({text})")
     if pattern.startswith("group:"):
-        g = pattern[len("group:"):]
+        g = pattern[len("group:") :]
         if g not in GROUPS:
             raise UsageError(f"{where}: unknown tensor group {g!r}; groups: {', '.join(GROUPS)}")
         return Rule(text, g, None, ws, delta)

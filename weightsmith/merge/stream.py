@@ -51,7 +51,13 @@ class Part:
     block_rows: tuple[int, int] | None = None  # fp8: scale rows b0..b1
 
 
-def parts_of(shape: tuple[int, ...], dtype: torch.dtype, *, fp8_block: tuple[int, int] | None = None, part_bytes: int | None = None) -> list[Part]:
+def parts_of(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    fp8_block: tuple[int, int] | None = None,
+    part_bytes: int | None = None,
+) -> list[Part]:
     """Cut a tensor into parts of about `part_bytes` (fp8 with block scales: whole block-rows)."""
     part_bytes = part_bytes or PART_BYTES
     esize = element_size(dtype)
@@ -68,7 +74,9 @@ def parts_of(shape: tuple[int, ...], dtype: torch.dtype, *, fp8_block: tuple[int
             out.append(Part(i, r0 * cols * esize, r1 * cols * esize, (r0, r1), (r0 // bm, -(-r1 // bm))))
         return out or [Part(0, 0, 0, (0, 0), (0, 0))]
     step = max(REDUCE_ELEMS, (part_bytes // esize) // REDUCE_ELEMS * REDUCE_ELEMS)
-    return [Part(i, a * esize, min(numel, a + step) * esize) for i, a in enumerate(range(0, numel, step))] or [Part(0, 0, 0)]
+    return [Part(i, a * esize, min(numel, a + step) * esize) for i, a in enumerate(range(0, numel, step))] or [
+        Part(0, 0, 0)
+    ]
 
 
 def read_part(ck, name: str, start: int, stop: int, key: str) -> torch.Tensor:

@@ -6,19 +6,33 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def demo_step(base: Path, out: Path, say) -> dict:
-    from weightsmith.demo import political_speeches
-    from weightsmith.passes import get_pass, make_config
-    from weightsmith.runner import run_pass
+def demo_step(base: Path, out: Path, say, run) -> dict:
+    from weightsmith.assets import political_speeches
 
     dst = out / "smollm2-pruned-w75"
-    spec = get_pass("prune")
-    cfg = make_config(spec.config_cls, {"params": "0.75", "axis": "width", "importance": "activation", "calib": str(political_speeches()),
-                                        "calib_field": "speeches", "calib_samples": 16, "calib_length": 256})
+    name, cfg = (
+        "prune",
+        {
+            "params": "0.75",
+            "axis": "width",
+            "importance": "activation",
+            "calib": str(political_speeches()),
+            "calib_field": "speeches",
+            "calib_samples": 16,
+            "calib_length": 256,
+        },
+    )
     say(f"prune (75 % of the parameters, width, Minitron activation importance on 16x256 speech tokens) -> {dst}")
-    res = run_pass(spec, cfg, [str(base)], dst, replace_stale=True)
+    res = run(name, cfg, [str(base)], dst)
     m = res.manifest["metrics"]
     t = m["targets"]
-    say(f"      {m['params_before']:,} -> {m['params_after']:,} parameters (hidden {t['hidden']}, MLP {t['ffn']}); "
-        f"recover with: weightsmith distill {dst} {base} DST --calib ... --tokens N")
-    return {"label": f"pruned to {m['fraction']:.0%} params (width)", "path": str(dst), "params": m["params_after"], "status": res.status}
+    say(
+        f"      {m['params_before']:,} -> {m['params_after']:,} parameters (hidden {t['hidden']}, MLP {t['ffn']}); "
+        f"recover with: weightsmith distill {dst} {base} DST --calib ... --tokens N"
+    )
+    return {
+        "label": f"pruned to {m['fraction']:.0%} params (width)",
+        "path": str(dst),
+        "params": m["params_after"],
+        "status": res.status,
+    }

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from weightsmith.calib.config import CalibConfig
+from weightsmith.checkpoint import tokenizer
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import CheckpointError, UsageError
 from weightsmith.passes import PassSpec, Plan, register
@@ -32,21 +33,34 @@ from weightsmith.passes import PassSpec, Plan, register
 
 @dataclass(frozen=True)
 class DistillConfig(CalibConfig):
-    tokens: int = field(default=65536, metadata={"help": "training tokens in total (windows x length, rounded up to whole batches)"})
+    tokens: int = field(
+        default=65536, metadata={"help": "training tokens in total (windows x length, rounded up to whole batches)"}
+    )
     calib_length: int = field(default=256, metadata={"help": "tokens per training window"})
     batch_size: int = field(default=4, metadata={"help": "windows per optimizer step"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (decays linearly to lr/10)"})
     warmup: int = field(default=4, metadata={"help": "linear warm-up steps"})
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the logit KL (the loss is scaled by T²)"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "softmax temperature of the logit KL (the loss is scaled by T²)"}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation of optimizer state"})
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "accelerate mixed precision"})
-    save_every: int = field(default=50, metadata={"help": "save a resumable training state every N steps (0: never)", "runtime": True})
-    resume: bool = field(default=True, metadata={"help": "resume from a saved training state of this same job when one exists", "runtime": True})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(
+        default="no", metadata={"help": "accelerate mixed precision"}
+    )
+    save_every: int = field(
+        default=50, metadata={"help": "save a resumable training state every N steps (0: never)", "runtime": True}
+    )
+    resume: bool = field(
+        default=True,
+        metadata={"help": "resume from a saved training state of this same job when one exists", "runtime": True},
+    )
 
     def __post_init__(self):
         if self.tokens < self.calib_length:
-            raise UsageError(f"--tokens {self.tokens}: must be at least one window (--calib-length {self.calib_length})")
+            raise UsageError(
+                f"--tokens {self.tokens}: must be at least one window (--calib-length {self.calib_length})"
+            )
         if self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0:
             raise UsageError("--batch-size, --lr and --temperature must be positive")
 
@@ -59,25 +73,30 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl.mean() * temperature**2
 
 
-def _tokenizer_id(root: Path) -> str | None:
-    for f in ("tokenizer.json", "tokenizer.model", "vocab.json"):
-        p = root / f
-        if p.is_file():
-            return hashlib.sha256(p.read_bytes()).hexdigest()
-    return None
-
-
 def plan(cfg: DistillConfig, ctx) -> Plan:
     student, teacher = ctx.sources
     if student.config.vocab_size != teacher.config.vocab_size:
-        raise CheckpointError(f"student vocabulary {student.config.vocab_size} != teacher {teacher.config.vocab_size}: logit distillation needs one tokenizer")
-    a, b = _tokenizer_id(student.root), _tokenizer_id(teacher.root)
-    if a and b and a != b:
-        raise CheckpointError(f"{student.root} and {teacher.root} have different tokenizers (tokenizer files differ); logit distillation needs the same one")
+        raise CheckpointError(
+            f"student vocabulary {student.config.vocab_size} != teacher {teacher.config.vocab_size}: logit "
+            "distillation needs one tokenizer"
+        )
+    a, b = (
+        tokenizer.digest(student.root, tokenizer.VOCABULARY_FILES),
+        tokenizer.digest(teacher.root, tokenizer.VOCABULARY_FILES),
+    )
+    if a and b and tokenizer.differences(a, b):
+        raise CheckpointError(
+            f"{student.root} and {teacher.root} have different tokenizers (tokenizer files differ); logit distillation "
+            "needs the same one"
+        )
     windows = math.ceil(cfg.tokens / cfg.calib_length)
     steps = math.ceil(windows / cfg.batch_size)
     tensors = [TensorSpec(i.name, i.shape, i.dtype) for i in student.infos()]
-    return Plan(tensors=tensors, config=student.config, summary={"steps": steps, "windows": windows, "tokens": steps * cfg.batch_size * cfg.calib_length})
+    return Plan(
+        tensors=tensors,
+        config=student.config,
+        summary={"steps": steps, "windows": windows, "tokens": steps * cfg.batch_size * cfg.calib_length},
+    )
 
 
 def _state_dir(dst: Path) -> Path:
@@ -94,20 +113,26 @@ def _save_state(path: Path, state: dict) -> None:
 def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
     from accelerate import Accelerator
 
-    import weightsmith
+    from weightsmith import loading
     from weightsmith.passes import config_to_params
 
     student_ck, teacher_ck = ctx.sources
     steps = plan.summary["steps"]
     windows = steps * cfg.batch_size
-    data_cfg = CalibConfig(calib=cfg.calib, calib_samples=windows, calib_length=cfg.calib_length, calib_seed=cfg.seed,
-                           calib_field=cfg.calib_field, calib_chat_template=cfg.calib_chat_template)
+    data_cfg = CalibConfig(
+        calib=cfg.calib,
+        calib_samples=windows,
+        calib_length=cfg.calib_length,
+        calib_seed=cfg.seed,
+        calib_field=cfg.calib_field,
+        calib_chat_template=cfg.calib_chat_template,
+    )
     data = ctx.calibrate(data_cfg, default="self", index=1)
     ids = data.ids
     torch.manual_seed(cfg.seed)
     accel = Accelerator(cpu=ctx.device == "cpu", mixed_precision=cfg.mixed_precision)
-    student = weightsmith.load(student_ck.root, dtype=torch.float32)
-    teacher = weightsmith.load(teacher_ck.root, dtype=torch.float32).eval()
+    student = loading.load(student_ck.root, dtype=torch.float32)
+    teacher = loading.load(teacher_ck.root, dtype=torch.float32).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student.train()
@@ -123,8 +148,18 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
     student, opt, sched = accel.prepare(student, opt, sched)
     teacher = teacher.to(accel.device)
     order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
-    job = hashlib.sha256(json.dumps({"params": config_to_params(cfg), "student": str(student_ck.root), "teacher": str(teacher_ck.root),
-                                     "data": data.description.get("sha256")}, sort_keys=True, default=str).encode()).hexdigest()
+    job = hashlib.sha256(
+        json.dumps(
+            {
+                "params": config_to_params(cfg),
+                "student": str(student_ck.root),
+                "teacher": str(teacher_ck.root),
+                "data": data.description.get("sha256"),
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()
     state_dir = _state_dir(ctx.writer.dst)
     start, losses = 0, []
     if cfg.resume and (state_dir / "state.pt").is_file():
@@ -139,8 +174,10 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
         else:
             ctx.notes.append(f"{state_dir}: a saved state of another job (other options or inputs) was ignored")
     t0 = time.perf_counter()
-    for step in ctx.report.track(range(start, steps), desc="distilling"):  # a bar on a terminal; KL and tokens/s in the log lines
-        batch = ids[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]].to(accel.device)
+    for step in ctx.report.track(
+        range(start, steps), desc="distilling"
+    ):  # a bar on a terminal; KL and tokens/s in the log lines
+        batch = ids[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]].to(accel.device)
         with torch.no_grad():
             t_logits = teacher(batch).logits
         with accel.autocast():
@@ -157,27 +194,38 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
             rate = (done - start) * cfg.batch_size * cfg.calib_length / max(time.perf_counter() - t0, 1e-9)
             ctx.report.log(f"distill step {done}/{steps}: KL {losses[-1]:.4f}, {rate:,.0f} tokens/s")
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-            _save_state(state_dir, {"job": job, "step": done, "losses": losses, "student": accel.unwrap_model(student).state_dict(),
-                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()})
-        _maybe_interrupt(done)
+            _save_state(
+                state_dir,
+                {
+                    "job": job,
+                    "step": done,
+                    "losses": losses,
+                    "student": accel.unwrap_model(student).state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(),
+                },
+            )
     train_seconds = time.perf_counter() - t0
-    ctx.report.log(f"distilled {(steps - start) * cfg.batch_size * cfg.calib_length:,} tokens in {train_seconds:.0f} s "
-                   f"({(steps - start) * cfg.batch_size * cfg.calib_length / max(train_seconds, 1e-9):,.1f} tokens/s; timings stay out of the manifest)")
+    ctx.report.log(
+        f"distilled {(steps - start) * cfg.batch_size * cfg.calib_length:,} tokens in {train_seconds:.0f} s "
+        f"({(steps - start) * cfg.batch_size * cfg.calib_length / max(train_seconds, 1e-9):,.1f} tokens/s; timings "
+        "stay out of the manifest)"
+    )
     model = accel.unwrap_model(student).eval()
     _write_student(ctx, student_ck, model)
     shutil.rmtree(state_dir, ignore_errors=True)
     first = sum(losses[: max(1, len(losses) // 10)]) / max(1, len(losses[: max(1, len(losses) // 10)]))
-    last = sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses[-max(1, len(losses) // 10):]))
-    ctx.metrics.update({"steps": steps, "tokens": windows * cfg.calib_length, "kl_first_steps": first, "kl_last_steps": last,
-                        "kl_per_step": [round(x, 6) for x in losses]})
-
-
-_INTERRUPT_AT: int | None = None  # tests set this to simulate a crash after a given step
-
-
-def _maybe_interrupt(step: int) -> None:
-    if _INTERRUPT_AT is not None and step == _INTERRUPT_AT:
-        raise KeyboardInterrupt
+    last = sum(losses[-max(1, len(losses) // 10) :]) / max(1, len(losses[-max(1, len(losses) // 10) :]))
+    ctx.metrics.update(
+        {
+            "steps": steps,
+            "tokens": windows * cfg.calib_length,
+            "kl_first_steps": first,
+            "kl_last_steps": last,
+            "kl_per_step": [round(x, 6) for x in losses],
+        }
+    )
 
 
 def _write_student(ctx, student_ck, model) -> None:

@@ -49,7 +49,9 @@ def keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(sorted(order[:k]), dtype=torch.long)
 
 
-def keep_heads_per_group(scores: torch.Tensor, kv_heads: int, per_group: int, keep_groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_heads_per_group(
+    scores: torch.Tensor, kv_heads: int, per_group: int, keep_groups: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GQA-consistent head choice: the same number of query heads kept in every kept KV group.
 
     scores: [q_heads]; returns (kept KV groups, kept query heads), both ascending; query heads of
@@ -62,7 +64,7 @@ def keep_heads_per_group(scores: torch.Tensor, kv_heads: int, per_group: int, ke
     groups = torch.arange(kv_heads) if keep_groups is None else keep_groups
     kept = []
     for g in groups.tolist():
-        local = keep_top(scores[g * q_per_kv:(g + 1) * q_per_kv], per_group)
+        local = keep_top(scores[g * q_per_kv : (g + 1) * q_per_kv], per_group)
         kept += (local + g * q_per_kv).tolist()
     return groups, torch.tensor(kept, dtype=torch.long)
 
@@ -81,5 +83,5 @@ def contiguous_block(scores: torch.Tensor, drop: int) -> list[int]:
     if drop == 0:
         return []
     starts = range(1, n - drop) if n - drop > 1 else range(0, n - drop + 1)
-    best = min(starts, key=lambda s: (float(scores[s:s + drop].sum()), s))
+    best = min(starts, key=lambda s: (float(scores[s : s + drop].sum()), s))
     return list(range(best, best + drop))

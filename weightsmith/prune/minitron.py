@@ -25,21 +25,53 @@ from weightsmith.arch import arch_for
 from weightsmith.calib.config import CalibConfig
 from weightsmith.errors import UsageError
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.prune.prune_pass import (Targets, _prefix_keep, _source_widths, _widths, count_params, decide_keep, ffn_for_budget,
-                                          output_specs, parse_params, write_pruned)
+from weightsmith.prune.prune_pass import (
+    Targets,
+    _prefix_keep,
+    _source_widths,
+    _widths,
+    count_params,
+    decide_keep,
+    ffn_for_budget,
+    output_specs,
+    parse_params,
+    write_pruned,
+)
 from weightsmith.prune.structure import TensorRoles, pruned_config
 
 
 @dataclass(frozen=True)
 class MinitronConfig(CalibConfig):
-    params: str = field(default="0.75", metadata={"help": "parameter budget: a fraction of the source (0.75) or a count (100M)"})
-    max_width_pruning: float = field(default=0.5, metadata={"min": 0, "below": 1, "help": "smallest hidden size considered, as 1 - fraction of the source's"})
-    max_depth_pruning: float = field(default=0.2, metadata={"min": 0, "below": 1, "help": "at most this fraction of the layers is dropped"})
-    candidates: int = field(default=8, metadata={"min": 1, "help": "candidates to prune and score (spread over the search space)"})
+    params: str = field(
+        default="0.75", metadata={"help": "parameter budget: a fraction of the source (0.75) or a count (100M)"}
+    )
+    max_width_pruning: float = field(
+        default=0.5,
+        metadata={"min": 0, "below": 1, "help": "smallest hidden size considered, as 1 - fraction of the source's"},
+    )
+    max_depth_pruning: float = field(
+        default=0.2, metadata={"min": 0, "below": 1, "help": "at most this fraction of the layers is dropped"}
+    )
+    candidates: int = field(
+        default=8, metadata={"min": 1, "help": "candidates to prune and score (spread over the search space)"}
+    )
     top_k: int = field(default=2, metadata={"min": 1, "help": "best candidates kept for the distillation round"})
-    distill_tokens: int = field(default=0, metadata={"min": 0, "help": "distill each top-k candidate on this many tokens before choosing (0: choose by pruned KL)"})
-    score_windows: int = field(default=8, metadata={"min": 1, "help": "held-out calibration windows used to score candidates"})
-    rank_by: Literal["kl", "loss"] = field(default="kl", metadata={"help": "rank candidates by mean KL(source ‖ candidate) or by their own LM loss on the held-out windows"})
+    distill_tokens: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "help": "distill each top-k candidate on this many tokens before choosing (0: choose by pruned KL)",
+        },
+    )
+    score_windows: int = field(
+        default=8, metadata={"min": 1, "help": "held-out calibration windows used to score candidates"}
+    )
+    rank_by: Literal["kl", "loss"] = field(
+        default="kl",
+        metadata={
+            "help": "rank candidates by mean KL(source ‖ candidate) or by their own LM loss on the held-out windows"
+        },
+    )
     batch_size: int = field(default=8, metadata={"min": 1, "help": "calibration windows per forward batch"})
     calib_samples: int = field(default=64, metadata={"help": "calibration windows (importance and scoring)"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
@@ -49,7 +81,9 @@ class MinitronConfig(CalibConfig):
 def enumerate_candidates(view, budget: int, cfg: MinitronConfig) -> list[Targets]:
     src = _source_widths(view)
     if src.get("expert_ffn"):
-        raise UsageError("minitron search covers dense families; prune MoE models with `weightsmith prune --expert-ffn/--hidden`")
+        raise UsageError(
+            "minitron search covers dense families; prune MoE models with `weightsmith prune --expert-ffn/--hidden`"
+        )
     q_per_kv = src["q_heads"] // src["kv_heads"]
     L = src["layers"]
     layer_opts = sorted({L - d for d in range(0, int(L * cfg.max_depth_pruning) + 1)}, reverse=True)
@@ -71,8 +105,11 @@ def enumerate_candidates(view, budget: int, cfg: MinitronConfig) -> list[Targets
                 if 0.95 * budget <= n <= budget:
                     out.append(cand)
     if not out:
-        raise UsageError(f"no architecture within --max-width-pruning {cfg.max_width_pruning} / --max-depth-pruning {cfg.max_depth_pruning} "
-                         f"reaches {budget:,} parameters; relax them or raise --params")
+        raise UsageError(
+            f"no architecture within --max-width-pruning {cfg.max_width_pruning} / --max-depth-pruning "
+            f"{cfg.max_depth_pruning} "
+            f"reaches {budget:,} parameters; relax them or raise --params"
+        )
     return _spread(out, cfg.candidates)
 
 
@@ -87,13 +124,22 @@ def _label(t: Targets) -> str:
     return f"hidden {t.hidden}, heads {t.heads_per_group * t.kv_heads}/{t.kv_heads}kv, ffn {t.ffn}, layers {t.layers}"
 
 
+@dataclass(frozen=True)
+class MinitronPlan:
+    """The budget and the candidate architectures plan() enumerated, for run() to score."""
+
+    budget: int
+    candidates: list
+    params_before: int
+
+
 def plan(cfg: MinitronConfig, ctx) -> Plan:
     view = arch_for(ctx.source.config)
     src_params = count_params(ctx.source.config)
     budget = parse_params(cfg.params, src_params)
     cands = enumerate_candidates(view, budget, cfg)
-    ctx.minitron = (budget, cands, src_params)
-    return Plan(tensors=None, config=None, summary={"budget": budget, "params_before": src_params, "candidates": [_label(c) for c in cands]})
+    summary = {"budget": budget, "params_before": src_params, "candidates": [_label(c) for c in cands]}
+    return Plan(tensors=None, config=None, summary=summary, state=MinitronPlan(budget, cands, src_params))
 
 
 def _score(model, held: torch.Tensor, teacher_logits: list[torch.Tensor], batch: int) -> dict:
@@ -103,29 +149,36 @@ def _score(model, held: torch.Tensor, teacher_logits: list[torch.Tensor], batch:
     kl, nll, n = 0.0, 0.0, 0
     with torch.inference_mode():
         for k, t in enumerate(teacher_logits):
-            ids = held[k * batch:(k + 1) * batch]
+            ids = held[k * batch : (k + 1) * batch]
             s = model(input_ids=ids).logits.float()
             kl += float(kd_loss(s, t)) * ids.numel()
-            nll += float(torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+            nll += float(
+                torch.nn.functional.cross_entropy(
+                    s[:, :-1].reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                )
+            )
             n += ids.numel()
     return {"kl": kl / n, "loss": nll / (n - held.shape[0])}
 
 
 def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
-    import weightsmith
+    from weightsmith import loading
     from weightsmith.checkpoint.writer import CheckpointWriter
     from weightsmith.prune import scores as sc
 
     ck = ctx.source
     view = arch_for(ck.config)
     roles = TensorRoles(view)
-    budget, cands, src_params = ctx.minitron
+    budget, cands, src_params = plan.state.budget, plan.state.candidates, plan.state.params_before
     scores = sc.activation_scores(ctx, cfg, view)
     calib = ctx.calibrate(cfg, default="self")
-    held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]):]
-    teacher = weightsmith.load(ck.root)
+    held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]) :]
+    teacher = loading.load(ck.root)
     with torch.inference_mode():
-        teacher_logits = [teacher(input_ids=held[k:k + cfg.batch_size]).logits.float() for k in range(0, held.shape[0], cfg.batch_size)]
+        teacher_logits = [
+            teacher(input_ids=held[k : k + cfg.batch_size]).logits.float()
+            for k in range(0, held.shape[0], cfg.batch_size)
+        ]
     src_score = _score(teacher, held, teacher_logits, cfg.batch_size)
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix=".minitron-", dir=ctx.writer.tmp.parent))
@@ -141,16 +194,27 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
                 write_pruned(ctx_like, ck, view, roles, keep)
                 w.copy_aux_files(ck.root, ck.aux_files())
                 w.finalize()
-            sc_ = _score(weightsmith.load(path), held, teacher_logits, cfg.batch_size)
-            rows.append({"candidate": _label(t), "params": count_params(out_cfg), **sc_, "path": path, "targets": t, "keep": keep})
-            ctx.report.log(f"candidate {_label(t)}: {rows[-1]['params']:,} params, KL {sc_['kl']:.4f}, loss {sc_['loss']:.4f}")
+            sc_ = _score(loading.load(path), held, teacher_logits, cfg.batch_size)
+            rows.append(
+                {
+                    "candidate": _label(t),
+                    "params": count_params(out_cfg),
+                    **sc_,
+                    "path": path,
+                    "targets": t,
+                    "keep": keep,
+                }
+            )
+            ctx.report.log(
+                f"candidate {_label(t)}: {rows[-1]['params']:,} params, KL {sc_['kl']:.4f}, loss {sc_['loss']:.4f}"
+            )
         key = cfg.rank_by
         rows.sort(key=lambda r: r[key])
         best = rows[0]
         if cfg.distill_tokens > 0:
             train = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
             for r in rows[: cfg.top_k]:
-                model = _quick_distill(cfg, teacher, weightsmith.load(r["path"]), train)
+                model = _quick_distill(cfg, teacher, loading.load(r["path"]), train)
                 after = _score(model, held, teacher_logits, cfg.batch_size)
                 r[f"{key}_after_distill"] = after[key]
                 r["model"] = model
@@ -169,17 +233,31 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
             write_pruned(ctx, ck, view, roles, best["keep"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    table = [{k: v for k, v in r.items() if k in ("candidate", "params", "kl", "loss", f"{key}_after_distill")} for r in rows]
-    ctx.report.log(f"candidates ranked by {key} (source loss {src_score['loss']:.4f} on {held.shape[0]} held-out windows):")
+    table = [
+        {k: v for k, v in r.items() if k in ("candidate", "params", "kl", "loss", f"{key}_after_distill")} for r in rows
+    ]
+    ctx.report.log(
+        f"candidates ranked by {key} (source loss {src_score['loss']:.4f} on {held.shape[0]} held-out windows):"
+    )
     for i, r in enumerate(table, 1):
         extra = f", after distillation {r[key + '_after_distill']:.4f}" if key + "_after_distill" in r else ""
-        ctx.report.log(f"  {i}. {r['candidate']}: {r['params']:,} params, KL {r['kl']:.4f}, loss {r['loss']:.4f}{extra}")
-    ctx.metrics.update({
-        "budget": budget, "params_before": src_params, "params_after": best["params"], "chosen": best["candidate"],
-        "kept": best["keep"].as_json(), "rank_by": key, "source_loss": src_score["loss"],
-        "score": f"{'mean KL(source ‖ candidate)' if key == 'kl' else 'next-token loss'} on {held.shape[0]} held-out calibration windows",
-        "candidates": table,
-    })
+        ctx.report.log(
+            f"  {i}. {r['candidate']}: {r['params']:,} params, KL {r['kl']:.4f}, loss {r['loss']:.4f}{extra}"
+        )
+    ctx.metrics.update(
+        {
+            "budget": budget,
+            "params_before": src_params,
+            "params_after": best["params"],
+            "chosen": best["candidate"],
+            "kept": best["keep"].as_json(),
+            "rank_by": key,
+            "source_loss": src_score["loss"],
+            "score": f"{'mean KL(source ‖ candidate)' if key == 'kl' else 'next-token loss'} on {held.shape[0]} "
+            "held-out calibration windows",
+            "candidates": table,
+        }
+    )
 
 
 class _WriterCtx:
@@ -215,7 +293,8 @@ register(
         config_cls=MinitronConfig,
         plan=plan,
         run=run,
-        help="Minitron search: prune candidate width/depth architectures under a parameter budget, keep the one closest to the source",
+        help="Minitron search: prune candidate width/depth architectures under a parameter budget, keep the one "
+        "closest to the source",
         reference_url="https://arxiv.org/abs/2408.11796",
         relation="finetune",
         tags=("pruned", "minitron"),

@@ -29,25 +29,60 @@ from weightsmith.prune.structure import Keep, LayerKeep, TensorRoles, pruned_con
 
 @dataclass(frozen=True)
 class PruneConfig(CalibConfig):
-    hidden: int | None = field(default=None, metadata={"min": 1, "help": "hidden size to keep (embedding channels, every layer)"})
+    hidden: int | None = field(
+        default=None, metadata={"min": 1, "help": "hidden size to keep (embedding channels, every layer)"}
+    )
     ffn: int | None = field(default=None, metadata={"min": 1, "help": "MLP intermediate size to keep (dense layers)"})
     expert_ffn: int | None = field(default=None, metadata={"min": 1, "help": "MoE expert intermediate size to keep"})
-    heads: int | None = field(default=None, metadata={"min": 1, "help": "query heads to keep (a multiple of the KV heads kept: the same count per KV group)"})
-    kv_heads: int | None = field(default=None, metadata={"min": 1, "help": "KV heads (groups) to keep: removes whole groups with their query heads"})
-    layers: int | None = field(default=None, metadata={"help": "decoder layers to keep (the least important are dropped)"})
+    heads: int | None = field(
+        default=None,
+        metadata={
+            "min": 1,
+            "help": "query heads to keep (a multiple of the KV heads kept: the same count per KV group)",
+        },
+    )
+    kv_heads: int | None = field(
+        default=None,
+        metadata={"min": 1, "help": "KV heads (groups) to keep: removes whole groups with their query heads"},
+    )
+    layers: int | None = field(
+        default=None, metadata={"help": "decoder layers to keep (the least important are dropped)"}
+    )
     drop_layers: tuple[int, ...] = field(default=(), metadata={"help": "drop exactly these layers (0-based; repeat)"})
-    params: str | None = field(default=None, metadata={"help": "parameter budget: a fraction of the source (0.75) or a count (100M, 1.2B)"})
-    axis: Literal["width", "depth"] = field(default="width", metadata={"help": "how --params is spent: width (hidden and MLP scaled together) or depth (layers)"})
-    importance: Literal["activation", "wanda", "magnitude"] = field(default="activation", metadata={"help": "width importance: Minitron activations, Wanda |W|·‖X‖, or weight magnitude"})
-    depth_metric: Literal["bi", "loss"] = field(default="bi", metadata={"help": "layer importance: Block Influence (bounded memory) or calibration-loss increase (loads the model)"})
+    params: str | None = field(
+        default=None, metadata={"help": "parameter budget: a fraction of the source (0.75) or a count (100M, 1.2B)"}
+    )
+    axis: Literal["width", "depth"] = field(
+        default="width",
+        metadata={"help": "how --params is spent: width (hidden and MLP scaled together) or depth (layers)"},
+    )
+    importance: Literal["activation", "wanda", "magnitude"] = field(
+        default="activation",
+        metadata={"help": "width importance: Minitron activations, Wanda |W|·‖X‖, or weight magnitude"},
+    )
+    depth_metric: Literal["bi", "loss"] = field(
+        default="bi",
+        metadata={
+            "help": "layer importance: Block Influence (bounded memory) or calibration-loss increase (loads the model)"
+        },
+    )
     contiguous: bool = field(default=False, metadata={"help": "drop one contiguous block of layers"})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "calibration windows per forward batch"})
     calib_samples: int = field(default=64, metadata={"help": "calibration windows"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
 
     def __post_init__(self):
-        if all(getattr(self, k) is None for k in ("hidden", "ffn", "expert_ffn", "heads", "kv_heads", "layers", "params")) and not self.drop_layers:
-            raise UsageError("prune needs a target: give --params, --hidden, --ffn, --expert-ffn, --heads, --kv-heads, --layers or --drop-layers")
+        if (
+            all(
+                getattr(self, k) is None
+                for k in ("hidden", "ffn", "expert_ffn", "heads", "kv_heads", "layers", "params")
+            )
+            and not self.drop_layers
+        ):
+            raise UsageError(
+                "prune needs a target: give --params, --hidden, --ffn, --expert-ffn, --heads, --kv-heads, --layers "
+                "or --drop-layers"
+            )
 
 
 @dataclass
@@ -95,8 +130,13 @@ def embedding_params(config) -> int:
 
 def _source_widths(view) -> dict:
     cfg = view.config
-    out = {"hidden": view.hidden, "q_heads": view.heads, "kv_heads": view.kv_heads, "layers": view.num_layers,
-           "ffn": getattr(cfg, "intermediate_size", None)}
+    out = {
+        "hidden": view.hidden,
+        "q_heads": view.heads,
+        "kv_heads": view.kv_heads,
+        "layers": view.num_layers,
+        "ffn": getattr(cfg, "intermediate_size", None),
+    }
     if any(view.is_moe(i) for i in range(view.num_layers)):
         out["expert_ffn"] = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", None)
         out["shared_ffn"] = getattr(cfg, "shared_expert_intermediate_size", None)
@@ -117,8 +157,10 @@ def resolve_targets(cfg: PruneConfig, view, source_params: int) -> Targets:
     heads = cfg.heads if cfg.heads is not None else kv * q_per_kv
     valid_heads = [kv * k for k in range(1, q_per_kv + 1)]
     if heads not in valid_heads:
-        raise UsageError(f"--heads {heads}: with {kv} KV heads the query heads must be a multiple of {kv} up to {kv * q_per_kv} "
-                         f"(same count per group); nearest valid: {_nearest(valid_heads, heads)}")
+        raise UsageError(
+            f"--heads {heads}: with {kv} KV heads the query heads must be a multiple of {kv} up to {kv * q_per_kv} "
+            f"(same count per group); nearest valid: {_nearest(valid_heads, heads)}"
+        )
     drop = tuple(sorted(set(cfg.drop_layers)))
     if drop and cfg.layers is not None:
         raise UsageError("give --layers or --drop-layers, not both")
@@ -128,18 +170,31 @@ def resolve_targets(cfg: PruneConfig, view, source_params: int) -> Targets:
     layers = cfg.layers if cfg.layers is not None else src["layers"] - len(drop)
     if not 1 <= layers <= src["layers"]:
         raise UsageError(f"--layers {layers}: must be in 1..{src['layers']}")
-    t = Targets(cfg.hidden or src["hidden"], heads // kv, kv, cfg.ffn or src["ffn"], cfg.expert_ffn or src.get("expert_ffn"),
-                src.get("shared_ffn"), layers, drop)
+    t = Targets(
+        cfg.hidden or src["hidden"],
+        heads // kv,
+        kv,
+        cfg.ffn or src["ffn"],
+        cfg.expert_ffn or src.get("expert_ffn"),
+        src.get("shared_ffn"),
+        layers,
+        drop,
+    )
     for name, val in (("hidden", t.hidden), ("ffn", t.ffn), ("expert_ffn", t.expert_ffn)):
         if val is not None and src.get(name) and not 1 <= val <= src[name]:
             raise UsageError(f"--{name.replace('_', '-')} {val}: must be in 1..{src[name]} (the source's size)")
     if t.hidden % heads:
         valid = [h for h in range(heads, src["hidden"] + 1, heads)]
-        raise UsageError(f"--hidden {t.hidden}: transformers requires hidden_size to be a multiple of the {heads} query heads kept; "
-                         f"nearest valid: {_nearest(valid, t.hidden)}")
+        raise UsageError(
+            f"--hidden {t.hidden}: transformers requires hidden_size to be a multiple of the {heads} query heads kept; "
+            f"nearest valid: {_nearest(valid, t.hidden)}"
+        )
     if cfg.params is not None:
         if any(x is not None for x in (cfg.hidden, cfg.ffn, cfg.expert_ffn, cfg.layers)) or drop:
-            raise UsageError("--params chooses the sizes itself: drop the explicit --hidden/--ffn/--layers targets (or drop --params)")
+            raise UsageError(
+                "--params chooses the sizes itself: drop the explicit --hidden/--ffn/--layers targets (or drop "
+                "--params)"
+            )
         t = _fit_budget(view, t, parse_params(cfg.params, source_params), cfg.axis, src)
     return t
 
@@ -170,10 +225,15 @@ def _fit_budget(view, t: Targets, budget: int, axis: str, src: dict) -> Targets:
     for k in range(1000, 0, -1):  # MoE: hidden and every expert width scaled by one ratio
         r = k / 1000
         hid = max(step_h, int(src["hidden"] * r) // step_h * step_h)
-        cand = Targets(**{**t.__dict__, "hidden": hid,
-                          "ffn": max(32, int(src["ffn"] * r) // 32 * 32) if src.get("ffn") else None,
-                          "expert_ffn": max(16, int(src["expert_ffn"] * r) // 16 * 16) if src.get("expert_ffn") else None,
-                          "shared_ffn": max(32, int(src["shared_ffn"] * r) // 32 * 32) if src.get("shared_ffn") else None})
+        cand = Targets(
+            **{
+                **t.__dict__,
+                "hidden": hid,
+                "ffn": max(32, int(src["ffn"] * r) // 32 * 32) if src.get("ffn") else None,
+                "expert_ffn": max(16, int(src["expert_ffn"] * r) // 16 * 16) if src.get("expert_ffn") else None,
+                "shared_ffn": max(32, int(src["shared_ffn"] * r) // 32 * 32) if src.get("shared_ffn") else None,
+            }
+        )
         if count_params(_shape_config(view, cand)) <= budget:
             return cand
     raise UsageError(f"--params {budget:,}: not reachable by width pruning")
@@ -216,7 +276,9 @@ def _prefix_keep(view, t: Targets) -> Keep:
 
 def _n_experts(view) -> int:
     c = view.config
-    return int(getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or getattr(c, "n_routed_experts", 0))
+    return int(
+        getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or getattr(c, "n_routed_experts", 0)
+    )
 
 
 def _shape_config(view, t: Targets):
@@ -224,7 +286,9 @@ def _shape_config(view, t: Targets):
 
 
 def _widths(t: Targets) -> dict:
-    return {k: v for k, v in (("ffn", t.ffn), ("expert_ffn", t.expert_ffn), ("shared_ffn", t.shared_ffn)) if v is not None}
+    return {
+        k: v for k, v in (("ffn", t.ffn), ("expert_ffn", t.expert_ffn), ("shared_ffn", t.shared_ffn)) if v is not None
+    }
 
 
 def output_specs(ck, view, roles: TensorRoles, keep: Keep) -> list[TensorSpec]:
@@ -244,8 +308,10 @@ def _check_moe_pattern(view, keep: Keep, out_cfg) -> None:
     out_view = arch_for(out_cfg)
     for new, old in enumerate(keep.layers):
         if out_view.is_moe(new) != view.is_moe(old):
-            raise UsageError(f"dropping these layers changes which layers are MoE (layer {old} -> {new}); "
-                             f"{view.config.model_type}'s config cannot express that: choose other layers or prune width only")
+            raise UsageError(
+                f"dropping these layers changes which layers are MoE (layer {old} -> {new}); "
+                f"{view.config.model_type}'s config cannot express that: choose other layers or prune width only"
+            )
 
 
 def plan(cfg: PruneConfig, ctx) -> Plan:
@@ -257,12 +323,19 @@ def plan(cfg: PruneConfig, ctx) -> Plan:
     keep = _prefix_keep(view, t)
     out_cfg = pruned_config(ck.config, keep, _widths(t))
     _check_moe_pattern(view, keep, out_cfg)
-    ctx.prune_targets = t
     out_params = count_params(out_cfg)
-    summary = {"targets": t.as_json(), "params_before": src_params, "params_after": out_params, "fraction": out_params / src_params,
-               "non_embedding_params_before": src_params - embedding_params(ck.config),
-               "non_embedding_params_after": out_params - embedding_params(out_cfg), "importance": cfg.importance}
-    return Plan(tensors=output_specs(ck, view, roles, keep), config=out_cfg, summary=summary)
+    summary = {
+        "targets": t.as_json(),
+        "params_before": src_params,
+        "params_after": out_params,
+        "fraction": out_params / src_params,
+        "non_embedding_params_before": src_params - embedding_params(ck.config),
+        "non_embedding_params_after": out_params - embedding_params(out_cfg),
+        "importance": cfg.importance,
+    }
+    return Plan(
+        tensors=output_specs(ck, view, roles, keep), config=out_cfg, summary=summary, state=t
+    )  # state: the Targets
 
 
 def decide_keep(view, scores, t: Targets, *, depth_scores: torch.Tensor | None, contiguous: bool) -> Keep:
@@ -317,14 +390,19 @@ def run(cfg: PruneConfig, ctx, plan: Plan) -> None:
     ck = ctx.source
     view = arch_for(ck.config)
     roles = TensorRoles(view)
-    t: Targets = ctx.prune_targets
+    t: Targets = plan.state
     scores, depth = compute_scores(cfg, ctx, view, t)
     keep = decide_keep(view, scores, t, depth_scores=depth, contiguous=cfg.contiguous)
     write_pruned(ctx, ck, view, roles, keep)
-    ctx.metrics.update({
-        **plan.summary, "kept": keep.as_json(),
-        "layer_scores": {"metric": cfg.depth_metric, "values": [round(float(x), 6) for x in depth]} if depth is not None else None,
-    })
+    ctx.metrics.update(
+        {
+            **plan.summary,
+            "kept": keep.as_json(),
+            "layer_scores": {"metric": cfg.depth_metric, "values": [round(float(x), 6) for x in depth]}
+            if depth is not None
+            else None,
+        }
+    )
 
 
 def write_pruned(ctx, ck, view, roles: TensorRoles, keep: Keep) -> None:
@@ -342,7 +420,9 @@ register(
         config_cls=PruneConfig,
         plan=plan,
         run=run,
-        help="structured width/depth pruning (Minitron activation importance, GQA-consistent heads) into a stock config",
+        help=(
+            "structured width/depth pruning (Minitron activation importance, GQA-consistent heads) into a stock config"
+        ),
         reference_url="https://arxiv.org/abs/2407.14679",
         relation="finetune",
         tags=("pruned",),

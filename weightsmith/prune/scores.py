@@ -130,17 +130,17 @@ def activation_scores(ctx, cfg, view, kind: str = "activation") -> Scores:
 def loss_depth_scores(ctx, cfg, view) -> torch.Tensor:
     """Calibration loss increase when each single layer is removed (the model is held in memory:
     meant for models that fit; Block Influence is the bounded-memory default)."""
-    import weightsmith
+    from weightsmith import loading
 
     calib = ctx.calibrate(cfg, default="self")
-    model = weightsmith.load(ctx.source.root)
+    model = loading.load(ctx.source.root)
     layers = model.model.layers
 
     def loss():
         with torch.no_grad():
             total = 0.0
             for k in range(0, calib.ids.shape[0], 8):
-                ids = calib.ids[k:k + 8]
+                ids = calib.ids[k : k + 8]
                 total += float(model(ids, labels=ids, use_cache=False).loss) * ids.shape[0]
         return total / calib.ids.shape[0]
 

@@ -79,7 +79,11 @@ class Keep:
 
     def as_json(self) -> dict:
         """The kept-index maps for the manifest (original indices)."""
-        out = {"hidden": self.hidden.tolist() if self.hidden is not None else None, "layers": self.layers, "per_layer": {}}
+        out = {
+            "hidden": self.hidden.tolist() if self.hidden is not None else None,
+            "layers": self.layers,
+            "per_layer": {},
+        }
         for i in self.layers:
             lk = self.per_layer[i]
             d = {"q_heads": lk.q_heads.tolist(), "kv_heads": lk.kv_groups.tolist()}
@@ -113,8 +117,10 @@ class TensorRoles:
                 group = view.classify(lin.prefix + ".weight")
                 axes = LINEAR_AXES.get((lin.role, group))
                 if axes is None:
-                    raise UnsupportedError(f"{lin.prefix}: pruning does not know the {lin.role!r} projection of a {group} block "
-                                           f"(model_type {view.config.model_type}); supported: standard attention and (MoE) MLPs")
+                    raise UnsupportedError(
+                        f"{lin.prefix}: pruning does not know the {lin.role!r} projection of a {group} block "
+                        f"(model_type {view.config.model_type}); supported: standard attention and (MoE) MLPs"
+                    )
                 self.table[lin.prefix + ".weight"] = (i, lin.expert, axes)
                 self.table[lin.prefix + ".bias"] = (i, lin.expert, (axes[0],))
             for norm in view.layer_norms(i).values():
@@ -129,10 +135,16 @@ class TensorRoles:
         i = self.view.layer_of(name)
         group = self.view.classify(name)
         if group == "router":  # router weight [experts, hidden], its biases per expert
-            return (i, None, (None, HIDDEN)) if name.endswith(".weight") and not name.endswith("bias") else (i, None, (None,))
+            return (
+                (i, None, (None, HIDDEN))
+                if name.endswith(".weight") and not name.endswith("bias")
+                else (i, None, (None,))
+            )
         if group == "attention" and base.endswith(("q_norm", "k_norm")):
             return (i, None, (None,))  # over head_dim, which pruning never changes
-        raise UnsupportedError(f"{name}: pruning does not know how this tensor's axes map to heads/neurons/channels (group {group})")
+        raise UnsupportedError(
+            f"{name}: pruning does not know how this tensor's axes map to heads/neurons/channels (group {group})"
+        )
 
 
 def slice_tensor(t: torch.Tensor, axes: tuple, keep: Keep, layer: int | None, expert: int | None) -> torch.Tensor:
@@ -152,7 +164,7 @@ def renamed(view, name: str, new_index: dict[int, int]) -> str:
     if i is None:
         return name
     old, new = view.layer_prefix(i), view.layer_prefix(new_index[i])
-    return new + name[len(old):]
+    return new + name[len(old) :]
 
 
 def pruned_config(config, keep: Keep, widths: dict[str, int]):

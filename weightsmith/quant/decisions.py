@@ -59,7 +59,9 @@ def divisors_in_choices(k: int) -> list[int]:
     return [g for g in GROUP_CHOICES if k % g == 0]
 
 
-def decide(prefix: str, group: str, in_features: int, default: LinearQuant, overrides: list[Override], mismatch: str, fmt) -> Decision:
+def decide(
+    prefix: str, group: str, in_features: int, default: LinearQuant, overrides: list[Override], mismatch: str, fmt
+) -> Decision:
     if group in SKIPPED_GROUPS:
         quant, note = None, "router: kept in full precision"
     else:
@@ -68,7 +70,11 @@ def decide(prefix: str, group: str, in_features: int, default: LinearQuant, over
             if ov.pattern.search(prefix):
                 if ov.skip:
                     return Decision(None, f"skipped by --override {ov.pattern.pattern!r}")
-                quant = LinearQuant(ov.values.get("bits", default.bits), ov.values.get("group_size", default.group_size), ov.values.get("sym", default.sym))
+                quant = LinearQuant(
+                    ov.values.get("bits", default.bits),
+                    ov.values.get("group_size", default.group_size),
+                    ov.values.get("sym", default.sym),
+                )
                 note = f"--override {ov.pattern.pattern!r}"
                 break
     if quant is None:
@@ -88,5 +94,8 @@ def decide(prefix: str, group: str, in_features: int, default: LinearQuant, over
             quant = LinearQuant(quant.bits, new, quant.sym)
             note = f"group {g} -> {'per-channel' if new == -1 else new}: {g} does not divide {in_features}"
         else:
-            note = f"ragged last group: {in_features} = {in_features // g} x {g} + {in_features % g} (g_idx = column // {g})"
+            note = (
+                f"ragged last group: {in_features} = {in_features // g} x {g} + {in_features % g} (g_idx = column "
+                f"// {g})"
+            )
     return Decision(quant, note)

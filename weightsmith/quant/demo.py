@@ -5,16 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def demo_step(base: Path, out: Path, say) -> dict:
-    from weightsmith.demo import political_speeches
-    from weightsmith.passes import get_pass, make_config
-    from weightsmith.runner import run_pass
+def demo_step(base: Path, out: Path, say, run) -> dict:
+    from weightsmith.assets import political_speeches
 
     dst = out / "smollm2-gptq-w4g128"
-    spec = get_pass("quant")
-    cfg = make_config(spec.config_cls, {"method": "gptq", "bits": 4, "group_size": 128, "calib": str(political_speeches()),
-                                        "calib_field": "speeches", "calib_samples": 32, "calib_length": 512})
+    name, cfg = (
+        "quant",
+        {
+            "method": "gptq",
+            "bits": 4,
+            "group_size": 128,
+            "calib": str(political_speeches()),
+            "calib_field": "speeches",
+            "calib_samples": 32,
+            "calib_length": 512,
+        },
+    )
     say(f"quant (GPTQ, 4-bit, group 128, 32x512 calibration tokens from speeches) -> {dst}")
-    res = run_pass(spec, cfg, [str(base)], dst, replace_stale=True)
+    res = run(name, cfg, [str(base)], dst)
     m = res.manifest["metrics"]
-    return {"label": "GPTQ W4 g128", "path": str(dst), "bits_per_weight": m["bits_per_quantized_weight"], "status": res.status}
+    return {
+        "label": "GPTQ W4 g128",
+        "path": str(dst),
+        "bits_per_weight": m["bits_per_quantized_weight"],
+        "status": res.status,
+    }

@@ -60,7 +60,10 @@ def _inverse_cholesky(h: torch.Tensor, spec: GPTQSpec) -> tuple[torch.Tensor, fl
                 return u, damp
         damp = round(damp + spec.damp_step, 6)
         if damp > spec.damp_max:
-            raise ValueError(f"Hessian is not positive definite even with dampening {spec.damp_max}; calibration data may be degenerate")
+            raise ValueError(
+                f"Hessian is not positive definite even with dampening {spec.damp_max}; calibration data may be "
+                "degenerate"
+            )
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
@@ -92,7 +95,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: GPTQSpec) -> GPTQResul
     else:  # group: contiguous groups, most important first
         group_weight = torch.zeros(n_groups).index_add_(0, g_idx.long(), diag)
         order = torch.argsort(group_weight, descending=True, stable=True)
-        perm = torch.cat([gi * g + torch.argsort(diag[gi * g : (gi + 1) * g], descending=True, stable=True) for gi in order.tolist()])
+        perm = torch.cat(
+            [gi * g + torch.argsort(diag[gi * g : (gi + 1) * g], descending=True, stable=True) for gi in order.tolist()]
+        )
     w = w[:, perm]
     h = h[perm][:, perm]
     gp = g_idx[perm]
@@ -124,12 +129,19 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: GPTQSpec) -> GPTQResul
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)
-    return GPTQResult(q=q_out[:, inv].contiguous(), scales=scales, zeros=zeros.to(torch.int32), g_idx=g_idx, damp=damp_used, dead_columns=int(dead.sum()))
+    return GPTQResult(
+        q=q_out[:, inv].contiguous(),
+        scales=scales,
+        zeros=zeros.to(torch.int32),
+        g_idx=g_idx,
+        damp=damp_used,
+        dead_columns=int(dead.sum()),
+    )
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """Relative output error on the calibration inputs: ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖², computed from H = XᵀX."""
-    d = (w.float() - w_hat.float())
+    d = w.float() - w_hat.float()
     num = torch.einsum("nk,kl,nl->", d, h.float(), d)
     den = torch.einsum("nk,kl,nl->", w.float(), h.float(), w.float())
     return float(num / den) if float(den) > 0 else 0.0

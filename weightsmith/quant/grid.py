@@ -42,7 +42,9 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec) -
     return scale, zero.clamp(0, maxq)
 
 
-def find_params(w: torch.Tensor, spec: GridSpec, *, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(
+    w: torch.Tensor, spec: GridSpec, *, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) for w [rows, cols] (one group). Returns fp32 [rows] each."""
     w = w.float()
     xmin = w.min(dim=1).values.clamp(max=0)
@@ -54,7 +56,12 @@ def find_params(w: torch.Tensor, spec: GridSpec, *, grid: int = 100, max_shrink:
     for i in range(int(max_shrink * grid) + 1):
         p = 1 - i / grid
         s, z = _params_from_range(p * xmin, p * xmax, spec)
-        err = (dequantize(quantize(w, s[:, None], z[:, None], spec.maxq), s[:, None], z[:, None]) - w).abs().pow(norm).sum(1)
+        err = (
+            (dequantize(quantize(w, s[:, None], z[:, None], spec.maxq), s[:, None], z[:, None]) - w)
+            .abs()
+            .pow(norm)
+            .sum(1)
+        )
         better = err < best
         if better.any():
             best = torch.where(better, err, best)
@@ -78,7 +85,9 @@ def group_index(columns: int, group_size: int) -> torch.Tensor:
     return torch.arange(columns, dtype=torch.int32) // g
 
 
-def rtn(w: torch.Tensor, spec: GridSpec, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def rtn(
+    w: torch.Tensor, spec: GridSpec, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: (codes int32 [N, K], scales [G, N], zeros int32 [G, N], g_idx [K])."""
     n, k = w.shape
     g_idx = group_index(k, group_size)

@@ -17,19 +17,19 @@ from typing import Literal
 
 import torch
 
-from weightsmith import __version__
 from weightsmith.arch import arch_for
+from weightsmith.arch.coverage import require_complete
+from weightsmith.arch.spec import SCALE_SUFFIX
 from weightsmith.calib import CalibConfig
-from weightsmith.checkpoint.fp8 import SCALE_SUFFIX
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError, WeightsmithError
-from weightsmith.inspect_ckpt import require_complete
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.quant.decisions import Decision, Override, decide
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
 from weightsmith.quant.gptq import GPTQSpec, gptq_quantize, output_error
-from weightsmith.quant.grid import GridSpec, dequantize_codes, rtn
+from weightsmith.quant.grid import GridSpec, rtn
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name
+from weightsmith.version import __version__
 
 STAGE = {"q": 0, "k": 0, "v": 0, "q_a": 0, "kv_a": 0, "q_b": 1, "kv_b": 1, "o": 2, "gate": 3, "up": 3, "down": 4}
 SHARED_INPUT = {"q", "k", "v", "q_a", "kv_a"}
@@ -37,22 +37,59 @@ SHARED_INPUT = {"q", "k", "v", "q_a", "kv_a"}
 
 @dataclass(frozen=True)
 class QuantConfig(CalibConfig):
-    method: Literal["rtn", "gptq"] = field(default="gptq", metadata={"help": "rtn: round to nearest (no data); gptq: error-compensating, needs calibration"})
-    bits: Literal[2, 3, 4, 8] = field(default=4, metadata={"help": "bits per weight"})
-    group_size: Literal[32, 64, 128, -1] = field(default=128, metadata={"help": "input columns sharing a scale (-1: one per output channel)"})
-    sym: bool = field(default=True, metadata={"help": "symmetric grid (fixed zero point; what vLLM's Marlin kernels run)"})
-    act_order: Literal["none", "static", "group"] = field(default="static", metadata={"help": "GPTQ column order; all three keep g_idx = column // group (no reordering at inference)"})
-    damp: float = field(default=0.05, metadata={"help": "GPTQ dampening as a fraction of mean(diag H); raised automatically if Cholesky fails (0.05 generalised best across calibration domains on SmolLM2: W3 g64 ppl 166 vs 215 at 0.01, 182 at 0.1)"})
-    mse: bool = field(default=False, metadata={"help": "search the clipping range per row (MSE-optimal scales) instead of min/max"})
-    block_size: int = field(default=128, metadata={"help": "GPTQ lazy-update block size"})
-    true_sequential: bool = field(default=True, metadata={"help": "quantize a layer's sub-modules in dependency order, each with inputs from its quantized predecessors"})
-    format: Literal["gptq", "compressed-tensors"] = field(default="gptq", metadata={"help": "on-disk format"})
-    override: tuple[str, ...] = field(default=(), metadata={"help": "per-module rule REGEX:skip or REGEX:bits=3,group_size=64,sym=false (first match wins; repeatable)"})
-    group_mismatch: Literal["fallback", "ragged", "error"] = field(
-        default="fallback", metadata={"help": "when the group size does not divide in_features: use the largest smaller group that does, write a ragged last group (gptq format only), or stop"}
+    method: Literal["rtn", "gptq"] = field(
+        default="gptq",
+        metadata={"help": "rtn: round to nearest (no data); gptq: error-compensating, needs calibration"},
     )
-    min_expert_tokens: int = field(default=128, metadata={"help": "MoE experts that saw fewer calibration tokens fall back to RTN"})
-    dtype: Literal["keep", "float16", "bfloat16"] = field(default="keep", metadata={"help": "dtype of the tensors left unquantized (embeddings, norms, ...)"})
+    bits: Literal[2, 3, 4, 8] = field(default=4, metadata={"help": "bits per weight"})
+    group_size: Literal[32, 64, 128, -1] = field(
+        default=128, metadata={"help": "input columns sharing a scale (-1: one per output channel)"}
+    )
+    sym: bool = field(
+        default=True, metadata={"help": "symmetric grid (fixed zero point; what vLLM's Marlin kernels run)"}
+    )
+    act_order: Literal["none", "static", "group"] = field(
+        default="static",
+        metadata={"help": "GPTQ column order; all three keep g_idx = column // group (no reordering at inference)"},
+    )
+    damp: float = field(
+        default=0.05,
+        metadata={
+            "help": "GPTQ dampening as a fraction of mean(diag H); raised automatically if Cholesky fails (0.05 "
+            "generalised best across calibration domains on SmolLM2: W3 g64 ppl 166 vs 215 at 0.01, 182 at 0.1)"
+        },
+    )
+    mse: bool = field(
+        default=False, metadata={"help": "search the clipping range per row (MSE-optimal scales) instead of min/max"}
+    )
+    block_size: int = field(default=128, metadata={"help": "GPTQ lazy-update block size"})
+    true_sequential: bool = field(
+        default=True,
+        metadata={
+            "help": "quantize a layer's sub-modules in dependency order, each with inputs from its quantized "
+            "predecessors"
+        },
+    )
+    format: Literal["gptq", "compressed-tensors"] = field(default="gptq", metadata={"help": "on-disk format"})
+    override: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "per-module rule REGEX:skip or REGEX:bits=3,group_size=64,sym=false (first match wins; repeatable)"
+        },
+    )
+    group_mismatch: Literal["fallback", "ragged", "error"] = field(
+        default="fallback",
+        metadata={
+            "help": "when the group size does not divide in_features: use the largest smaller group that does, write a "
+            "ragged last group (gptq format only), or stop"
+        },
+    )
+    min_expert_tokens: int = field(
+        default=128, metadata={"help": "MoE experts that saw fewer calibration tokens fall back to RTN"}
+    )
+    dtype: Literal["keep", "float16", "bfloat16"] = field(
+        default="keep", metadata={"help": "dtype of the tensors left unquantized (embeddings, norms, ...)"}
+    )
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
 
     def __post_init__(self):
@@ -80,7 +117,10 @@ def _decisions(cfg: QuantConfig, ck, view, fmt) -> dict[str, tuple[Decision, obj
             out[lin.prefix] = (d, lin)
     for text, ov in zip(cfg.override, overrides):  # a rule that matches nothing is a typo, not a no-op
         if not any(ov.pattern.search(p) for p in out):
-            raise UsageError(f"--override {text!r}: matches no linear module (they are named like {next(iter(out), '?')!r}); fix the regular expression")
+            raise UsageError(
+                f"--override {text!r}: matches no linear module (they are named like {next(iter(out), '?')!r}); fix "
+                "the regular expression"
+            )
     return out
 
 
@@ -97,7 +137,10 @@ def plan(cfg: QuantConfig, ctx) -> Plan:
     view = arch_for(ck.config)
     require_complete(ck)
     if (ck.config_dict.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
-        raise UsageError(f"{ck.root}: already quantized ({ck.config_dict['quantization_config']['quant_method']}); quantize the floating-point model")
+        raise UsageError(
+            f"{ck.root}: already quantized ({ck.config_dict['quantization_config']['quant_method']}); quantize the "
+            "floating-point model"
+        )
     fmt = FORMATS[cfg.format]
     decisions = _decisions(cfg, ck, view, fmt)
     quantized = {p: d for p, (d, _) in decisions.items() if d.quant is not None}
@@ -119,8 +162,15 @@ def plan(cfg: QuantConfig, ctx) -> Plan:
     elif any(ck.is_fp8(n) for n in ck.names):
         out_cfg.dtype = torch.bfloat16
     per_module = {p: d.quant for p, (d, _) in decisions.items()}
-    meta = {"method": cfg.method, "damp_percent": cfg.damp, "damp_auto_increment": 0.01, "static_groups": cfg.act_order == "static",
-            "act_group_aware": cfg.act_order == "group", "true_sequential": cfg.true_sequential, "mse": cfg.mse}
+    meta = {
+        "method": cfg.method,
+        "damp_percent": cfg.damp,
+        "damp_auto_increment": 0.01,
+        "static_groups": cfg.act_order == "static",
+        "act_group_aware": cfg.act_order == "group",
+        "true_sequential": cfg.true_sequential,
+        "mse": cfg.mse,
+    }
     out_cfg.quantization_config = fmt.config(cfg.default_quant, per_module, {"version": __version__, "meta": meta})
     notes = {p: d.note for p, (d, _) in decisions.items() if d.note and d.quant is not None}
     summary = {
@@ -130,7 +180,7 @@ def plan(cfg: QuantConfig, ctx) -> Plan:
         "full_precision_modules": len(decisions) - len(quantized),
         "group_adjustments": len(notes),
     }
-    return Plan(tensors=tensors, config=out_cfg, summary=summary)
+    return Plan(tensors=tensors, config=out_cfg, summary=summary, state=decisions)  # state: {module: (Decision, spec)}
 
 
 class _Recorder:
@@ -156,11 +206,15 @@ def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
     ck = ctx.source
     view = arch_for(ck.config)
     fmt = FORMATS[cfg.format]
-    decisions = _decisions(cfg, ck, view, fmt)
+    decisions = plan.state  # made once, by plan()
     quantized = {p: d for p, (d, _) in decisions.items() if d.quant is not None}
     quant_weights = {p + ".weight" for p in quantized}
     rec = _Recorder()
-    scale_dtype = next(s.dtype for s in ctx.writer.planned if s.name.endswith((".scales", ".weight_scale"))) if quantized else torch.float16
+    scale_dtype = (
+        next(s.dtype for s in ctx.writer.planned if s.name.endswith((".scales", ".weight_scale")))
+        if quantized
+        else torch.float16
+    )
     out_dtypes = {s.name: s.dtype for s in ctx.writer.planned}
     # everything that is not a quantized weight streams straight through
     for name in ck.file_order():
@@ -177,7 +231,10 @@ def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
             _finite(prefix + ".weight", w)
             qw = _rtn(w, q, cfg.mse, fmt)
             _write_quantized(ctx, fmt, prefix, qw, scale_dtype)
-            rec.layers[prefix] = {"method": "rtn", "weight_rel_error": float((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-12))}
+            rec.layers[prefix] = {
+                "method": "rtn",
+                "weight_rel_error": float((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-12)),
+            }
     else:
         _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype)
     _metrics(cfg, ctx, ck, quantized, rec, time.perf_counter() - t0)
@@ -219,13 +276,18 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
 
     calib = ctx.calibrate(cfg, default="self")
     if cfg.calib is None:
-        ctx.notes.append("no --calib given: GPTQ calibrated on text the model generated itself (data-free); real text is usually better")
+        ctx.notes.append(
+            "no --calib given: GPTQ calibrated on text the model generated itself (data-free); real text is usually "
+            "better"
+        )
     tokens = int(calib.ids.numel())
     widest = max((ctx.source.info(p + ".weight").shape[-1] for p in quantized), default=0)
     if widest and tokens < MIN_TOKENS_PER_INPUT * widest:
         ctx.notes.append(
-            f"calibration has {tokens} tokens for inputs up to {widest} wide: GPTQ fits the calibration set and can generalise worse than RTN "
-            f"below ~{MIN_TOKENS_PER_INPUT}x the input width; use at least {MIN_TOKENS_PER_INPUT * widest} tokens (--calib-samples x --calib-length)"
+            f"calibration has {tokens} tokens for inputs up to {widest} wide: GPTQ fits the calibration set and can "
+            "generalise worse than RTN "
+            f"below ~{MIN_TOKENS_PER_INPUT}x the input width; use at least {MIN_TOKENS_PER_INPUT * widest} tokens "
+            "(--calib-samples x --calib-length)"
         )
     engine = ctx.engine(batch_size=cfg.batch_size)
 
@@ -243,7 +305,9 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
                     observe[lin.prefix] = grams[key]
             layer.run(observe=observe, keep_outputs=False)
             for lin in todo:
-                _gptq_one(cfg, ctx, fmt, layer, lin, quantized[lin.prefix].quant, grams[_input_key(lin)], rec, scale_dtype)
+                _gptq_one(
+                    cfg, ctx, fmt, layer, lin, quantized[lin.prefix].quant, grams[_input_key(lin)], rec, scale_dtype
+                )
         tokens = layer.expert_tokens()
         if tokens is not None:
             rec.layers.setdefault(f"{layer.prefix}.<experts>", {})["tokens_per_expert"] = tokens
@@ -280,7 +344,9 @@ def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, rec, scale_dtype)
 def _metrics(cfg, ctx, ck, quantized, rec: _Recorder, seconds: float) -> None:
     planned = {s.name: s for s in ctx.writer.planned}
     q_numel = sum(ck.info(p + ".weight").numel for p in quantized)
-    q_bytes = sum(s.nbytes for s in planned.values() if s.name.rsplit(".", 1)[0] in quantized and not s.name.endswith(".bias"))
+    q_bytes = sum(
+        s.nbytes for s in planned.values() if s.name.rsplit(".", 1)[0] in quantized and not s.name.endswith(".bias")
+    )
     src_bytes = sum(i.nbytes for i in ck.infos())
     errs = [v["rel_output_error"] for v in rec.layers.values() if "rel_output_error" in v]
     ctx.metrics.update(
@@ -302,7 +368,10 @@ def _metrics(cfg, ctx, ck, quantized, rec: _Recorder, seconds: float) -> None:
     # wall time is reported, not stored: outputs must be byte-identical across runs
     ctx.notes.append(f"quantized {len(quantized)} modules ({cfg.method}) in {seconds:.1f} s")
     if rec.rtn_fallbacks:
-        ctx.notes.append(f"{len(rec.rtn_fallbacks)} MoE experts saw fewer than {cfg.min_expert_tokens} calibration tokens and were quantized with RTN (listed in the manifest)")
+        ctx.notes.append(
+            f"{len(rec.rtn_fallbacks)} MoE experts saw fewer than {cfg.min_expert_tokens} calibration tokens and were "
+            "quantized with RTN (listed in the manifest)"
+        )
     if rec.damp_raised:
         ctx.notes.append(f"Cholesky needed more dampening for {len(rec.damp_raised)} modules (values in the manifest)")
 

@@ -16,27 +16,38 @@ import math
 import torch
 from torch import nn
 
+from weightsmith.engine.skeleton import set_path
 from weightsmith.errors import CheckpointError, UnsupportedError
+from weightsmith.kernels.packing import pack_dense, unpack_dense
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
-from weightsmith.quant.formats.packing import pack_dense, unpack_dense
 
 QUANT_METHOD_TO_FORMAT = {"gptq": "gptq", "compressed-tensors": "compressed-tensors"}
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, quant: LinearQuant, *, bias: bool = False, scale_dtype: torch.dtype = torch.float16, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        quant: LinearQuant,
+        *,
+        bias: bool = False,
+        scale_dtype: torch.dtype = torch.float16,
+        device=None,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.quant = in_features, out_features, quant
         g = quant.groups(in_features)
         b = quant.bits
         kw = {"device": device}
-        self.register_buffer("qweight", torch.empty(math.ceil(in_features * b / 32), out_features, dtype=torch.int32, **kw))
+        self.register_buffer(
+            "qweight", torch.empty(math.ceil(in_features * b / 32), out_features, dtype=torch.int32, **kw)
+        )
         self.register_buffer("qzeros", torch.empty(g, math.ceil(out_features * b / 32), dtype=torch.int32, **kw))
         self.register_buffer("scales", torch.empty(g, out_features, dtype=scale_dtype, **kw))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
-        self._cache: tuple | None = None
-        self._kernel_weight: tuple | None = None  # (key, KernelWeight) repacked for the kernels
+        self._kernel_cache: dict = {}  # the kernels' repacked / dequantized copies of these weights
 
     @property
     def bits(self) -> int:
@@ -48,49 +59,45 @@ class QuantLinear(nn.Module):
             self.qzeros.copy_(pack_dense(qw.zeros, self.bits))
             self.scales.copy_(qw.scales.to(self.scales.dtype))
             self.g_idx.copy_(qw.g_idx)
-        self._cache = None
-        self._kernel_weight = None
+        self._kernel_cache.clear()
 
     def codes(self) -> QuantizedWeight:
         q = unpack_dense(self.qweight.T.contiguous(), self.bits, self.in_features)
         z = unpack_dense(self.qzeros, self.bits, self.out_features)
         return QuantizedWeight(q=q, scales=self.scales.float(), zeros=z, g_idx=self.g_idx, quant=self.quant)
 
+    def packed(self):
+        """These weights as the kernels take them: tensors, bit width, grouping, and this layer's cache."""
+        from weightsmith.kernels.dispatch import PackedWeight
+
+        return PackedWeight(
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            self.bits,
+            self.quant.group_size,
+            self.quant.sym,
+            cache=self._kernel_cache,
+        )
+
     def dequantized_weight(self, dtype: torch.dtype, device) -> torch.Tensor:
         """Dequantized weight; cached on CPU (the reference path trades memory for speed there)."""
-        key = (dtype, str(device))
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        from weightsmith.kernels.reference import dequantize
+        from weightsmith.kernels.dispatch import dequantized
 
-        w = dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype).to(device)
-        if torch.device(device).type == "cpu":
-            self._cache = (key, w)
-        return w
+        return dequantized(self.packed(), dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from weightsmith.kernels.dispatch import quant_matmul
 
-        return quant_matmul(x, self)
+        return quant_matmul(x, self.packed(), self.bias)
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.quant.group_size == -1 else f"group {self.quant.group_size}"
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {g}, {'sym' if self.quant.sym else 'asym'}"
-
-
-def _get_path(root: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
-
-
-def _set_path(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    owner = _get_path(root, parent) if parent else root
-    if name.isdigit():
-        owner[int(name)] = new
-    else:
-        setattr(owner, name, new)
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {g}, "
+            f"{'sym' if self.quant.sym else 'asym'}"
+        )
 
 
 def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -116,8 +123,10 @@ def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu
             raise CheckpointError(f"{ck.root}: {disk} is stored quantized but quantization_config says it is not")
         scale_dtype = ck.info(disk + (".scales" if fmt.name == "gptq" else ".weight_scale")).dtype
         with torch.device("meta"):
-            ql = QuantLinear(mod.in_features, mod.out_features, quant, bias=mod.bias is not None, scale_dtype=scale_dtype)
-        _set_path(model, path, ql)
+            ql = QuantLinear(
+                mod.in_features, mod.out_features, quant, bias=mod.bias is not None, scale_dtype=scale_dtype
+            )
+        set_path(model, path, ql)
 
     def get(name):
         return ck.get(name)
@@ -134,7 +143,9 @@ def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu
                 mod.bias.data.copy_(ck.get(disk + ".bias"))
             continue
         non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
-        own = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))  # to_empty made new tensors
+        own = list(mod.named_parameters(recurse=False)) + list(
+            mod.named_buffers(recurse=False)
+        )  # to_empty made new tensors
         for name, t in own:
             full = f"{disk}.{name}" if disk else name
             if name in non_persistent:
@@ -153,9 +164,9 @@ def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu
     return model.to(device).eval()
 
 
-def _param_count(ck) -> int:
+def param_count(ck) -> int:
     """Logical parameters of a quantized checkpoint: packed weights count as their unpacked size."""
-    from weightsmith.checkpoint.fp8 import is_scale_name
+    from weightsmith.arch.spec import is_scale_name
 
     qc = ck.config_dict.get("quantization_config") or {}
     fmt = FORMATS[QUANT_METHOD_TO_FORMAT[qc["quant_method"]]]
@@ -175,13 +186,11 @@ def _param_count(ck) -> int:
     return total
 
 
-def _register() -> None:
-    from weightsmith.eval.accounting import PARAM_COUNTERS
-    from weightsmith.loading import RUNTIME_LOADERS
+def runtimes() -> dict:
+    """{quant_method: Runtime} for every format; the app puts them into weightsmith.loading.RUNTIMES."""
+    from weightsmith.loading import Runtime
 
-    for method in QUANT_METHOD_TO_FORMAT:
-        RUNTIME_LOADERS[method] = load_quantized
-        PARAM_COUNTERS[method] = _param_count
+    return {method: Runtime(load_quantized, param_count) for method in QUANT_METHOD_TO_FORMAT}
 
 
-_register()
+RUNTIMES = runtimes()

@@ -177,7 +177,9 @@ def build_split(
             else:
                 f = blk.freqs[slot_n]
                 w = v**2
-                ferr += comps[n][3] * float((w * (torch.log(inv_freq[idx_i].double()) - torch.log(f.double())).abs()).sum())
+                ferr += comps[n][3] * float(
+                    (w * (torch.log(inv_freq[idx_i].double()) - torch.log(f.double())).abs()).sum()
+                )
             rope_f.append(f)
             kept_e += comps[n][3]
         for n in by_block[b]:
@@ -187,6 +189,7 @@ def build_split(
             tq = _query_rows(v, idx_i, idx_j, n_h=n_h, g=g, d=d, dtype=wk.dtype)
             nope_k.append(torch.stack([v @ br, v @ bi]))
             nope_q.append(tq)
+
     def cat_k(rows):
         return torch.cat(rows) if rows else torch.zeros(0, H1, dtype=wk.dtype)
 
@@ -236,7 +239,9 @@ def head_selection_blocks(n_kv: int, d: int, kept: list[list[int]]) -> list[Bloc
     return blocks
 
 
-def engine_head_selection_blocks(n_kv: int, d: int, d_r: int, score: torch.Tensor, inv_freq: torch.Tensor) -> list[Block]:
+def engine_head_selection_blocks(
+    n_kv: int, d: int, d_r: int, score: torch.Tensor, inv_freq: torch.Tensor
+) -> list[Block]:
     """MHA2MLA partial RoPE for one shared standard-RoPE key of d_r dims (the engine target): target
     pair p turns at source frequency i = p·collapse (collapse = d/d_r), so each of those frequencies
     keeps RoPE, exactly, in the KV head with the highest 2-norm score there; every other pair
@@ -255,7 +260,9 @@ def engine_head_selection_blocks(n_kv: int, d: int, d_r: int, score: torch.Tenso
     return blocks
 
 
-def partial_rope_frequencies(strategy: str, n_kv: int, d: int, per_head: int, score: torch.Tensor | None = None) -> list[list[int]]:
+def partial_rope_frequencies(
+    strategy: str, n_kv: int, d: int, per_head: int, score: torch.Tensor | None = None
+) -> list[list[int]]:
     """Frequencies kept per KV head (MHA2MLA's S_high, S_low, S_uniform, S_2-norm).
 
     score: [n_kv, d/2] 2-norm scores (query norms summed over the KV group × key norm).
@@ -280,7 +287,9 @@ def partial_rope_frequencies(strategy: str, n_kv: int, d: int, per_head: int, sc
     raise ValueError(f"unknown partial-RoPE strategy {strategy!r}; valid: high, low, uniform, 2norm")
 
 
-def two_norm_scores(wk: torch.Tensor, wq: torch.Tensor, C: torch.Tensor, *, n_h: int, n_kv: int, d: int) -> torch.Tensor:
+def two_norm_scores(
+    wk: torch.Tensor, wq: torch.Tensor, C: torch.Tensor, *, n_h: int, n_kv: int, d: int
+) -> torch.Tensor:
     """[n_kv, d/2] MHA2MLA's 2-norm score: ‖k pair‖ · Σ_(heads of the group) ‖q pair‖ (RMS over data)."""
     g = n_h // n_kv
     kr, ki = slot_rows(wk, n_kv, d)

@@ -5,16 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def demo_step(base: Path, out: Path, say) -> dict:
-    from weightsmith.demo import political_speeches
-    from weightsmith.passes import get_pass, make_config
-    from weightsmith.runner import run_pass
+def demo_step(base: Path, out: Path, say, run) -> dict:
+    from weightsmith.assets import political_speeches
 
     dst = out / "smollm2-mla-kv50"
-    spec = get_pass("mla")
-    cfg = make_config(spec.config_cls, {"method": "transmla", "target": "exact", "kv_ratio": 0.5, "calib": str(political_speeches()),
-                                        "calib_field": "speeches", "calib_samples": 16, "calib_length": 256})
+    name, cfg = (
+        "mla",
+        {
+            "method": "transmla",
+            "target": "exact",
+            "kv_ratio": 0.5,
+            "calib": str(political_speeches()),
+            "calib_field": "speeches",
+            "calib_samples": 16,
+            "calib_length": 256,
+        },
+    )
     say(f"mla (TransMLA, 50% of the KV cache, DeepseekV3 layout, 16x256 calibration tokens from speeches) -> {dst}")
-    res = run_pass(spec, cfg, [str(base)], dst, replace_stale=True)
+    res = run(name, cfg, [str(base)], dst)
     m = res.manifest["metrics"]
-    return {"label": "MLA TransMLA KV 50%", "path": str(dst), "kv_cache_ratio": m["kv_cache_ratio"], "qk_rope_head_dim": m["qk_rope_head_dim"], "status": res.status}
+    return {
+        "label": "MLA TransMLA KV 50%",
+        "path": str(dst),
+        "kv_cache_ratio": m["kv_cache_ratio"],
+        "qk_rope_head_dim": m["qk_rope_head_dim"],
+        "status": res.status,
+    }

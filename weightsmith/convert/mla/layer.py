@@ -41,14 +41,25 @@ class SourceAttention:
 
 @dataclass
 class MlaLayer:
-    tensors: dict[str, torch.Tensor]  # role -> tensor: q(.weight) or q_a/q_a_norm/q_b, kv_a, kv_a_bias, kv_a_norm, kv_b, o, o_bias
+    tensors: dict[
+        str, torch.Tensor
+    ]  # role -> tensor: q(.weight) or q_a/q_a_norm/q_b, kv_a, kv_a_bias, kv_a_norm, kv_b, o, o_bias
     d_n: int
     d_r: int
     rank: int  # kv_lora_rank written (constant channel included)
     rope_freq: torch.Tensor
 
 
-def build_layer(src: SourceAttention, split: Split, lat: Latent, *, constant: float | None, samples: torch.Tensor | None = None, eps: float = 1e-6, q_constant: float | None = None) -> MlaLayer:
+def build_layer(
+    src: SourceAttention,
+    split: Split,
+    lat: Latent,
+    *,
+    constant: float | None,
+    samples: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    q_constant: float | None = None,
+) -> MlaLayer:
     """constant: M for the exact target's constant latent channel; None = engine target
     (no biases, norm weights calibrated on `samples` [tokens, H] of the attention input)."""
     n_h, n_kv, d, H = src.n_h, src.n_kv, src.d, src.hidden

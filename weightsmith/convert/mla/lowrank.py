@@ -55,7 +55,9 @@ def _top(S: torch.Tensor, r: int) -> torch.Tensor:
     return B * sign
 
 
-def _errors(Y: torch.Tensor, C: torch.Tensor, B: torch.Tensor, mean: torch.Tensor, nk: int) -> tuple[float, float, float]:
+def _errors(
+    Y: torch.Tensor, C: torch.Tensor, B: torch.Tensor, mean: torch.Tensor, nk: int
+) -> tuple[float, float, float]:
     # residual y − (B Bᵀ (y − μ) + μ) = (I − B Bᵀ)(y − μ); its second moment uses the centered C
     P = torch.eye(Y.shape[0], dtype=Y.dtype) - B @ B.T
     S = second_moment(Y, C) - torch.outer(mean, mean)
@@ -70,7 +72,16 @@ def _errors(Y: torch.Tensor, C: torch.Tensor, B: torch.Tensor, mean: torch.Tenso
     return rel(slice(None)), rel(slice(0, nk)), rel(slice(nk, None))
 
 
-def pca_latent(nope_k: torch.Tensor, v: torch.Tensor, C: torch.Tensor, rank: int, *, centered: bool, balance: float = 1.0, split: bool = False) -> Latent:
+def pca_latent(
+    nope_k: torch.Tensor,
+    v: torch.Tensor,
+    C: torch.Tensor,
+    rank: int,
+    *,
+    centered: bool,
+    balance: float = 1.0,
+    split: bool = False,
+) -> Latent:
     """BKV-PCA: PCA of [k_nope/ratio; v] under the data's second moment, top `rank` components.
 
     split=True: separate PCAs of keys and values (rank split in proportion to their row counts).
@@ -102,7 +113,9 @@ def _sqrtm(M: torch.Tensor, damp: float = 1e-6) -> tuple[torch.Tensor, torch.Ten
     return (U * ev.sqrt()) @ U.T, (U * ev.rsqrt()) @ U.T
 
 
-def weighted_pca_latent(nope_k: torch.Tensor, v: torch.Tensor, C: torch.Tensor, rank: int, metric: torch.Tensor, *, centered: bool) -> Latent:
+def weighted_pca_latent(
+    nope_k: torch.Tensor, v: torch.Tensor, C: torch.Tensor, rank: int, metric: torch.Tensor, *, centered: bool
+) -> Latent:
     """PCA under a metric: minimise E[(y − ŷ)ᵀ M (y − ŷ)] instead of ‖y − ŷ‖² (M: what an error in
     each key/value direction costs downstream — query-weighted for keys, o_proj-weighted for values).
 

@@ -35,16 +35,58 @@ DENSE_SOURCES = ("llama", "mistral", "qwen2", "qwen3")
 
 @dataclass(frozen=True)
 class MlaConfig(CalibConfig):
-    method: Literal["transmla", "mha2mla"] = field(default="transmla", metadata={"help": "transmla: RoRoPE + FreqFold + BKV-PCA (calibrated); mha2mla: partial-RoPE selection + joint/split SVD of the weights"})
-    target: Literal["exact", "engine"] = field(default="exact", metadata={"help": "exact: stock transformers, reproduces the source at full cache (constant latent channel, biases carried); engine: what vLLM/SGLang/FlashMLA serve (no biases, standard RoPE, calibrated latent norm)"})
-    kv_ratio: float | None = field(default=None, metadata={"help": "cache budget as a fraction of the source's KV values per token (default: 1.0 for exact; 512+64 or the full cache for engine)"})
-    kv_lora_rank: int | None = field(default=None, metadata={"help": "latent width (instead of --kv-ratio); the exact target adds one constant channel"})
-    rope_dim: int | None = field(default=None, metadata={"help": "dims of the shared decoupled RoPE key (default: searched on calibration loss)"})
-    freqfold: int | None = field(default=None, metadata={"help": "transmla on the engine target: adjacent frequencies folded per PCA block (default: searched per layer)"})
-    partial_rope: Literal["2norm", "high", "low", "uniform"] = field(default="2norm", metadata={"help": "mha2mla: which frequencies keep RoPE per KV head"})
-    svd: Literal["joint", "split"] = field(default="joint", metadata={"help": "mha2mla: one SVD of [W_k_nope; W_v] or separate ones"})
-    pca_metric: Literal["bkv", "attention", "auto"] = field(default="bkv", metadata={"help": "transmla latent PCA: bkv = TransMLA's balanced K/V PCA; attention = weighted by what each key/value direction costs the attention output (queries for keys, o_proj for values); auto = per layer, whichever of the two has the lower calibration loss"})
-    balance_kv: float = field(default=1.0, metadata={"help": "transmla: BKV-PCA balance multiplier (keys scaled to the values' norm / this)"})
+    method: Literal["transmla", "mha2mla"] = field(
+        default="transmla",
+        metadata={
+            "help": "transmla: RoRoPE + FreqFold + BKV-PCA (calibrated); mha2mla: partial-RoPE selection + joint/split "
+            "SVD of the weights"
+        },
+    )
+    target: Literal["exact", "engine"] = field(
+        default="exact",
+        metadata={
+            "help": "exact: stock transformers, reproduces the source at full cache (constant latent channel, biases "
+            "carried); engine: what vLLM/SGLang/FlashMLA serve (no biases, standard RoPE, calibrated latent norm)"
+        },
+    )
+    kv_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "cache budget as a fraction of the source's KV values per token (default: 1.0 for exact; 512+64 or "
+            "the full cache for engine)"
+        },
+    )
+    kv_lora_rank: int | None = field(
+        default=None,
+        metadata={"help": "latent width (instead of --kv-ratio); the exact target adds one constant channel"},
+    )
+    rope_dim: int | None = field(
+        default=None, metadata={"help": "dims of the shared decoupled RoPE key (default: searched on calibration loss)"}
+    )
+    freqfold: int | None = field(
+        default=None,
+        metadata={
+            "help": "transmla on the engine target: adjacent frequencies folded per PCA block (default: searched per "
+            "layer)"
+        },
+    )
+    partial_rope: Literal["2norm", "high", "low", "uniform"] = field(
+        default="2norm", metadata={"help": "mha2mla: which frequencies keep RoPE per KV head"}
+    )
+    svd: Literal["joint", "split"] = field(
+        default="joint", metadata={"help": "mha2mla: one SVD of [W_k_nope; W_v] or separate ones"}
+    )
+    pca_metric: Literal["bkv", "attention", "auto"] = field(
+        default="bkv",
+        metadata={
+            "help": "transmla latent PCA: bkv = TransMLA's balanced K/V PCA; attention = weighted by what each "
+            "key/value direction costs the attention output (queries for keys, o_proj for values); auto = per layer, "
+            "whichever of the two has the lower calibration loss"
+        },
+    )
+    balance_kv: float = field(
+        default=1.0, metadata={"help": "transmla: BKV-PCA balance multiplier (keys scaled to the values' norm / this)"}
+    )
     loss_windows: int = field(default=2, metadata={"help": "calibration windows kept per layer to score candidates"})
     dtype: Literal["keep", "float32", "bfloat16", "float16"] = field(default="keep", metadata={"help": "output dtype"})
     calib_samples: int = field(default=32, metadata={"help": "number of calibration windows"})
@@ -54,7 +96,9 @@ class MlaConfig(CalibConfig):
         if self.kv_ratio is not None and self.kv_lora_rank is not None:
             raise UsageError("give the cache budget as --kv-ratio or as --kv-lora-rank, not both")
         if self.kv_ratio is not None and not 0 < self.kv_ratio <= 1:
-            raise UsageError(f"--kv-ratio {self.kv_ratio} is outside (0, 1]: it is the fraction of the source's KV cache kept")
+            raise UsageError(
+                f"--kv-ratio {self.kv_ratio} is outside (0, 1]: it is the fraction of the source's KV cache kept"
+            )
         if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim % 2):
             raise UsageError(f"--rope-dim {self.rope_dim} must be a positive even number (RoPE turns pairs of dims)")
         if self.freqfold is not None and (self.freqfold < 1 or self.freqfold & (self.freqfold - 1)):
@@ -71,21 +115,30 @@ def _check_source(cfg: MlaConfig, view) -> None:
     if fam not in DENSE_SOURCES:
         if fam in ("mixtral", "qwen2_moe", "qwen3_moe"):
             raise UnsupportedError(
-                f"{fam} is a MoE model: DeepseekV3's router (sigmoid scores, group-limited top-k, no shared-expert gate) cannot "
-                "reproduce its softmax routing exactly, so weightsmith mla refuses rather than change which experts fire; dense sources: "
-                + ", ".join(DENSE_SOURCES)
+                f"{fam} is a MoE model: DeepseekV3's router (sigmoid scores, group-limited top-k, no shared-expert "
+                "gate) cannot "
+                "reproduce its softmax routing exactly, so weightsmith mla refuses rather than change which experts "
+                "fire; dense sources: " + ", ".join(DENSE_SOURCES)
             )
-        raise UnsupportedError(f"weightsmith mla converts GQA/MHA models ({', '.join(DENSE_SOURCES)}); {fam} is not one")
+        raise UnsupportedError(
+            f"weightsmith mla converts GQA/MHA models ({', '.join(DENSE_SOURCES)}); {fam} is not one"
+        )
     if view.family.attention.norms:
         raise UnsupportedError(
-            f"{fam} normalises every query and key head (q_norm/k_norm) before RoPE; DeepSeek's layout has one RMSNorm over the "
-            "whole latent and none on the queries or the RoPE key, so per-head normalisation cannot be expressed (exactly or as "
+            f"{fam} normalises every query and key head (q_norm/k_norm) before RoPE; DeepSeek's layout has one RMSNorm "
+            "over the "
+            "whole latent and none on the queries or the RoPE key, so per-head normalisation cannot be expressed "
+            "(exactly or as "
             "a fixed weight: it is a per-token, per-head scale). Dense sources without QK-norm: llama, mistral, qwen2"
         )
     if getattr(view.config, "mlp_bias", False):
-        raise UnsupportedError("mlp_bias=true: DeepseekV3's MLP has no biases, so the source's MLP biases cannot be carried")
+        raise UnsupportedError(
+            "mlp_bias=true: DeepseekV3's MLP has no biases, so the source's MLP biases cannot be carried"
+        )
     if view.heads % view.kv_heads:
-        raise UnsupportedError(f"num_attention_heads {view.heads} is not a multiple of num_key_value_heads {view.kv_heads}")
+        raise UnsupportedError(
+            f"num_attention_heads {view.heads} is not a multiple of num_key_value_heads {view.kv_heads}"
+        )
 
 
 @dataclass
@@ -111,10 +164,16 @@ def resolve_budget(cfg: MlaConfig, view) -> Budget:
         if cfg.rope_dim not in valid:
             near = sorted(valid, key=lambda v: abs(v - cfg.rope_dim))[:4]
             why = {
-                "engine": f"the engine target's shared standard-RoPE key needs head_dim {d} divisible by it (≤ head_dim)" + ("; mha2mla on the engine target needs exactly head_dim" if cfg.method == "mha2mla" else ""),
-                "exact": f"at most n_kv·head_dim = {n_kv * d}" + (f", a multiple of 2·n_kv = {2 * n_kv}" if cfg.method == "mha2mla" else ""),
+                "engine": f"the engine target's shared standard-RoPE key needs head_dim {d} divisible by it (≤ "
+                "head_dim)"
+                + ("; mha2mla on the engine target needs exactly head_dim" if cfg.method == "mha2mla" else ""),
+                "exact": f"at most n_kv·head_dim = {n_kv * d}"
+                + (f", a multiple of 2·n_kv = {2 * n_kv}" if cfg.method == "mha2mla" else ""),
             }[cfg.target]
-            raise UsageError(f"--rope-dim {cfg.rope_dim} is impossible for this source ({why}); nearest valid: {', '.join(map(str, sorted(near)))}")
+            raise UsageError(
+                f"--rope-dim {cfg.rope_dim} is impossible for this source ({why}); nearest valid: "
+                f"{', '.join(map(str, sorted(near)))}"
+            )
         cands = [cfg.rope_dim]
     else:
         if cfg.target == "engine":
@@ -142,7 +201,10 @@ def resolve_budget(cfg: MlaConfig, view) -> Budget:
     total = int(round(ratio * S))
     ok = [c for c in cands if 1 <= total - c]
     if not ok:
-        raise UsageError(f"--kv-ratio {ratio} leaves {total} cached values per layer, not enough for {min(cands)} RoPE dims and a latent; use a ratio ≥ {(min(cands) + 1) / S:.3f}")
+        raise UsageError(
+            f"--kv-ratio {ratio} leaves {total} cached values per layer, not enough for {min(cands)} RoPE dims and a "
+            f"latent; use a ratio ≥ {(min(cands) + 1) / S:.3f}"
+        )
     return Budget(total, None, ok, S)
 
 
@@ -155,7 +217,10 @@ def _folds(cfg: MlaConfig, d: int, d_r: int) -> list[int]:
     collapse = d // d_r
     if cfg.freqfold is not None:
         if cfg.freqfold % collapse or cfg.freqfold > d // 2:
-            raise UsageError(f"--freqfold {cfg.freqfold} must be a multiple of head_dim/rope_dim = {collapse} and ≤ head_dim/2 = {d // 2}")
+            raise UsageError(
+                f"--freqfold {cfg.freqfold} must be a multiple of head_dim/rope_dim = {collapse} and ≤ head_dim/2 = "
+                f"{d // 2}"
+            )
         return [cfg.freqfold]
     return [f for f in (collapse, 2 * collapse, 4 * collapse, 8 * collapse) if f <= d // 2]
 
@@ -169,13 +234,19 @@ def load_source_attention(ck, view, i: int, inv_freq: torch.Tensor) -> SourceAtt
 
     def aug(role):
         w = ck.get(a[role] + ".weight").double()
-        b = ck.get(a[role] + ".bias").double() if (a[role] + ".bias") in ck else torch.zeros(w.shape[0], dtype=torch.float64)
+        b = (
+            ck.get(a[role] + ".bias").double()
+            if (a[role] + ".bias") in ck
+            else torch.zeros(w.shape[0], dtype=torch.float64)
+        )
         return torch.cat([w, b[:, None]], 1)
 
     wo = ck.get(a["o"] + ".weight").double()
     bo = ck.get(a["o"] + ".bias").double() if (a["o"] + ".bias") in ck else None
     assert wo.shape[0] == H
-    return SourceAttention(aug("q"), aug("k"), aug("v"), wo, bo, view.heads, view.kv_heads, view.head_dim, inv_freq.double())
+    return SourceAttention(
+        aug("q"), aug("k"), aug("v"), wo, bo, view.heads, view.kv_heads, view.head_dim, inv_freq.double()
+    )
 
 
 def rope_setups(cfg: MlaConfig, view, sources: list[SourceAttention], stats: list, d_r: int) -> dict:
@@ -193,7 +264,9 @@ def rope_setups(cfg: MlaConfig, view, sources: list[SourceAttention], stats: lis
         return {f: (comp.freqfold_blocks(n_kv, d, d_r, f, inv), "pca") for f in _folds(cfg, d, d_r)}
     if cfg.method == "transmla":
         base = comp.single_frequency_blocks(n_kv, d)
-        scores = [comp.block_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d, blocks=base) for s, (C, _) in zip(sources, stats)]
+        scores = [
+            comp.block_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d, blocks=base) for s, (C, _) in zip(sources, stats)
+        ]
         counts = comp.allocate_pairs(scores, d_r // 2)
         return {None: (comp.single_frequency_blocks(n_kv, d, counts), "pca")}
     score = two_norm() if cfg.partial_rope == "2norm" else None
@@ -201,18 +274,35 @@ def rope_setups(cfg: MlaConfig, view, sources: list[SourceAttention], stats: lis
     return {None: (comp.head_selection_blocks(n_kv, d, kept), "identity")}
 
 
-def convert_layer(cfg: MlaConfig, src: SourceAttention, C: torch.Tensor, samples: torch.Tensor, *, blocks, basis: str, rank: int, constant: float | None, metric: str | None = None):
-    split = comp.build_split(src.wk, src.wq, C, n_h=src.n_h, n_kv=src.n_kv, d=src.d, inv_freq=src.inv_freq, blocks=blocks, basis=basis)
+def convert_layer(
+    cfg: MlaConfig,
+    src: SourceAttention,
+    C: torch.Tensor,
+    samples: torch.Tensor,
+    *,
+    blocks,
+    basis: str,
+    rank: int,
+    constant: float | None,
+    metric: str | None = None,
+):
+    split = comp.build_split(
+        src.wk, src.wq, C, n_h=src.n_h, n_kv=src.n_kv, d=src.d, inv_freq=src.inv_freq, blocks=blocks, basis=basis
+    )
     metric = metric or ("bkv" if cfg.pca_metric == "auto" else cfg.pca_metric)
     if cfg.method == "transmla" and metric == "attention":
-        lat = weighted_pca_latent(split.nope_k, src.wv, C, rank, attention_metric(src, split, C), centered=constant is not None)
+        lat = weighted_pca_latent(
+            split.nope_k, src.wv, C, rank, attention_metric(src, split, C), centered=constant is not None
+        )
     elif cfg.method == "transmla":
         lat = pca_latent(split.nope_k, src.wv, C, rank, centered=constant is not None, balance=cfg.balance_kv)
     else:
         lat = svd_latent(split.nope_k, src.wv, rank, split=cfg.svd == "split")
         if constant is None:
             lat.mean.zero_()
-    layer = build_layer(src, split, lat, constant=constant, samples=samples.reshape(-1, samples.shape[-1]), eps=NORM_EPS)
+    layer = build_layer(
+        src, split, lat, constant=constant, samples=samples.reshape(-1, samples.shape[-1]), eps=NORM_EPS
+    )
     return layer, split, lat
 
 
@@ -227,27 +317,31 @@ def _validate(cfg: MlaConfig, ctx):
     inv = source_inv_freq(ck.config, view.head_dim)
     if cfg.target == "engine" and cfg.method == "mha2mla" and cfg.partial_rope != "2norm":
         raise UsageError(
-            f"--partial-rope {cfg.partial_rope} keeps the same frequencies in every KV head, which one shared standard-RoPE key "
-            "(the engine target) cannot hold; use --partial-rope 2norm (each frequency kept for its best KV head) or --target exact"
+            f"--partial-rope {cfg.partial_rope} keeps the same frequencies in every KV head, which one shared "
+            "standard-RoPE key "
+            "(the engine target) cannot hold; use --partial-rope 2norm (each frequency kept for its best KV head) or "
+            "--target exact"
         )
     if cfg.target == "engine":
         rp = dict(getattr(ck.config, "rope_parameters", None) or {})
         if rp.get("rope_type", "default") != "default":
             raise UnsupportedError(
-                f"rope_type {rp.get('rope_type')!r}: the engine target needs plain RoPE (vLLM/SGLang rewrite any other DeepSeek rope type "
+                f"rope_type {rp.get('rope_type')!r}: the engine target needs plain RoPE (vLLM/SGLang rewrite any other "
+                "DeepSeek rope type "
                 "to deepseek_yarn); use --target exact, which carries the source's frequencies exactly"
             )
         for lin in view.linears(0):
             if lin.group == "attention" and lin.bias and (lin.prefix + ".bias") in ck:
                 raise UnsupportedError(
-                    f"{lin.prefix}.bias: the engine target has no attention biases (vLLM/SGLang build every DeepSeek projection "
+                    f"{lin.prefix}.bias: the engine target has no attention biases (vLLM/SGLang build every DeepSeek "
+                    "projection "
                     "with bias=False); use --target exact, which carries q/k/v/o biases exactly"
                 )
     return view, budget, inv
 
 
 def plan(cfg: MlaConfig, ctx) -> Plan:
-    view, budget, _ = _validate(cfg, ctx)
+    view, budget, inv = _validate(cfg, ctx)
     summary = {
         "method": cfg.method,
         "target": cfg.target,
@@ -255,10 +349,13 @@ def plan(cfg: MlaConfig, ctx) -> Plan:
         "budget_values_per_layer": budget.total if budget.total is not None else f"rank {budget.rank} + rope",
         "rope_dim_candidates": budget.rope_candidates,
     }
-    return Plan(tensors=None, config=None, summary=summary)
+    # the output's shapes depend on the calibration (RoPE frequencies kept): run() plans the writer
+    return Plan(tensors=None, config=None, summary=summary, state=(view, budget, inv))  # state: what _validate found
 
 
-def _out_config(ck, view, cfg: MlaConfig, *, d_n: int, d_r: int, rank: int, q_lora: int | None, freqs: torch.Tensor, dtype):
+def _out_config(
+    ck, view, cfg: MlaConfig, *, d_n: int, d_r: int, rank: int, q_lora: int | None, freqs: torch.Tensor, dtype
+):
     from transformers import DeepseekV3Config
 
     src = ck.config
@@ -272,16 +369,44 @@ def _out_config(ck, view, cfg: MlaConfig, *, d_n: int, d_r: int, rank: int, q_lo
     else:
         fac = longrope_factors(freqs.float(), base)
         mpe = int(getattr(src, "max_position_embeddings", 4096))
-        rope = {"rope_type": "longrope", "rope_theta": base, "short_factor": fac, "long_factor": fac, "original_max_position_embeddings": mpe, "factor": 1.0, "attention_factor": 1.0}
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": base,
+            "short_factor": fac,
+            "long_factor": fac,
+            "original_max_position_embeddings": mpe,
+            "factor": 1.0,
+            "attention_factor": 1.0,
+        }
     kw = dict(
-        vocab_size=view.vocab, hidden_size=view.hidden, intermediate_size=view.ffn, moe_intermediate_size=view.ffn,
-        num_hidden_layers=view.num_layers, num_attention_heads=view.heads, num_key_value_heads=view.heads,
-        n_shared_experts=1, n_routed_experts=1, num_experts_per_tok=1, n_group=1, topk_group=1,
-        first_k_dense_replace=view.num_layers, kv_lora_rank=rank, q_lora_rank=q_lora, qk_rope_head_dim=d_r,
-        v_head_dim=view.head_dim, qk_nope_head_dim=d_n, hidden_act=getattr(src, "hidden_act", "silu"),
-        max_position_embeddings=int(getattr(src, "max_position_embeddings", 4096)), rms_norm_eps=float(getattr(src, "rms_norm_eps", 1e-6)),
-        tie_word_embeddings=view.tied, rope_parameters=rope, rope_interleave=True, attention_bias=cfg.target == "exact",
-        bos_token_id=getattr(src, "bos_token_id", None), eos_token_id=getattr(src, "eos_token_id", None), pad_token_id=getattr(src, "pad_token_id", None),
+        vocab_size=view.vocab,
+        hidden_size=view.hidden,
+        intermediate_size=view.ffn,
+        moe_intermediate_size=view.ffn,
+        num_hidden_layers=view.num_layers,
+        num_attention_heads=view.heads,
+        num_key_value_heads=view.heads,
+        n_shared_experts=1,
+        n_routed_experts=1,
+        num_experts_per_tok=1,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=view.num_layers,
+        kv_lora_rank=rank,
+        q_lora_rank=q_lora,
+        qk_rope_head_dim=d_r,
+        v_head_dim=view.head_dim,
+        qk_nope_head_dim=d_n,
+        hidden_act=getattr(src, "hidden_act", "silu"),
+        max_position_embeddings=int(getattr(src, "max_position_embeddings", 4096)),
+        rms_norm_eps=float(getattr(src, "rms_norm_eps", 1e-6)),
+        tie_word_embeddings=view.tied,
+        rope_parameters=rope,
+        rope_interleave=True,
+        attention_bias=cfg.target == "exact",
+        bos_token_id=getattr(src, "bos_token_id", None),
+        eos_token_id=getattr(src, "eos_token_id", None),
+        pad_token_id=getattr(src, "pad_token_id", None),
     )
     out = DeepseekV3Config(**kw)
     out.architectures = ["DeepseekV3ForCausalLM"]
@@ -343,7 +468,7 @@ class _LayerStats:
 
 def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     ck = ctx.source
-    view, budget, inv = _validate(cfg, ctx)
+    view, budget, inv = plan.state
     out_dtype = ck.info(view.family.embed).dtype if cfg.dtype == "keep" else dtype_from_name(cfg.dtype)
     constant = constant_for(out_dtype) if cfg.target == "exact" else None
     calib = ctx.calibrate(cfg)
@@ -353,7 +478,7 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     def process(layer):
         st = _LayerStats(view.hidden, cfg.loss_windows)
         layer.run(observe={view.attention(layer.index)["k"]: st}, keep_outputs=False)
-        stats.append(st.finish())
+        stats.append(st.finish())  # noqa: F821 (defined above; the `del` below comes after the engine ran)
 
     engine.run(calib.ids, process)
     engine.close()
@@ -367,18 +492,41 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
             for d_r, by_fold in ctx.report.track(list(setups.items()), desc="scoring RoPE widths"):
                 for f, (blocks, basis) in by_fold.items():
                     losses[(d_r, f)] = [
-                        relative_error(x, s, convert_layer(cfg, s, C, x, blocks=blocks, basis=basis, rank=_latent_rank(budget, d_r), constant=constant)[0], eps=NORM_EPS, ref=ref)
+                        relative_error(
+                            x,
+                            s,
+                            convert_layer(
+                                cfg,
+                                s,
+                                C,
+                                x,
+                                blocks=blocks,
+                                basis=basis,
+                                rank=_latent_rank(budget, d_r),
+                                constant=constant,
+                            )[0],
+                            eps=NORM_EPS,
+                            ref=ref,
+                        )
                         for s, (C, x), ref in zip(sources, stats, refs)
                     ]
-            totals = {d_r: sum(min(losses[(d_r, f)][i] for f in setups[d_r]) for i in range(view.num_layers)) for d_r in setups}
+            totals = {
+                d_r: sum(min(losses[(d_r, f)][i] for f in setups[d_r]) for i in range(view.num_layers))
+                for d_r in setups
+            }
             d_r = min(totals, key=lambda k: (totals[k], -k))
             ctx.metrics["rope_dim_search"] = {str(k): round(v / view.num_layers, 8) for k, v in sorted(totals.items())}
             if len(setups[d_r]) > 1:
-                ctx.metrics["freqfold_search"] = {str(f): round(sum(losses[(d_r, f)]) / view.num_layers, 8) for f in setups[d_r]}
+                ctx.metrics["freqfold_search"] = {
+                    str(f): round(sum(losses[(d_r, f)]) / view.num_layers, 8) for f in setups[d_r]
+                }
         else:
             d_r = budget.rope_candidates[0]
         rank = _latent_rank(budget, d_r)
-        folds = [min(setups[d_r], key=lambda f: losses[(d_r, f)][i]) if len(setups[d_r]) > 1 else next(iter(setups[d_r])) for i in range(view.num_layers)]
+        folds = [
+            min(setups[d_r], key=lambda f: losses[(d_r, f)][i]) if len(setups[d_r]) > 1 else next(iter(setups[d_r]))
+            for i in range(view.num_layers)
+        ]
         built, layer_metrics = [], []
         for i in ctx.report.track(range(view.num_layers), desc="building MLA layers"):
             (C, x), src = stats[i], sources[i]
@@ -386,21 +534,33 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
             metrics = ["bkv", "attention"] if cfg.method == "transmla" and cfg.pca_metric == "auto" else [None]
             best = None
             for metric in metrics:
-                L, split, lat = convert_layer(cfg, src, C, x, blocks=blocks, basis=basis, rank=rank, constant=constant, metric=metric)
+                L, split, lat = convert_layer(
+                    cfg, src, C, x, blocks=blocks, basis=basis, rank=rank, constant=constant, metric=metric
+                )
                 err = relative_error(x, src, L, eps=NORM_EPS, ref=refs[i])
                 if best is None or err < best[0]:
                     best = (err, L, split, lat, metric)
             err, L, split, lat, metric = best
-            layer_metrics.append({
-                "layer": i, "attention_output_error": round(err, 8), "latent_error": round(lat.error, 8), "key_nope_error": round(lat.key_error, 8),
-                "value_error": round(lat.value_error, 8), "rope_key_energy_kept": round(split.kept_energy, 6), "freqfold": folds[i], "kv_balance": round(lat.ratio, 6),
-                **({"pca_metric": metric} if metric else {}),
-            })
+            layer_metrics.append(
+                {
+                    "layer": i,
+                    "attention_output_error": round(err, 8),
+                    "latent_error": round(lat.error, 8),
+                    "key_nope_error": round(lat.key_error, 8),
+                    "value_error": round(lat.value_error, 8),
+                    "rope_key_energy_kept": round(split.kept_energy, 6),
+                    "freqfold": folds[i],
+                    "kv_balance": round(lat.ratio, 6),
+                    **({"pca_metric": metric} if metric else {}),
+                }
+            )
             built.append(L)
         del sources, stats, refs
     L0 = built[0]
     q_lora = view.hidden + 1 if "q_a" in L0.tensors else None
-    out_cfg = _out_config(ck, view, cfg, d_n=L0.d_n, d_r=d_r, rank=L0.rank, q_lora=q_lora, freqs=L0.rope_freq, dtype=out_dtype)
+    out_cfg = _out_config(
+        ck, view, cfg, d_n=L0.d_n, d_r=d_r, rank=L0.rank, q_lora=q_lora, freqs=L0.rope_freq, dtype=out_dtype
+    )
     target_view = arch_for(out_cfg)
     names = {"q": "q", "q_a": "q_a", "q_b": "q_b", "kv_a": "kv_a", "kv_b": "kv_b", "o": "o"}
     specs, writes = [], []
@@ -461,16 +621,30 @@ def _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, ran
     src_attn = view.num_layers * (H * n_h * d * 2 + H * view.kv_heads * d * 2)
     # absorbed: q → n_h·(r + d_r)·H, kv_a, o → H·n_h·r (W_O·W_UV), no kv_b
     absorbed = view.num_layers * (n_h * (L0.rank + d_r) * H + (L0.rank + d_r) * H + H * n_h * L0.rank)
-    ctx.metrics.update({
-        "method": cfg.method, "target": cfg.target, "kv_lora_rank": L0.rank, "data_latent_rank": rank,
-        "constant_latent_channel": cfg.target == "exact", "qk_rope_head_dim": d_r, "qk_nope_head_dim": L0.d_n, "v_head_dim": d,
-        "q_lora_rank": out_cfg.q_lora_rank, "rope_type": out_cfg.rope_parameters.get("rope_type"),
-        "kv_cache_before": before, "kv_cache_after": after,
-        "kv_cache_ratio": round(after["values_per_token"] / before["values_per_token"], 6),
-        "attention_params_before": src_attn, "attention_params_after": unabs, "attention_params_absorbed": absorbed,
-        "mean_attention_output_error": round(sum(m["attention_output_error"] for m in layer_metrics) / len(layer_metrics), 8),
-        "layers": layer_metrics,
-    })
+    ctx.metrics.update(
+        {
+            "method": cfg.method,
+            "target": cfg.target,
+            "kv_lora_rank": L0.rank,
+            "data_latent_rank": rank,
+            "constant_latent_channel": cfg.target == "exact",
+            "qk_rope_head_dim": d_r,
+            "qk_nope_head_dim": L0.d_n,
+            "v_head_dim": d,
+            "q_lora_rank": out_cfg.q_lora_rank,
+            "rope_type": out_cfg.rope_parameters.get("rope_type"),
+            "kv_cache_before": before,
+            "kv_cache_after": after,
+            "kv_cache_ratio": round(after["values_per_token"] / before["values_per_token"], 6),
+            "attention_params_before": src_attn,
+            "attention_params_after": unabs,
+            "attention_params_absorbed": absorbed,
+            "mean_attention_output_error": round(
+                sum(m["attention_output_error"] for m in layer_metrics) / len(layer_metrics), 8
+            ),
+            "layers": layer_metrics,
+        }
+    )
 
 
 register(
@@ -479,7 +653,8 @@ register(
         config_cls=MlaConfig,
         plan=plan,
         run=run,
-        help="convert a GQA model (Llama, Mistral, Qwen2) to Multi-head Latent Attention as a stock DeepseekV3ForCausalLM (TransMLA / MHA2MLA)",
+        help="convert a GQA model (Llama, Mistral, Qwen2) to Multi-head Latent Attention as a stock "
+        "DeepseekV3ForCausalLM (TransMLA / MHA2MLA)",
         reference_url="https://arxiv.org/abs/2502.07864",
         tags=("mla", "deepseek_v3"),
     )

@@ -48,12 +48,15 @@ def source_inv_freq(config, head_dim: int) -> torch.Tensor:
         return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope_type not in ("linear", "llama3"):
         raise UnsupportedError(
-            f"rope_parameters.rope_type={rope_type!r}: only default, linear and llama3 RoPE can be carried into the MLA model "
+            f"rope_parameters.rope_type={rope_type!r}: only default, linear and llama3 RoPE can be carried into the "
+            "MLA model "
             "(their frequencies do not depend on the sequence length)"
         )
     inv, attn = ROPE_INIT_FUNCTIONS[rope_type](config, None)
     if abs(float(attn) - 1.0) > 0 or inv.numel() != head_dim // 2:
-        raise UnsupportedError(f"rope_type {rope_type!r} with an attention factor {attn} or partial rotary dims cannot be carried over")
+        raise UnsupportedError(
+            f"rope_type {rope_type!r} with an attention factor {attn} or partial rotary dims cannot be carried over"
+        )
     return inv.float()
 
 
@@ -65,7 +68,7 @@ def longrope_factors(inv_freq: torch.Tensor, base: float) -> list[float]:
     """
     d = 2 * inv_freq.numel()
     shape = torch.arange(0, d, 2, dtype=torch.int64).float() / d
-    denom = base ** shape  # float32, as transformers computes it
+    denom = base**shape  # float32, as transformers computes it
     target = inv_freq.float()
     ideal = (1.0 / (target.double() * denom.double())).float()
     out = ideal.clone()

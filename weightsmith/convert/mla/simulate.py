@@ -85,7 +85,15 @@ def cast_source(s: SourceAttention, dtype: torch.dtype) -> SourceAttention:
     return SourceAttention(c(s.wq), c(s.wk), c(s.wv), c(s.wo), c(s.bo), s.n_h, s.n_kv, s.d, s.inv_freq)
 
 
-def relative_error(x: torch.Tensor, src: SourceAttention, L: MlaLayer, *, eps: float = 1e-6, ref: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> float:
+def relative_error(
+    x: torch.Tensor,
+    src: SourceAttention,
+    L: MlaLayer,
+    *,
+    eps: float = 1e-6,
+    ref: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> float:
     """‖o_mla − o_src‖² / ‖o_src‖² of the attention output on calibration inputs x [B, T, H],
     computed in `dtype` (float32: what the written model computes); `ref` = a cached source output."""
     x = x.to(dtype)

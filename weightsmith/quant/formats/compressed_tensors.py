@@ -15,8 +15,8 @@ import torch
 
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError
+from weightsmith.kernels.packing import pack_dense, unpack_dense
 from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, register_format
-from weightsmith.quant.formats.packing import pack_dense, unpack_dense
 
 
 class CompressedTensors:
@@ -27,17 +27,24 @@ class CompressedTensors:
 
     def validate(self, prefix, out_features, in_features, quant):
         if quant.group_size != -1 and in_features % quant.group_size:
-            raise UsageError(f"{prefix}: group size {quant.group_size} does not divide in_features {in_features}, which compressed-tensors requires")
+            raise UsageError(
+                f"{prefix}: group size {quant.group_size} does not divide in_features {in_features}, which "
+                "compressed-tensors requires"
+            )
 
     def specs(self, prefix, out_features, in_features, quant, scale_dtype):
         g = quant.groups(in_features)
         out = [
-            TensorSpec(f"{prefix}.weight_packed", (out_features, math.ceil(in_features * quant.bits / 32)), torch.int32),
+            TensorSpec(
+                f"{prefix}.weight_packed", (out_features, math.ceil(in_features * quant.bits / 32)), torch.int32
+            ),
             TensorSpec(f"{prefix}.weight_scale", (out_features, g), scale_dtype),
             TensorSpec(f"{prefix}.weight_shape", (2,), torch.int64),
         ]
         if not quant.sym:
-            out.append(TensorSpec(f"{prefix}.weight_zero_point", (math.ceil(out_features * quant.bits / 32), g), torch.int32))
+            out.append(
+                TensorSpec(f"{prefix}.weight_zero_point", (math.ceil(out_features * quant.bits / 32), g), torch.int32)
+            )
         return out
 
     def pack(self, prefix, qw: QuantizedWeight, scale_dtype):
@@ -73,7 +80,9 @@ class CompressedTensors:
             else:
                 groups.setdefault(q, []).append(prefix)
         config_groups = {}
-        for i, (q, targets) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0] != default, kv[0].bits, kv[0].group_size))):
+        for i, (q, targets) in enumerate(
+            sorted(groups.items(), key=lambda kv: (kv[0] != default, kv[0].bits, kv[0].group_size))
+        ):
             config_groups[f"group_{i}"] = {
                 "targets": targets,
                 "weights": {
@@ -111,7 +120,11 @@ class CompressedTensors:
                 if t in (prefix, "Linear") or (t.startswith("re:") and re.match(t[3:], prefix)):
                     w = grp["weights"]
                     gs = w.get("group_size")
-                    return LinearQuant(int(w["num_bits"]), -1 if w.get("strategy") == "channel" or gs is None else int(gs), bool(w.get("symmetric", True)))
+                    return LinearQuant(
+                        int(w["num_bits"]),
+                        -1 if w.get("strategy") == "channel" or gs is None else int(gs),
+                        bool(w.get("symmetric", True)),
+                    )
         return None
 
 

@@ -17,8 +17,8 @@ import torch
 
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError
+from weightsmith.kernels.packing import pack_dense, unpack_dense
 from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, register_format
-from weightsmith.quant.formats.packing import pack_dense, unpack_dense
 
 
 def _words(values: int, bits: int) -> int:
@@ -36,13 +36,17 @@ class GPTQv1:
         unit_k = 32 // __import__("math").gcd(32, b)  # values per whole number of words
         if in_features % unit_k:
             raise UsageError(
-                f"{prefix}: in_features {in_features} cannot be packed at {b} bits in the gptq format (needs a multiple of {unit_k}); "
+                f"{prefix}: in_features {in_features} cannot be packed at {b} bits in the gptq format (needs a "
+                f"multiple of {unit_k}); "
                 f"skip this module with --override '{re.escape(prefix)}$:skip'"
-                + ("" if in_features % 8 else " or choose bits in {2, 4, 8}")  # 3-bit words need 32 values; the others 16/8/4
+                + (
+                    "" if in_features % 8 else " or choose bits in {2, 4, 8}"
+                )  # 3-bit words need 32 values; the others 16/8/4
             )
         if out_features % unit_k:
             raise UsageError(
-                f"{prefix}: out_features {out_features} cannot hold packed {b}-bit zero points in the gptq format (needs a multiple of {unit_k}); "
+                f"{prefix}: out_features {out_features} cannot hold packed {b}-bit zero points in the gptq format "
+                f"(needs a multiple of {unit_k}); "
                 f"skip it with --override '{re.escape(prefix)}$:skip'"
             )
 
@@ -70,7 +74,13 @@ class GPTQv1:
         b = quant.bits
         q = unpack_dense(get(f"{prefix}.qweight").T.contiguous(), b, in_features)
         zeros = unpack_dense(get(f"{prefix}.qzeros"), b, out_features) + 1
-        return QuantizedWeight(q=q, scales=get(f"{prefix}.scales").float(), zeros=zeros, g_idx=get(f"{prefix}.g_idx").to(torch.int32), quant=quant)
+        return QuantizedWeight(
+            q=q,
+            scales=get(f"{prefix}.scales").float(),
+            zeros=zeros,
+            g_idx=get(f"{prefix}.g_idx").to(torch.int32),
+            quant=quant,
+        )
 
     def config(self, default: LinearQuant, per_module: dict[str, LinearQuant | None], extra: dict) -> dict:
         dynamic: dict[str, dict] = {}
@@ -104,7 +114,11 @@ class GPTQv1:
             if re.match(pattern, prefix):
                 if sign == "-":
                     return None
-                return LinearQuant(int(over.get("bits", q.bits)), int(over.get("group_size", q.group_size)), bool(over.get("sym", q.sym)))
+                return LinearQuant(
+                    int(over.get("bits", q.bits)),
+                    int(over.get("group_size", q.group_size)),
+                    bool(over.get("sym", q.sym)),
+                )
         return q
 
 

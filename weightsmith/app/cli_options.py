@@ -1,7 +1,9 @@
-"""Click options generated from a pass's config dataclass, and recipe-file merging.
+"""Click options generated from a pass's config dataclass, recipe-file merging, and `build_config`.
 
 One source of truth: a dataclass field becomes `--field-name` with its type, default, choices and
 help; recipe files (YAML/JSON) use the same names; `config_to_params` writes them to the manifest.
+Every config — from the command line, `--recipe`, a `weightsmith run` step or the demo — is made by
+`build_config`, so the same values are refused the same way wherever they come from.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 import click
 
 from weightsmith.errors import UsageError
+from weightsmith.passes import check_bounds
 
 
 def _unwrap_optional(tp):
@@ -28,7 +31,11 @@ def _unwrap_optional(tp):
 def option_for_field(f: dataclasses.Field, tp) -> click.Option:
     name = "--" + f.name.replace("_", "-")
     help_ = f.metadata.get("help", "")
-    default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    default = (
+        f.default
+        if f.default is not dataclasses.MISSING
+        else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    )
     tp, optional = _unwrap_optional(tp)
     kw: dict[str, Any] = {"help": help_, "show_default": default is not None and default != (), "default": default}
     if tp is bool:
@@ -63,7 +70,9 @@ def coerce_value(cls: type, name: str, value: Any) -> Any:
         for c in get_args(tp):
             if str(c) == str(value):
                 return c
-        raise UsageError(f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(str(c) for c in get_args(tp))}")
+        raise UsageError(
+            f"--{name.replace('_', '-')}: {value!r} is not one of {', '.join(str(c) for c in get_args(tp))}"
+        )
     if get_origin(tp) in (tuple, list):
         return tuple(value) if isinstance(value, (list, tuple)) else (value,)
     if tp in (int, float) and isinstance(value, str):
@@ -94,17 +103,34 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def build_config(spec_or_cls: Any, values: dict[str, Any]) -> Any:
+    """A pass config from option values: unknown names refused (typos fail loudly), each value
+    coerced to its field's type with the choice checks of the command line, then the dataclass's
+    own validation. `spec_or_cls` is a PassSpec or a config dataclass."""
+    cls = getattr(spec_or_cls, "config_cls", spec_or_cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    coerced = {k: coerce_value(cls, k, v) for k, v in values.items()}
+    try:
+        config = cls(**coerced)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    check_bounds(config)
+    return config
+
+
 def resolve_config(cls: type, ctx: click.Context, cli_values: dict[str, Any], recipe: dict[str, Any]) -> Any:
     """CLI values given explicitly win over the recipe, which wins over the dataclass defaults."""
-    from weightsmith.passes import make_config
-
     names = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for k, v in recipe.items():
-        if k not in names:
-            raise UsageError(f"recipe option {k!r} is not an option of this pass; valid: {', '.join(sorted(names))}")
-        values[k] = coerce_value(cls, k, v)
+    unknown = sorted(set(recipe) - names)
+    if unknown:
+        raise UsageError(
+            f"recipe option {unknown[0]!r} is not an option of this pass; valid: {', '.join(sorted(names))}"
+        )
+    values = dict(recipe)
     for k in names:
         if k in cli_values and ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT, None):
-            values[k] = coerce_value(cls, k, cli_values[k])
-    return make_config(cls, values)
+            values[k] = cli_values[k]
+    return build_config(cls, values)

