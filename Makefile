@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WS     := $(VENV)/bin/weightsmith
 STAMP  := $(VENV)/.installed
-# GGUF conversions and input hashes are cached where the CLI caches them: $$WEIGHTSMITH_CACHE, else
+# GGUF conversions and input hashes are cached where the CLI caches them: $WEIGHTSMITH_CACHE, else
 # ~/.cache/weightsmith
 PYTEST_ARGS ?=
 
