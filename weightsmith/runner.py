@@ -14,7 +14,7 @@ from weightsmith.checkpoint import manifest as mf
 from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.checkpoint.resolve import open_checkpoint
 from weightsmith.checkpoint.writer import DEFAULT_MAX_SHARD, CheckpointWriter, TensorSpec
-from weightsmith.errors import WeightsmithError
+from weightsmith.errors import UsageError, WeightsmithError
 from weightsmith.passes import PassSpec, Plan, config_to_params, get_pass
 from weightsmith.progress import QUIET, Reporter
 from weightsmith.util import human_bytes
@@ -149,7 +149,7 @@ def run_pass(
         plan = spec.plan(config, ctx)
         return RunResult("dry-run", Path(dst) if dst else None, plan=plan, notes=ctx.notes)
     if dst is None:
-        raise WeightsmithError("an output directory is required (or use --dry-run)")
+        raise UsageError(f"{spec.name}: give an output directory DST (or use --dry-run)")
     dst = Path(dst)
     with report.status("hashing inputs"):
         inputs = [input_record(ck) for ck in cks]
