@@ -93,5 +93,9 @@ def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=No
         row["disk_bytes"] = sum(i.nbytes for i in ck.infos())
         row["perplexity"] = perplexity(weightsmith.load(row["path"]), wins, report=report)["perplexity"]
         say(f"      {row['label']:40s} {row['disk_bytes'] / 1e6:8.1f} MB   perplexity {row['perplexity']:.3f}")
+    say("what the labels mean:")
+    for row in rows[1:]:
+        if row.get("means"):
+            say(f"      {row['label']}: {row['means']}")
     results["perplexity"] = {"perplexity": rows[0]["perplexity"]}
     return results

@@ -176,7 +176,7 @@ def run_pass(
         seed = params.get("seed")
 
         def build_manifest(tmp: Path) -> dict:
-            from weightsmith.checkpoint.card import render_card
+            from weightsmith.checkpoint.card import render_card, sidecars
 
             core = mf.build_core(
                 pass_name=spec.name, reference_url=spec.reference_url, parameters=params, inputs=inputs,
@@ -184,6 +184,8 @@ def run_pass(
                 seed=seed, device=ctx.device,
             )
             (tmp / "README.md").write_text(render_card(spec, core, cks))
+            for fname, text in sidecars(core).items():
+                (tmp / fname).write_text(text)
             return mf.with_outputs(core, tmp, tensors=len(writer.planned), total_size=writer.total_size)
 
         writer.finalize(build_manifest)

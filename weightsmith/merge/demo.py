@@ -64,6 +64,8 @@ def demo_step(base: Path, out: Path, say) -> dict:
     inter = sum(g["interpolated"] for g in groups.values())
     copied = sum(g["copied_below_delta"] for g in groups.values())
     say(f"      {inter} tensors interpolated, {copied} copied from the base (parents differ by ≤ δ)")
-    return {"label": "merge 50/50 with a noisy sibling", "path": str(mix), "chimera_byte_exact": exact, "interpolated": inter,
+    means = (f"every weight averaged with a copy of the model carrying σ={NOISE:g}·std noise (a stand-in for a fine-tune); "
+             f"{copied} tensors where the two differ by ≤ δ taken from the base")
+    return {"label": "merge 50/50 with a noisy sibling", "means": means, "path": str(mix), "chimera_byte_exact": exact, "interpolated": inter,
             "copied_below_delta": copied, "status": res.status}
 

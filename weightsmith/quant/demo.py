@@ -17,4 +17,11 @@ def demo_step(base: Path, out: Path, say) -> dict:
     say(f"quant (GPTQ, 4-bit, group 128, 32x512 calibration tokens from speeches) -> {dst}")
     res = run_pass(spec, cfg, [str(base)], dst, replace_stale=True)
     m = res.manifest["metrics"]
-    return {"label": "GPTQ W4 g128", "path": str(dst), "bits_per_weight": m["bits_per_quantized_weight"], "status": res.status}
+    n, adj = m["quantized_modules"], m["group_adjustments"]
+    label = "GPTQ W4 g128" + (f" (g64 in {len(adj)}/{n})" if adj else "")
+    means = (f"4-bit GPTQ weights in compressed-tensors format (loads with transformers + compressed-tensors), "
+             f"{m['bits_per_quantized_weight']:.2f} bits per quantized weight with scales")
+    if adj:
+        reason = sorted({v.split(": ", 1)[-1] for v in adj.values()})
+        means += f"; group 128 in {n - len(adj)} modules, smaller groups in {len(adj)} where {', '.join(reason)}"
+    return {"label": label, "means": means, "path": str(dst), "bits_per_weight": m["bits_per_quantized_weight"], "status": res.status}

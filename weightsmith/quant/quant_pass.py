@@ -46,7 +46,9 @@ class QuantConfig(CalibConfig):
     mse: bool = field(default=False, metadata={"help": "search the clipping range per row (MSE-optimal scales) instead of min/max"})
     block_size: int = field(default=128, metadata={"help": "GPTQ lazy-update block size"})
     true_sequential: bool = field(default=True, metadata={"help": "quantize a layer's sub-modules in dependency order, each with inputs from its quantized predecessors"})
-    format: Literal["gptq", "compressed-tensors"] = field(default="gptq", metadata={"help": "on-disk format"})
+    format: Literal["compressed-tensors", "gptq"] = field(
+        default="compressed-tensors", metadata={"help": "on-disk format: compressed-tensors loads with plain transformers + compressed-tensors; gptq needs optimum + gptqmodel"}
+    )
     override: tuple[str, ...] = field(default=(), metadata={"help": "per-module rule REGEX:skip or REGEX:bits=3,group_size=64,sym=false (first match wins; repeatable)"})
     group_mismatch: Literal["fallback", "ragged", "error"] = field(
         default="fallback", metadata={"help": "when the group size does not divide in_features: use the largest smaller group that does, write a ragged last group (gptq format only), or stop"}
