@@ -45,8 +45,9 @@ def political_speeches() -> Path:
     return text_file("political_data.json")
 
 
-# Each pass contributes one demo step: a module with demo_step(base, out, say) -> dict holding at
-# least {"label": ..., "path": ...} (the output to evaluate) and anything else worth printing.
+# Each pass contributes one demo step: a module with demo_step(base, out, say, report=None) -> dict holding
+# at least {"label": ..., "path": ...} (the output to evaluate), "means" (what the label stands for, in
+# words) and anything else worth printing.
 DEMO_STEPS = [
     "weightsmith.quant.demo",
     "weightsmith.convert.mla.demo",
@@ -82,7 +83,7 @@ def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=No
     results["inspect"] = {k: info[k] for k in ("family", "sizes", "parameters", "disk_bytes", "kv_cache")}
     say(f"[2/{total}] inspect: {info['family']}, {info['parameters']:,} parameters, KV cache {info['kv_cache']['values_per_token']:,} values/token")
     for k, mod in enumerate(DEMO_STEPS, 3):
-        step = importlib.import_module(mod).demo_step(base, out, lambda msg, k=k: say(f"[{k}/{total}] {msg}"))
+        step = importlib.import_module(mod).demo_step(base, out, lambda msg, k=k: say(f"[{k}/{total}] {msg}"), report=report)
         results["steps"].append(step)
     say(f"[{total}/{total}] perplexity on hamlet.txt ({windows} windows x {length} tokens, fp32)")
     tok = AutoTokenizer.from_pretrained(base)

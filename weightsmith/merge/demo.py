@@ -39,7 +39,7 @@ def noisy_sibling(base: Path, dst: Path, *, noise: float = NOISE, seed: int = 0)
     return dst
 
 
-def demo_step(base: Path, out: Path, say) -> dict:
+def demo_step(base: Path, out: Path, say, report=None) -> dict:
     from weightsmith.arch import arch_for
     from weightsmith.checkpoint.reader import Checkpoint
     from weightsmith.passes import get_pass, make_config
@@ -50,7 +50,7 @@ def demo_step(base: Path, out: Path, say) -> dict:
     chimera = out / "smollm2-chimera"
     say(f"merge (Chimera: attention from a noisy sibling σ={NOISE:g}·std, the rest from the base) -> {chimera}")
     res = run_pass(spec, make_config(spec.config_cls, {"weights": "parent:0", "rule": ("group:attention=parent:1",)}),
-                   [str(base), str(sib)], chimera, replace_stale=True)
+                   [str(base), str(sib)], chimera, replace_stale=True, **({"report": report} if report else {}))
     ck, A, B = Checkpoint(chimera), Checkpoint(base), Checkpoint(sib)
     view = arch_for(A.config)
     exact = all(bytes(ck.read_raw(n)) == bytes((B if view.classify(n) == "attention" else A).read_raw(n)) for n in A.names)
@@ -59,7 +59,7 @@ def demo_step(base: Path, out: Path, say) -> dict:
         f"{sum(g['selected'].get('0', 0) for g in groups.values())} from the base; byte-identical to their parents: {exact}")
     mix = out / "smollm2-merge-50-50"
     say(f"merge (50/50 interpolation, δ = 0.01) -> {mix}")
-    res = run_pass(spec, make_config(spec.config_cls, {"weights": "0.5,0.5", "delta": 0.01}), [str(base), str(sib)], mix, replace_stale=True)
+    res = run_pass(spec, make_config(spec.config_cls, {"weights": "0.5,0.5", "delta": 0.01}), [str(base), str(sib)], mix, replace_stale=True, **({"report": report} if report else {}))
     groups = res.manifest["metrics"]["groups"]
     inter = sum(g["interpolated"] for g in groups.values())
     copied = sum(g["copied_below_delta"] for g in groups.values())

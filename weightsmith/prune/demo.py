@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def demo_step(base: Path, out: Path, say) -> dict:
+def demo_step(base: Path, out: Path, say, report=None) -> dict:
     from weightsmith.demo import political_speeches
     from weightsmith.passes import get_pass, make_config
     from weightsmith.runner import run_pass
@@ -16,7 +16,7 @@ def demo_step(base: Path, out: Path, say) -> dict:
     cfg = make_config(spec.config_cls, {"params": "0.75", "axis": "width", "importance": "activation", "calib": str(political_speeches()),
                                         "calib_field": "speeches", "calib_samples": 16, "calib_length": 256})
     say(f"prune (75 % of the parameters, width, Minitron activation importance on 16x256 speech tokens) -> {dst}")
-    res = run_pass(spec, cfg, [str(base)], dst, replace_stale=True)
+    res = run_pass(spec, cfg, [str(base)], dst, replace_stale=True, **({"report": report} if report else {}))
     m = res.manifest["metrics"]
     t = m["targets"]
     say(f"      {m['params_before']:,} -> {m['params_after']:,} parameters (hidden {t['hidden']}, MLP {t['ffn']}); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def demo_step(base: Path, out: Path, say) -> dict:
+def demo_step(base: Path, out: Path, say, report=None) -> dict:
     from weightsmith.demo import political_speeches
     from weightsmith.passes import get_pass, make_config
     from weightsmith.runner import run_pass
@@ -15,7 +15,7 @@ def demo_step(base: Path, out: Path, say) -> dict:
     cfg = make_config(spec.config_cls, {"method": "gptq", "bits": 4, "group_size": 128, "calib": str(political_speeches()),
                                         "calib_field": "speeches", "calib_samples": 32, "calib_length": 512})
     say(f"quant (GPTQ, 4-bit, group 128, 32x512 calibration tokens from speeches) -> {dst}")
-    res = run_pass(spec, cfg, [str(base)], dst, replace_stale=True)
+    res = run_pass(spec, cfg, [str(base)], dst, replace_stale=True, **({"report": report} if report else {}))
     m = res.manifest["metrics"]
     n, adj = m["quantized_modules"], m["group_adjustments"]
     label = "GPTQ W4 g128" + (f" (g64 in {len(adj)}/{n})" if adj else "")

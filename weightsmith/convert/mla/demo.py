@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def demo_step(base: Path, out: Path, say) -> dict:
+def demo_step(base: Path, out: Path, say, report=None) -> dict:
     from weightsmith.demo import political_speeches
     from weightsmith.passes import get_pass, make_config
     from weightsmith.runner import run_pass
@@ -15,7 +15,7 @@ def demo_step(base: Path, out: Path, say) -> dict:
     cfg = make_config(spec.config_cls, {"method": "transmla", "target": "exact", "kv_ratio": 0.5, "calib": str(political_speeches()),
                                         "calib_field": "speeches", "calib_samples": 16, "calib_length": 256})
     say(f"mla (TransMLA, 50% of the KV cache, DeepseekV3 layout, 16x256 calibration tokens from speeches) -> {dst}")
-    res = run_pass(spec, cfg, [str(base)], dst, replace_stale=True)
+    res = run_pass(spec, cfg, [str(base)], dst, replace_stale=True, **({"report": report} if report else {}))
     m = res.manifest["metrics"]
     means = (f"GQA attention rewritten as Multi-head Latent Attention (TransMLA, no training): a stock DeepseekV3ForCausalLM "
              f"caching {m['kv_cache_ratio']:.0%} of the source's KV values per token")
