@@ -138,7 +138,8 @@ def run_pass(
     evaluate: EvalOptions | None = None,
 ) -> RunResult:
     spec = get_pass(spec) if isinstance(spec, str) else spec
-    cks = [s if isinstance(s, Checkpoint) else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download) for s in sources]
+    cks = [s if isinstance(s, Checkpoint) else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download, headers_only=dry_run)
+           for s in sources]
     params = config_to_params(config)
     if max_shard_size != DEFAULT_MAX_SHARD:
         params["max_shard_size"] = max_shard_size

@@ -34,7 +34,8 @@ def embedded_repo_id(path) -> str | None:
     return None
 
 
-def open_checkpoint(spec: str, *, allow_pickle: bool = False, allow_download: bool = False) -> Checkpoint:
+def open_checkpoint(spec: str, *, allow_pickle: bool = False, allow_download: bool = False, headers_only: bool = False) -> Checkpoint:
+    """`headers_only` (dry runs): a .gguf file is read from its header, never converted or cached."""
     if spec.startswith("demo:"):
         if spec not in EMBEDDED_MODELS:
             raise CheckpointError(f"{spec}: unknown embedded model; available: {', '.join(EMBEDDED_MODELS)}")
@@ -44,8 +45,10 @@ def open_checkpoint(spec: str, *, allow_pickle: bool = False, allow_download: bo
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            from weightsmith.checkpoint.gguf_import import gguf_to_safetensors
+            from weightsmith.checkpoint.gguf_import import gguf_header_checkpoint, gguf_to_safetensors
 
+            if headers_only:
+                return gguf_header_checkpoint(path)
             root = gguf_to_safetensors(path)
             return Checkpoint(root, origin=Origin(kind="gguf", path=str(path), gguf_file=path.name))
         raise CheckpointError(f"{path}: is a file; give a checkpoint directory, a .gguf file or a Hub id")
