@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok (also "already up to date"), 1 failed run, 2 bad usage. Errors are one line on
 stderr (`-v` adds the traceback); `--json` prints one machine-readable result on stdout; progress
-goes to stderr only when it is a terminal.
+goes to stderr (a bar on a terminal, else a line about every 20 s with the ETA).
 """
 
 from __future__ import annotations
