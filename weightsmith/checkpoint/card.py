@@ -177,7 +177,7 @@ def render_card(spec, core: dict[str, Any], sources) -> str:
     body = [f"# {spec.name}: output of weightsmith", ""]
     origin = f" of [{bms[0]}](https://huggingface.co/{bms[0]})" if len(bms) == 1 else ""
     ref = f" ([method]({spec.reference_url}))" if spec.reference_url else ""
-    body += [f"Made by `weightsmith {spec.name}`{origin}{ref}: {spec.help}.", ""]
+    body += [f"Made by `weightsmith {spec.name}`{origin}{ref}: {spec.help.rstrip('.')}.", ""]
     summary = _summary_lines(spec.name, core)
     if summary:
         body += ["## What was done", "", *(f"- {s}" for s in summary), ""]
