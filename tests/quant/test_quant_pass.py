@@ -130,9 +130,14 @@ def test_smollm2_gptq_beats_rtn(smollm2, cli, tmp_path, hamlet):
     from weightsmith.demo import political_speeches
 
     calib = ["--calib", political_speeches(), "--calib-field", "speeches", "--calib-samples", "32", "--calib-length", "512"]
+    # GPTQ on the first 4 of 30 layers only (the others stay fp32 in both models, and GPTQ's engine
+    # stops after layer 3): the real model and data at a seventh of the cost. Measured at commit
+    # time: fp32 38.39, GPTQ 44.99, RTN 52.34 (4 Hamlet windows).
+    first4 = ["--override", r"model\.layers\.([4-9]|[12][0-9])\.:skip"]
     g, r = tmp_path / "g", tmp_path / "r"
-    assert cli("quant", smollm2, g, "--bits", "3", "--group-size", "64", *calib).code == 0
-    assert cli("quant", smollm2, r, "--method", "rtn", "--bits", "3", "--group-size", "64").code == 0
+    assert cli("quant", smollm2, g, "--bits", "3", "--group-size", "64", *calib, *first4).code == 0
+    assert cli("quant", smollm2, r, "--method", "rtn", "--bits", "3", "--group-size", "64", *first4).code == 0
+    assert json.loads((g / "manifest.json").read_text())["metrics"]["quantized_modules"] == 4 * 7
     ppl = {}
     for name, path in (("gptq", g), ("rtn", r)):
         res = cli("eval", path, "--text", hamlet, "--windows", "4", "--json")
