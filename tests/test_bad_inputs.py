@@ -33,7 +33,7 @@ def _expect_failure(cli, src, tmp_path, pattern):
     dst = tmp_path / "out"
     r = cli("import", src, dst)
     assert r.code == 1, r
-    lines = [l for l in r.err.strip().splitlines() if l.strip()]
+    lines = message_lines(r.err)
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.err
     assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
     assert not dst.exists() and leftovers(tmp_path, "out") == []
@@ -172,7 +172,7 @@ def test_eval_text_takes_the_embedded_hamlet_by_name(tiny_model, cli, hamlet):
 
 # ---- validation: every case is one line, exit 1 (bad input) or 2 (bad usage), nothing written,
 # inputs byte-identical ------------------------------------------------------------------------------
-from badcase import error_line, no_complete_output, tree_digest  # noqa: E402
+from badcase import error_line, message_lines, no_complete_output, tree_digest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +329,7 @@ def test_quantized_input_says_already_quantized(gptq_out, cli, tmp_path, command
         cli,
         (args[0], gptq_out, tmp_path / "out", *args[1:]),
         2,
-        r"w4: already quantized \(gptq",
+        r"w4: already quantized \((gptq|compressed-tensors)",
         "needs the unquantized model",
         inputs=[gptq_out],
         dst=tmp_path / "out",

@@ -148,25 +148,60 @@ def test_push_dry_run_lists_verified_files_and_uploads_offline(tiny_model, cli, 
 
     out = tmp_path / "q"
     assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--max-shard-size", "100KB").code == 0
-    r = cli("push", out, "me/tiny-w4", "--dry-run", "--json")
+    r = cli("push", "me/tiny-w4", out, "--dry-run", "--json")
     assert r.code == 0, r
     plan = json.loads(r.out)
     listed = set(json.loads((out / "manifest.json").read_text())["outputs"]["files"]) | {"manifest.json"}
     assert set(plan["files"]) == listed and len([f for f in listed if f.endswith(".safetensors")]) > 1
     stand_in = StandIn()
-    monkeypatch.setattr(publish, "make_api", lambda endpoint=None: stand_in)
-    r = cli("push", out, "me/tiny-w4", "--private", "--revision", "v2", "--json")
+    made = {}
+    monkeypatch.setattr(publish, "make_api", lambda endpoint=None, token=None: made.update(token=token) or stand_in)
+    r = cli(
+        "push",
+        "me/tiny-w4",
+        out,
+        "--private",
+        "--revision",
+        "v2",
+        "--token",
+        "hf_given",
+        "--commit-message",
+        "first",
+        "--json",
+    )
     assert r.code == 0, r
     kinds = [c[0] for c in stand_in.calls]
     assert kinds == ["create_repo", "create_branch", "upload_folder"]
     up = stand_in.calls[-1][2]
     assert sorted(up["allow_patterns"]) == sorted(listed)
     assert "*.safetensors" in up["delete_patterns"] and up["revision"] == "v2"
-    assert stand_in.calls[0][2]["private"] is True
-    assert "hf_fake" not in r.out + r.err
+    assert stand_in.calls[0][2]["private"] is True and up["commit_message"] == "first" and made["token"] == "hf_given"
+    assert "hf_fake" not in r.out + r.err and "hf_given" not in r.out + r.err
     (out / "notes.txt").write_text("not part of the output")  # a stray file: verify fails, nothing is uploaded
-    r = cli("push", out, "me/tiny-w4")
+    r = cli("push", "me/tiny-w4", out)
     assert r.code == 1 and "notes.txt" in r.err and len(stand_in.calls) == 3
+
+
+def test_push_old_order_filters_and_usage(tiny_model, cli, tmp_path):
+    out = tmp_path / "q"
+    assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--max-shard-size", "100KB").code == 0
+    r = cli("push", out, "me/tiny-w4", "--dry-run", "--json")  # the order before 0.2 still works, with a note
+    assert r.code == 0 and "deprecated" in r.err and json.loads(r.out)["repo_id"] == "me/tiny-w4"
+    plan = json.loads(cli("push", "me/tiny-w4", out, "--dry-run", "--json", "--exclude", "*.safetensors").out)
+    assert not any(f.endswith(".safetensors") for f in plan["files"]) and "manifest.json" in plan["files"]
+    assert plan["delete_patterns"] == []  # a partial upload never deletes the remote's weights
+    plan = json.loads(cli("push", "me/tiny-w4", out, "--dry-run", "--json", "--include", "README.md").out)
+    assert sorted(plan["files"]) == ["README.md", "manifest.json"]
+    assert cli("push", "me/tiny-w4").code == 2  # missing PATH: a usage error
+    r = cli("quant", tiny_model("llama"), "--method", "rtn")  # missing DST: a usage error too
+    assert r.code == 2 and "give an output directory DST" in r.err
+    from weightsmith.app.cli import _add_pass_commands
+    from weightsmith.app.cli import cli as group
+
+    _add_pass_commands()
+    for name, cmd in group.commands.items():  # command list lines end at a word
+        short = cmd.get_short_help_str(limit=60)
+        assert short.endswith("...") or short == (cmd.help or "").split("\n")[0].strip().rstrip("."), (name, short)
 
 
 def test_push_refuses_unverified_output(tiny_model, cli, tmp_path):
@@ -176,9 +211,9 @@ def test_push_refuses_unverified_output(tiny_model, cli, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1
     shard.write_bytes(bytes(data))
-    r = cli("push", out, "me/x", "--dry-run")
+    r = cli("push", "me/x", out, "--dry-run")
     assert r.code != 0 and "verify" in r.err and shard.name in r.err
-    assert "not a Hub repo id" in cli("push", out, "no-slash", "--dry-run").err
+    assert "not a Hub repo id" in cli("push", "no-slash", out, "--dry-run").err
 
 
 def test_example_makefile_reruns_only_what_changed(tiny_model, tmp_path):

@@ -54,13 +54,14 @@ class Asset:
     kind: str  # "model" (a checkpoint source), "text" (plain UTF-8 text), "records" (JSON documents)
     locate: object  # () -> Path
     field: str | None = None  # the record field holding the documents ("records" only)
+    repo_id: str | None = None  # the Hub model an embedded model file is a copy of (its GGUF header names none)
 
     def path(self) -> Path:
         return self.locate()
 
 
 ASSETS: dict[str, Asset] = {
-    "demo:smollm2": Asset("model", smollm2_gguf),
+    "demo:smollm2": Asset("model", smollm2_gguf, repo_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
     "demo:hamlet": Asset("text", hamlet),
     "demo:speeches": Asset("records", political_speeches, field="speeches"),
 }

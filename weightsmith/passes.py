@@ -108,3 +108,21 @@ def check_bounds(config: Any) -> None:
                 if x
             )
             raise UsageError(f"--{f.name.replace('_', '-')} {v}: must be {rng}")
+
+
+# pass name -> the function that runs it (src, dst, config), filled by the package root at import
+# time (the pass packages cannot import the app that runs them)
+PASS_FUNCTIONS: dict[str, Callable] = {}
+
+
+def make_callable(module_name: str, pass_name: str) -> None:
+    """Let the pass package `module_name` be called as its pass function (`weightsmith.quant(src, dst,
+    QuantConfig(...))`): a package and the function share the name on `weightsmith`."""
+    import sys
+    import types
+
+    class PassPackage(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return PASS_FUNCTIONS[pass_name](*args, **kwargs)
+
+    sys.modules[module_name].__class__ = PassPackage

@@ -156,7 +156,22 @@ def test_quantized_model_generates_the_same_tokens_through_triton(tiny_model, cl
     import weightsmith
 
     out = tmp_path / "q"
-    assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--bits", "4", "--group-size", "32").code == 0
+    assert (
+        cli(
+            "quant",
+            tiny_model("llama"),
+            out,
+            "--method",
+            "rtn",
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--format",
+            "gptq",
+        ).code
+        == 0
+    )
     ids = torch.tensor([[5, 17, 42, 9]])
     monkeypatch.setenv("WEIGHTSMITH_KERNEL", "reference")
     ref = weightsmith.load(out, dtype=torch.float16).generate(ids, max_new_tokens=6, do_sample=False)

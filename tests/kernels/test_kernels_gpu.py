@@ -44,7 +44,9 @@ def test_smollm2_greedy_tokens_through_the_kernels(smollm2, cli, tmp_path, monke
     import weightsmith
 
     out = tmp_path / "w4"
-    assert cli("quant", smollm2, out, "--method", "rtn", "--bits", "4", "--group-size", "64").code == 0
+    assert (
+        cli("quant", smollm2, out, "--method", "rtn", "--bits", "4", "--group-size", "64", "--format", "gptq").code == 0
+    )
     ids = torch.tensor([[1, 504, 3458, 314, 260]], device="cuda")
     monkeypatch.setenv("WEIGHTSMITH_KERNEL", "reference")
     ref = weightsmith.load(out, dtype=torch.float16, device="cuda").generate(ids, max_new_tokens=16, do_sample=False)

@@ -125,7 +125,18 @@ def test_repack_from_an_on_disk_gptq_v1_checkpoint(bits, tiny_model, cli, tmp_pa
     out = tmp_path / "q"
     assert (
         cli(
-            "quant", tiny_model("llama"), out, "--method", "rtn", "--bits", str(bits), "--group-size", "32", "--no-sym"
+            "quant",
+            tiny_model("llama"),
+            out,
+            "--method",
+            "rtn",
+            "--bits",
+            str(bits),
+            "--group-size",
+            "32",
+            "--no-sym",
+            "--format",
+            "gptq",
         ).code
         == 0
     )

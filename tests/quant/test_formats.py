@@ -107,7 +107,7 @@ def test_compressed_tensors_library_decompresses_our_output(tiny_model, cli, tmp
 
 def test_gptq_config_matches_what_vllm_expects(tiny_model, cli, tmp_path):
     out = tmp_path / "g"
-    assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--group-size", "32").code == 0
+    assert cli("quant", tiny_model("llama"), out, "--method", "rtn", "--group-size", "32", "--format", "gptq").code == 0
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert {k: cfg[k] for k in ("quant_method", "checkpoint_format", "bits", "group_size", "sym", "desc_act")} == {
         "quant_method": "gptq",
@@ -143,3 +143,41 @@ def test_gptq_config_matches_what_vllm_expects(tiny_model, cli, tmp_path):
             assert ck.info(f"{p}.qzeros").shape == (k // 32, n // 8) and ck.info(f"{p}.scales").shape == (k // 32, n)
             assert ck.info(f"{p}.scales").dtype == torch.float16 and ck.info(f"{p}.g_idx").shape == (k,)
     assert "lm_head.weight" in ck and ck.info("lm_head.weight").dtype == torch.float32
+
+
+def test_default_output_loads_with_plain_from_pretrained(tiny_model, cli, tmp_path):
+    """The default format: stock transformers + compressed-tensors read it with no options, mixed
+    group sizes and skipped modules included, from a config.json of a few family patterns."""
+    from transformers import AutoModelForCausalLM
+
+    import weightsmith
+
+    out = tmp_path / "ct"
+    r = cli(
+        "quant",
+        tiny_model("llama"),
+        out,
+        "--method",
+        "rtn",
+        "--group-size",
+        "64",
+        "--override",
+        r"layers\.1\.self_attn\.o_proj:skip",
+    )
+    assert r.code == 0, r
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
+    # 13 quantized modules of 2 layers: 5 families at g64, the down_proj family at g32 (96 % 64 != 0),
+    # layer 0's o_proj by name (layer 1's is skipped)
+    assert len(targets) == 7 and "re:^model\\.layers\\.0\\.self_attn\\.o_proj$" in targets, targets
+    assert "re:^model\\.layers\\.1\\.self_attn\\.o_proj$" in qc["ignore"]
+    stock = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = weightsmith.load(out)
+    assert isinstance(dict(stock.named_modules())["model.layers.1.self_attn.o_proj"], torch.nn.Linear)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(stock(ids).logits, ours(ids).logits, atol=1e-4)
+    assert torch.equal(
+        stock.generate(ids, max_new_tokens=6, do_sample=False), ours.generate(ids, max_new_tokens=6, do_sample=False)
+    )

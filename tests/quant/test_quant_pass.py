@@ -76,6 +76,8 @@ def test_moe_expert_fallback_and_router_kept(tiny_model, cli, tmp_path, hamlet):
             "32",
             "--min-expert-tokens",
             "1000",
+            "--format",
+            "gptq",
         ).code
         == 0
     )
@@ -97,6 +99,8 @@ def test_overrides_and_group_fallback(tiny_model, cli, tmp_path):
         "rtn",
         "--group-size",
         "64",
+        "--format",
+        "gptq",
         "--override",
         r"mlp\.down_proj:skip",
         "--override",
@@ -107,7 +111,8 @@ def test_overrides_and_group_fallback(tiny_model, cli, tmp_path):
     assert "model.layers.0.mlp.down_proj.weight" in ck and "model.layers.0.mlp.down_proj.qweight" not in ck
     assert ck.info("model.layers.1.self_attn.q_proj.qweight").shape == (64 * 8 // 32, 64)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert "-:^model\\.layers\\.0\\.mlp\\.down_proj$" in qc["dynamic"]
+    # one rule for the family every layer shares, one per module where layers differ
+    assert "-:^model\\.layers\\.\\d+\\.mlp\\.down_proj$" in qc["dynamic"] and len(qc["dynamic"]) == 2
     assert qc["dynamic"]["+:^model\\.layers\\.1\\.self_attn\\.q_proj$"]["bits"] == 8
     m = weightsmith.load(out)
     assert isinstance(m.model.layers[0].mlp.down_proj, torch.nn.Linear)
@@ -127,7 +132,19 @@ def test_group_mismatch_modes(tiny_model, cli, tmp_path):
     adj = json.loads((tmp_path / "f" / "manifest.json").read_text())["metrics"]["group_adjustments"]
     assert adj == {f"model.layers.{i}.mlp.down_proj": "group 64 -> 32: 64 does not divide 96" for i in range(2)}
     assert (
-        cli("quant", src, tmp_path / "g", "--method", "rtn", "--group-size", "64", "--group-mismatch", "ragged").code
+        cli(
+            "quant",
+            src,
+            tmp_path / "g",
+            "--method",
+            "rtn",
+            "--group-size",
+            "64",
+            "--group-mismatch",
+            "ragged",
+            "--format",
+            "gptq",
+        ).code
         == 0
     )
     ck = Checkpoint(tmp_path / "g")
@@ -151,7 +168,7 @@ def test_group_mismatch_modes(tiny_model, cli, tmp_path):
 
 def test_unsupported_shapes_and_bad_weights(tiny_model, cli, tmp_path):
     src = tiny_model("llama", hidden_size=48, head_dim=12, intermediate_size=80)
-    r = cli("quant", src, tmp_path / "o", "--method", "rtn", "--bits", "3", "--group-size", "-1")
+    r = cli("quant", src, tmp_path / "o", "--method", "rtn", "--bits", "3", "--group-size", "-1", "--format", "gptq")
     assert r.code == 2 and "in_features 48 cannot be packed at 3 bits" in r.err and "--override" in r.err
     import shutil
 
@@ -185,7 +202,7 @@ def test_dry_run_and_inspect(tiny_model, cli, tmp_path):
     assert cli("quant", tiny_model("llama"), tmp_path / "o", "--method", "rtn").code == 0
     info = json.loads(cli("inspect", tmp_path / "o", "--json").out)
     assert (
-        info["quantization"] == "gptq"
+        info["quantization"] == "compressed-tensors"
         and info["parameters"] == json.loads(cli("inspect", tiny_model("llama"), "--json").out)["parameters"]
     )
 
@@ -204,9 +221,14 @@ def test_smollm2_gptq_beats_rtn(smollm2, cli, tmp_path, hamlet):
         "--calib-length",
         "512",
     ]
+    # GPTQ on the first 4 of 30 layers only (the others stay fp32 in both models, and GPTQ's engine
+    # stops after layer 3): the real model and data at a seventh of the cost. Measured at commit
+    # time: fp32 38.39, GPTQ 44.99, RTN 52.34 (4 Hamlet windows).
+    first4 = ["--override", r"model\.layers\.([4-9]|[12][0-9])\.:skip"]
     g, r = tmp_path / "g", tmp_path / "r"
-    assert cli("quant", smollm2, g, "--bits", "3", "--group-size", "64", *calib).code == 0
-    assert cli("quant", smollm2, r, "--method", "rtn", "--bits", "3", "--group-size", "64").code == 0
+    assert cli("quant", smollm2, g, "--bits", "3", "--group-size", "64", *calib, *first4).code == 0
+    assert cli("quant", smollm2, r, "--method", "rtn", "--bits", "3", "--group-size", "64", *first4).code == 0
+    assert json.loads((g / "manifest.json").read_text())["metrics"]["quantized_modules"] == 4 * 7
     ppl = {}
     for name, path in (("gptq", g), ("rtn", r)):
         res = cli("eval", path, "--text", hamlet, "--windows", "4", "--json")

@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok (also "already up to date"), 1 failed run, 2 bad usage. Errors are one line on
 stderr (`-v` adds the traceback); `--json` prints one machine-readable result on stdout; progress
-goes to stderr only when it is a terminal.
+goes to stderr (a bar on a terminal, else a line about every 20 s with the ETA).
 """
 
 from __future__ import annotations
@@ -218,10 +218,10 @@ def diff(ctx, a, b, text_path, length, windows, batch_size, dtype, device, as_js
     from transformers import AutoTokenizer
 
     import weightsmith
+    from weightsmith.app.runner import check_device
     from weightsmith.checkpoint.resolve import open_checkpoint
     from weightsmith.errors import UsageError
     from weightsmith.eval.perplexity import divergence
-    from weightsmith.app.runner import check_device
 
     check_device(device)
     ck_a, wins = _windows_for(a, text_path, length, windows)
@@ -275,27 +275,53 @@ def verify(path: str, as_json: bool) -> None:
 
 # ---- push -----------------------------------------------------------------------------------
 @cli.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.argument("repo_id")
+@click.argument("path")
 @click.option("--private", is_flag=True, help="create the repo private (when it does not exist yet)")
 @click.option("--revision", help="branch to push to (created if needed)")
 @click.option("--create-pr", is_flag=True, help="open a pull request instead of committing to the branch")
-@click.option("--message", "commit_message", help="commit message (default: the pass and file count)")
+@click.option(
+    "--commit-message", "--message", "commit_message", help="commit message (default: the pass and file count)"
+)
+@click.option("--include", multiple=True, help="upload only the output's files matching this glob (repeatable)")
+@click.option("--exclude", multiple=True, help="leave out the output's files matching this glob (repeatable)")
+@click.option("--token", help="Hugging Face token (default: HF_TOKEN or `hf auth login`); never written anywhere")
 @click.option("--endpoint", envvar="HF_ENDPOINT", help="Hub endpoint (default: huggingface.co or $HF_ENDPOINT)")
 @click.option("--dry-run", is_flag=True, help="verify and list what would be uploaded; contact nothing")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON on stdout")
-def push(path, repo_id, private, revision, create_pr, commit_message, endpoint, dry_run, as_json) -> None:
-    """Upload a verified weightsmith output to the Hugging Face Hub (token from HF_TOKEN / `hf auth login`)."""
+def push(
+    repo_id, path, private, revision, create_pr, commit_message, include, exclude, token, endpoint, dry_run, as_json
+) -> None:
+    """Upload a verified weightsmith output at PATH to the Hub repo REPO_ID (the order of `hf upload`)."""
+    from pathlib import Path
+
     from weightsmith.app import publish
+    from weightsmith.errors import UsageError
     from weightsmith.util import human_bytes
 
+    if Path(repo_id).is_dir() and not Path(path).is_dir():  # the order before 0.2: push PATH REPO_ID
+        click.echo(
+            f"note: `weightsmith push PATH REPO_ID` is deprecated; use `weightsmith push {path} {repo_id}` (the "
+            "order of `hf upload`)",
+            err=True,
+        )
+        repo_id, path = path, repo_id
+    if not Path(path).is_dir():
+        raise UsageError(f"{path}: not a directory; usage: weightsmith push REPO_ID PATH")
     plan = publish.plan_push(
-        path, repo_id, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message
+        path,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        include=include,
+        exclude=exclude,
     )
     if dry_run:
         out = {**plan.as_json(), "dry_run": True}
     else:
-        out = publish.push(plan, endpoint=endpoint)
+        out = publish.push(plan, endpoint=endpoint, token=token)
 
     def render(o):
         verb = "would upload" if dry_run else "uploaded"
@@ -306,7 +332,10 @@ def push(path, repo_id, private, revision, create_pr, commit_message, endpoint, 
         )
         for f in o["files"]:
             click.echo(f"  {f}")
-        click.echo(f"remote files matching {', '.join(o['delete_patterns'])} that are not in this upload are deleted")
+        if o["delete_patterns"]:
+            click.echo(
+                f"remote files matching {', '.join(o['delete_patterns'])} that are not in this upload are deleted"
+            )
         if o.get("url"):
             click.echo(o["url"])
 
@@ -438,7 +467,7 @@ def _pass_command(spec) -> click.Command:
         click.Option(["--json", "as_json"], is_flag=True, help="print the result as JSON on stdout"),
     ]
     doc = spec.help + (f"\n\nReference: {spec.reference_url}" if spec.reference_url else "")
-    return click.Command(spec.name, callback=callback, params=params, help=doc, short_help=spec.help[:80])
+    return click.Command(spec.name, callback=callback, params=params, help=doc)  # click shortens the help at a word
 
 
 def _add_pass_commands() -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 from weightsmith.assets import hamlet, smollm2_gguf
 
 # Each pass contributes one demo step: a module with demo_step(base, out, say, run) -> dict holding at
-# least {"label": ..., "path": ...} (the output to evaluate) and anything else worth printing.
+# least {"label": ..., "path": ...} (the output to evaluate), "means" (what the label stands for, in
+# words) and anything else worth printing.
 # `run(pass_name, options, sources, dst)` runs a pass through the runner (the step never imports the
 # app) and returns its RunResult.
 DEMO_STEPS = [
@@ -22,14 +23,16 @@ DEMO_STEPS = [
 ]
 
 
-def run_step(name: str, options: dict, sources: list[str], dst: Path):
+def run_step(name: str, options: dict, sources: list[str], dst: Path, report=None):
     """What a demo step calls to run a pass: the runner, replacing an earlier result of the same step."""
     from weightsmith.app.cli_options import build_config
     from weightsmith.app.registry import get_pass
     from weightsmith.app.runner import run_pass
 
     spec = get_pass(name)
-    return run_pass(spec, build_config(spec, options), sources, dst, replace_stale=True)
+    return run_pass(
+        spec, build_config(spec, options), sources, dst, replace_stale=True, **({"report": report} if report else {})
+    )
 
 
 def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=None) -> dict:
@@ -62,7 +65,9 @@ def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=No
         f"{info['kv_cache']['values_per_token']:,} values/token"
     )
     for k, mod in enumerate(DEMO_STEPS, 3):
-        step = importlib.import_module(mod).demo_step(base, out, lambda msg, k=k: say(f"[{k}/{total}] {msg}"), run_step)
+        step = importlib.import_module(mod).demo_step(
+            base, out, lambda msg, k=k: say(f"[{k}/{total}] {msg}"), lambda *a: run_step(*a, report=report)
+        )
         results["steps"].append(step)
     say(f"[{total}/{total}] perplexity on hamlet.txt ({windows} windows x {length} tokens, fp32)")
     tok = AutoTokenizer.from_pretrained(base)
@@ -73,5 +78,9 @@ def run_demo(out: str | Path, *, windows: int = 32, length: int = 512, report=No
         row["disk_bytes"] = sum(i.nbytes for i in ck.infos())
         row["perplexity"] = perplexity(weightsmith.load(row["path"]), wins, report=report)["perplexity"]
         say(f"      {row['label']:40s} {row['disk_bytes'] / 1e6:8.1f} MB   perplexity {row['perplexity']:.3f}")
+    say("what the labels mean:")
+    for row in rows[1:]:
+        if row.get("means"):
+            say(f"      {row['label']}: {row['means']}")
     results["perplexity"] = {"perplexity": rows[0]["perplexity"]}
     return results

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,10 @@ class PushPlan:
         }
 
 
-def make_api(endpoint: str | None = None):
+def make_api(endpoint: str | None = None, token: str | None = None):
     from huggingface_hub import HfApi
 
-    return HfApi(endpoint=endpoint)
+    return HfApi(endpoint=endpoint, token=token)
 
 
 def plan_push(
@@ -61,8 +62,13 @@ def plan_push(
     revision: str | None = None,
     create_pr: bool = False,
     commit_message: str | None = None,
+    include=(),
+    exclude=(),
 ) -> PushPlan:
-    """Verify the folder and list exactly what would be uploaded. Raises if verification fails."""
+    """Verify the folder and list exactly what would be uploaded. Raises if verification fails.
+
+    `include`/`exclude` are globs over the output's files (as `hf upload` takes them); manifest.json
+    always goes up. Stale shards are deleted remotely only when every weight file is uploaded."""
     from weightsmith.checkpoint import manifest as mf
 
     folder = Path(folder)
@@ -80,16 +86,25 @@ def plan_push(
             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
         )
     manifest = mf.read(folder)
-    files = sorted({*manifest.get("outputs", {}).get("files", {}), "manifest.json"})
+    every = sorted({*manifest.get("outputs", {}).get("files", {}), "manifest.json"})
+    files = [
+        f
+        for f in every
+        if f == "manifest.json"
+        or ((not include or any(fnmatch(f, p) for p in include)) and not any(fnmatch(f, p) for p in exclude))
+    ]
+    whole = all(f in files for f in every if f.endswith(".safetensors") or f == "model.safetensors.index.json")
     total = sum((folder / f).stat().st_size for f in files)
     step = manifest.get("pass", {}).get("name", "weightsmith")
     message = commit_message or f"weightsmith {step}: {len(files)} files"
-    return PushPlan(folder, repo_id, files, total, private, revision, create_pr, message)
+    return PushPlan(
+        folder, repo_id, files, total, private, revision, create_pr, message, list(STALE_PATTERNS) if whole else []
+    )
 
 
-def push(plan: PushPlan, *, api=None, endpoint: str | None = None) -> dict[str, Any]:
+def push(plan: PushPlan, *, api=None, endpoint: str | None = None, token: str | None = None) -> dict[str, Any]:
     """Create the repo if needed and upload the plan's files in one commit (stale shards deleted)."""
-    api = api if api is not None else make_api(endpoint)
+    api = api if api is not None else make_api(endpoint, token)
     if getattr(api, "token", None) is None:
         from huggingface_hub import get_token
 
@@ -107,7 +122,7 @@ def push(plan: PushPlan, *, api=None, endpoint: str | None = None) -> dict[str, 
             create_pr=plan.create_pr,
             commit_message=plan.commit_message,
             allow_patterns=plan.files,
-            delete_patterns=plan.delete_patterns,
+            delete_patterns=plan.delete_patterns or None,
         )
     except WeightsmithError:
         raise

@@ -206,7 +206,7 @@ def run_pass(
     cks = [
         s
         if isinstance(s, Checkpoint)
-        else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download)
+        else open_checkpoint(str(s), allow_pickle=allow_pickle, allow_download=allow_download, headers_only=dry_run)
         for s in sources
     ]
     for ck in cks:  # before anything is planned or written
@@ -221,7 +221,7 @@ def run_pass(
         plan = spec.plan(config, ctx)
         return RunResult("dry-run", Path(dst) if dst else None, plan=plan, notes=ctx.notes)
     if dst is None:
-        raise WeightsmithError("an output directory is required (or use --dry-run)")
+        raise UsageError(f"{spec.name}: give an output directory DST (or use --dry-run)")
     dst = dest.resolve_output(dst)  # once, up front (DST/../DST, symlinks)
     dest.refuse_overlap(dst, cks)
     with report.status("hashing inputs"):
@@ -295,7 +295,7 @@ def _write(spec, config, ctx, plan, params, inputs, writer, *, report, evaluate)
     seed = params.get("seed")
 
     def build_manifest(tmp: Path) -> dict:
-        from weightsmith.checkpoint.card import render_card
+        from weightsmith.checkpoint.card import render_card, sidecars
 
         core = mf.build_core(
             pass_name=spec.name,
@@ -312,6 +312,8 @@ def _write(spec, config, ctx, plan, params, inputs, writer, *, report, evaluate)
         known = registry.all_passes()
         tags = [t for step in steps if step in known for t in known[step].tags]
         (tmp / "README.md").write_text(render_card(spec, core, cks, tags))
+        for fname, text in sidecars(core).items():
+            (tmp / fname).write_text(text)
         return mf.with_outputs(core, tmp, tensors=len(writer.planned), total_size=writer.total_size)
 
     writer.finalize(build_manifest)

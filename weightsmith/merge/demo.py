@@ -65,8 +65,13 @@ def demo_step(base: Path, out: Path, say, run) -> dict:
     inter = sum(g["interpolated"] for g in groups.values())
     copied = sum(g["copied_below_delta"] for g in groups.values())
     say(f"      {inter} tensors interpolated, {copied} copied from the base (parents differ by ≤ δ)")
+    means = (
+        f"every weight averaged with a copy of the model carrying σ={NOISE:g}·std noise (a stand-in for a fine-tune); "
+        f"{copied} tensors where the two differ by ≤ δ taken from the base"
+    )
     return {
         "label": "merge 50/50 with a noisy sibling",
+        "means": means,
         "path": str(mix),
         "chimera_byte_exact": exact,
         "interpolated": inter,

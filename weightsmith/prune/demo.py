@@ -30,8 +30,13 @@ def demo_step(base: Path, out: Path, say, run) -> dict:
         f"      {m['params_before']:,} -> {m['params_after']:,} parameters (hidden {t['hidden']}, MLP {t['ffn']}); "
         f"recover with: weightsmith distill {dst} {base} DST --calib ... --tokens N"
     )
+    means = (
+        f"hidden and MLP widths cut (Minitron activation importance, no distillation): {m['params_after']:,} of "
+        f"{m['params_before']:,} parameters, every layer and head kept"
+    )
     return {
         "label": f"pruned to {m['fraction']:.0%} params (width)",
+        "means": means,
         "path": str(dst),
         "params": m["params_after"],
         "status": res.status,

@@ -24,8 +24,18 @@ def demo_step(base: Path, out: Path, say, run) -> dict:
     say(f"quant (GPTQ, 4-bit, group 128, 32x512 calibration tokens from speeches) -> {dst}")
     res = run(name, cfg, [str(base)], dst)
     m = res.manifest["metrics"]
+    n, adj = m["quantized_modules"], m["group_adjustments"]
+    label = "GPTQ W4 g128" + (f" (g64 in {len(adj)}/{n})" if adj else "")
+    means = (
+        f"4-bit GPTQ weights in compressed-tensors format (loads with transformers + compressed-tensors), "
+        f"{m['bits_per_quantized_weight']:.2f} bits per quantized weight with scales"
+    )
+    if adj:
+        reason = sorted({v.split(": ", 1)[-1] for v in adj.values()})
+        means += f"; group 128 in {n - len(adj)} modules, smaller groups in {len(adj)} where {', '.join(reason)}"
     return {
-        "label": "GPTQ W4 g128",
+        "label": label,
+        "means": means,
         "path": str(dst),
         "bits_per_weight": m["bits_per_quantized_weight"],
         "status": res.status,

@@ -70,7 +70,13 @@ class QuantConfig(CalibConfig):
             "predecessors"
         },
     )
-    format: Literal["gptq", "compressed-tensors"] = field(default="gptq", metadata={"help": "on-disk format"})
+    format: Literal["compressed-tensors", "gptq"] = field(
+        default="compressed-tensors",
+        metadata={
+            "help": "on-disk format: compressed-tensors loads with plain transformers + compressed-tensors; gptq "
+            "needs optimum + gptqmodel"
+        },
+    )
     override: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -312,7 +318,9 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
         if tokens is not None:
             rec.layers.setdefault(f"{layer.prefix}.<experts>", {})["tokens_per_expert"] = tokens
 
-    engine.run(calib.ids, process)
+    # layers after the last one with modules to quantize change nothing: the engine stops there
+    last = max((i for i in (view.layer_of(p) for p in quantized) if i is not None), default=-1)
+    engine.run(calib.ids, process, layers=range(last + 1))
     engine.close()
 
 

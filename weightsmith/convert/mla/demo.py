@@ -24,8 +24,14 @@ def demo_step(base: Path, out: Path, say, run) -> dict:
     say(f"mla (TransMLA, 50% of the KV cache, DeepseekV3 layout, 16x256 calibration tokens from speeches) -> {dst}")
     res = run(name, cfg, [str(base)], dst)
     m = res.manifest["metrics"]
+    means = (
+        "GQA attention rewritten as Multi-head Latent Attention (TransMLA, no training): a stock "
+        "DeepseekV3ForCausalLM "
+        f"caching {m['kv_cache_ratio']:.0%} of the source's KV values per token"
+    )
     return {
         "label": "MLA TransMLA KV 50%",
+        "means": means,
         "path": str(dst),
         "kv_cache_ratio": m["kv_cache_ratio"],
         "qk_rope_head_dim": m["qk_rope_head_dim"],

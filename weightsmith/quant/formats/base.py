@@ -61,3 +61,28 @@ FORMATS: dict[str, Format] = {}
 def register_format(fmt: Format) -> Format:
     FORMATS[fmt.name] = fmt
     return fmt
+
+
+def compact_rules(
+    per_module: dict[str, "LinearQuant | None"], skip=lambda v: False
+) -> list[tuple[str, "LinearQuant | None"]]:
+    """Per-module choices as few anchored regexes: modules that differ only in their layer/expert
+    indices form a family (`model.layers.3.mlp.down_proj` -> `^model\\.layers\\.\\d+\\.mlp\\.down_proj$`);
+    a family whose members all share one value is one rule, others keep a rule per module.
+    `skip(value)` drops values the format states elsewhere (its default). Rules never overlap."""
+    import re
+
+    families: dict[str, dict[str, LinearQuant | None]] = {}
+    for name, value in per_module.items():
+        key = "^" + r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split(".")) + "$"
+        families.setdefault(key, {})[name] = value
+    rules: list[tuple[str, LinearQuant | None]] = []
+    for key, members in sorted(families.items()):
+        values = set(members.values())
+        if len(values) == 1 and len(members) > 1:
+            v = next(iter(values))
+            if not skip(v):
+                rules.append((key, v))
+        else:
+            rules += [("^" + re.escape(n) + "$", v) for n, v in sorted(members.items()) if not skip(v)]
+    return rules

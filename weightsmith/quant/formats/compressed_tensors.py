@@ -16,7 +16,7 @@ import torch
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError
 from weightsmith.kernels.packing import pack_dense, unpack_dense
-from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, register_format
+from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, compact_rules, register_format
 
 
 class CompressedTensors:
@@ -72,13 +72,15 @@ class CompressedTensors:
         return QuantizedWeight(q=q, scales=scales, zeros=zeros, g_idx=g_idx, quant=quant)
 
     def config(self, default: LinearQuant, per_module: dict[str, LinearQuant | None], extra: dict) -> dict:
+        # targets and ignores as "re:" family patterns (one per projection kind when every layer
+        # agrees), so config.json stays small whatever the depth
         groups: dict[LinearQuant, list[str]] = {}
         ignore = ["lm_head"]
-        for prefix, q in sorted(per_module.items()):
+        for pattern, q in compact_rules(per_module):
             if q is None:
-                ignore.append(prefix)
+                ignore.append("re:" + pattern)
             else:
-                groups.setdefault(q, []).append(prefix)
+                groups.setdefault(q, []).append("re:" + pattern)
         config_groups = {}
         for i, (q, targets) in enumerate(
             sorted(groups.items(), key=lambda kv: (kv[0] != default, kv[0].bits, kv[0].group_size))
@@ -111,8 +113,9 @@ class CompressedTensors:
     def module_quant(self, qconfig: dict, prefix: str) -> LinearQuant | None:
         import re
 
-        if prefix in (qconfig.get("ignore") or []):
-            return None
+        for t in qconfig.get("ignore") or []:
+            if t == prefix or (t.startswith("re:") and re.match(t[3:], prefix)):
+                return None
         for grp in (qconfig.get("config_groups") or {}).values():
             for t in grp.get("targets", []):
                 # exact names (what we write), "re:" patterns, or the module class name that

@@ -18,7 +18,7 @@ import torch
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError
 from weightsmith.kernels.packing import pack_dense, unpack_dense
-from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, register_format
+from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, compact_rules, register_format
 
 
 def _words(values: int, bits: int) -> int:
@@ -84,8 +84,7 @@ class GPTQv1:
 
     def config(self, default: LinearQuant, per_module: dict[str, LinearQuant | None], extra: dict) -> dict:
         dynamic: dict[str, dict] = {}
-        for prefix, q in sorted(per_module.items()):
-            key = "^" + re.escape(prefix) + "$"
+        for key, q in compact_rules(per_module, skip=lambda q: q == default):
             if q is None:
                 dynamic["-:" + key] = {}
             elif q != default:
