@@ -13,8 +13,8 @@ from weightsmith.errors import UnsupportedError
 from weightsmith.inspect_ckpt import coverage
 
 
-def test_table_covers_the_nine_families():
-    assert set(TABLE) == {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"}
+def test_table_covers_the_ten_families():
+    assert set(TABLE) == {"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gemma3_text"}
     assert set(FAMILIES) == set(TABLE)
 
 

@@ -11,6 +11,11 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "mistral": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=None),
     "qwen2": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2),
     "qwen3": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    # one full-attention layer in two; the 16-token sliding window is shorter than the tests' windows
+    "gemma3_text": dict(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
+        sliding_window_pattern=2,
+    ),
     "mixtral": dict(hidden_size=64, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
