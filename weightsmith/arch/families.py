@@ -77,6 +77,7 @@ FAMILIES: dict[str, Family] = {
                     "mlp_out": "post_feedforward_layernorm",
                 }
             ),
+            embedding_scaled_by_hidden=True,
             paper="https://arxiv.org/abs/2503.19786",
         ),
         Family(
