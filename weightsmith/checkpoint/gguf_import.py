@@ -24,8 +24,8 @@ def gguf_cache_dir(path: Path, sha: str) -> Path:
 
 
 def _tokenizer(path: Path):
-    """SentencePiece-BPE vocabularies get weightsmith's builder (transformers' GGUF path turns Gemma's
-    into a character-level Unigram); every other kind goes through transformers."""
+    """SentencePiece-BPE vocabularies get weightsmith's builder (transformers' GGUF path reads Gemma's
+    as a Unigram, which over-segments words); every other kind goes through transformers."""
     import gguf
 
     from weightsmith.checkpoint.gguf_tokenizer import read_spm_vocab, to_transformers

@@ -6,8 +6,8 @@ merge list is derived from the scores (transformers' `generate_merges`, the same
 SentencePiece converter uses). Piece types follow SentencePiece's enum: 1 normal, 2 unknown,
 3 control (special tokens), 4 user-defined (matched verbatim before BPE), 5 unused, 6 byte
 (`<0xNN>`, the byte fallback). transformers' GGUF path builds a Unigram model from the same scores
-for Gemma files, which splits English into single characters; this builder is data-driven and used
-for every GGUF with this vocabulary kind.
+for Gemma files, which splits words into frequent fragments ("The king said" -> The ▁k ing ▁sa id);
+this builder is data-driven and used for every GGUF with this vocabulary kind.
 """
 
 from __future__ import annotations
