@@ -77,3 +77,31 @@ def test_a_unigram_over_the_same_scores_splits_words():
 
 def test_other_vocabulary_kinds_are_left_to_transformers(tmp_path):
     assert read_spm_vocab(gguf.GGUFReader(_write(tmp_path / "g.gguf", add_space_prefix=False, model="gpt2"))) is None
+
+
+def test_eval_windows_start_with_bos_when_the_tokenizer_adds_it(tmp_path):
+    from weightsmith.eval.text import token_windows
+
+    tok = _tok(tmp_path, add_space_prefix=False)
+    text = "hello world " * 20
+    w = token_windows(tok, text, 8, 3)
+    plain = tok(text, add_special_tokens=False)["input_ids"]
+    assert w.shape == (3, 8) and (w[:, 0] == 2).all()
+    assert w[:, 1:].reshape(-1).tolist() == plain[:21]  # consecutive text, 7 tokens per window
+
+
+def test_eval_windows_unchanged_without_bos():
+    from tiny import byte_tokenizer
+    from weightsmith.eval.text import token_windows
+
+    tok = byte_tokenizer()
+    w = token_windows(tok, "abcdefgh" * 4, 8, 2)
+    assert w.reshape(-1).tolist() == tok("abcdefgh" * 2)["input_ids"]
+
+
+def test_calibration_windows_start_with_bos_when_the_tokenizer_adds_it(tmp_path):
+    from weightsmith.calib.windows import windows_from_documents
+
+    tok = _tok(tmp_path, add_space_prefix=False)
+    ids, _ = windows_from_documents(tok, ["hello world " * 30, "abc " * 40], 4, 16, seed=0)
+    assert ids.shape == (4, 16) and (ids[:, 0] == 2).all() and not (ids[:, 1:] == 2).any()
