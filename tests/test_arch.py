@@ -12,7 +12,7 @@ from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.errors import UnsupportedError
 
 
-def test_table_covers_the_nine_families():
+def test_table_covers_the_ten_families():
     assert set(TABLE) == {
         "llama",
         "mistral",
@@ -23,6 +23,7 @@ def test_table_covers_the_nine_families():
         "qwen3_moe",
         "deepseek_v2",
         "deepseek_v3",
+        "gemma3_text",
     }
     assert set(FAMILIES) == set(TABLE)
 

@@ -1,4 +1,4 @@
-"""inspect / import / verify / eval / diff on tiny models of all nine families."""
+"""inspect / import / verify / eval / diff on tiny models of all ten families."""
 
 from __future__ import annotations
 

@@ -218,9 +218,7 @@ def test_sigterm_from_outside_mid_write_leaves_nothing(src, tmp_path):
     finally:
         p.kill()
     assert p.returncode == 128 + sig, (p.returncode, err)
-    assert message_lines(err) == [
-        "Terminated by SIGTERM; no output was left behind."
-    ], err
+    assert message_lines(err) == ["Terminated by SIGTERM; no output was left behind."], err
     assert not dst.exists() and leftovers(tmp_path, "out") == [] and tree_digest(src) == before
 
 

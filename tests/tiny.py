@@ -18,6 +18,16 @@ FAMILY_CONFIGS: dict[str, dict] = {
     ),
     "qwen2": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2),
     "qwen3": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    # one full-attention layer in two; the 16-token sliding window is shorter than the tests' windows
+    "gemma3_text": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=16,
+        sliding_window_pattern=2,
+    ),
     "mixtral": dict(
         hidden_size=64,
         intermediate_size=48,

@@ -125,6 +125,7 @@ def test_engine_target_matches_the_deepseek_layout_vllm_expects(tiny_model, tmp_
     "family,args,match",
     [
         ("qwen3", (), "q_norm/k_norm"),
+        ("gemma3_text", (), "q_norm/k_norm"),
         ("mixtral", (), "routing"),
         ("qwen2", ("--target", "engine"), "bias"),
         ("llama", ("--kv-lora-rank", "100"), "valid range 1.."),

@@ -84,3 +84,26 @@ def test_search_refuses_unreachable_budgets_and_moe(tiny_model, cli, tmp_path):
     assert r.code == 2 and "relax them or raise --params" in r.err
     r = cli("minitron", tiny_model("mixtral"), tmp_path / "x", "--params", "0.8")
     assert r.code == 2 and "dense families" in r.err
+
+
+def test_search_keeps_gemma3_hidden_size(tiny_model, cli, tmp_path, hamlet):
+    out = tmp_path / "m"
+    r = cli(
+        "minitron",
+        tiny_model("gemma3_text", layers=6),
+        out,
+        "--params",
+        "0.85",
+        "--calib",
+        hamlet,
+        "--calib-samples",
+        "4",
+        "--calib-length",
+        "64",
+        "--score-windows",
+        "2",
+    )
+    assert r.code == 0, r
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert m["candidates"] and all("hidden 64," in c["candidate"] for c in m["candidates"])
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 64

@@ -19,7 +19,7 @@ def _logits(path, ids):
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("fam", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("fam", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_no_reduction_reproduces_logits(fam, tiny_model, cli, tmp_path, hamlet):
     src = tiny_model(fam)
     r = cli(
@@ -59,6 +59,7 @@ def test_kept_heads_and_neurons_compute_the_restricted_source(tiny_model, cli, t
         ("mistral", ["--params", "0.7"]),
         ("qwen2", ["--kv-heads", "1", "--heads", "1", "--importance", "wanda"]),
         ("qwen3", ["--hidden", "32", "--layers", "1", "--importance", "magnitude"]),
+        ("gemma3_text", ["--heads", "2", "--ffn", "48", "--layers", "1"]),
         ("mixtral", ["--expert-ffn", "24", "--hidden", "48"]),
         ("qwen2_moe", ["--expert-ffn", "16", "--heads", "2"]),
         ("qwen3_moe", ["--expert-ffn", "16", "--ffn", "48"]),
@@ -177,3 +178,15 @@ def test_smollm2_activation_beats_magnitude(smollm2, cli, tmp_path, hamlet):
         and model.config.intermediate_size == 1024
         and model.config.tie_word_embeddings
     )
+
+
+def test_gemma3_keeps_its_hidden_size(tiny_model, cli, tmp_path, hamlet):
+    """Gemma scales embeddings by sqrt(hidden_size) from the config: --hidden refuses, --params prunes the rest."""
+    src = tiny_model("gemma3_text")
+    r = cli("prune", src, tmp_path / "x", "--hidden", "48", "--calib", hamlet, *CAL)
+    assert r.code != 0 and "sqrt(hidden_size)" in r.err and len(r.err.strip().splitlines()) == 1, r
+    assert not (tmp_path / "x").exists()
+    r = cli("prune", src, tmp_path / "o", "--params", "0.8", "--calib", hamlet, *CAL)
+    assert r.code == 0, r
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["hidden_size"] == 64 and cfg["intermediate_size"] < 96

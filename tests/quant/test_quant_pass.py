@@ -25,11 +25,12 @@ def _kl(a_path, b_path, text=None):
     return divergence(weightsmith.load(a_path), weightsmith.load(b_path), ids)
 
 
-@pytest.mark.parametrize("fam", ["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("fam", ["llama", "qwen2", "qwen3", "gemma3_text", "mixtral", "qwen2_moe", "deepseek_v3"])
 def test_gptq_on_families_loads_and_beats_rtn(fam, tiny_model, cli, tmp_path, hamlet):
     src = tiny_model(fam)
     g, r = tmp_path / "gptq", tmp_path / "rtn"
-    # the GPTQ format packs 3-bit zeros across out_features in 32s; tiny MoE experts are 48/24 wide
+    # the GPTQ format packs 3-bit zeros across out_features in 32s;
+    # tiny MoE experts are 48/24 wide, tiny Gemma 3 has one 16-wide KV head
     bits = "3" if fam in ("llama", "qwen2", "qwen3") else "4"
     common = ["--bits", bits, "--group-size", "32"]
     res = cli(

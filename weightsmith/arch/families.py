@@ -65,6 +65,26 @@ FAMILIES: dict[str, Family] = {
             ),
         ),
         Family(
+            name="gemma3_text",
+            model_types=("gemma3_text",),
+            architectures=("Gemma3ForCausalLM",),
+            attention=AttentionSpec(
+                "gqa", _GQA, bias_roles=("q", "k", "v", "o"), bias_key="attention_bias", norms=_QK_NORM
+            ),
+            # "post_attention" is the role of the norm in front of the MLP (Llama's post_attention_layernorm);
+            # Gemma 3 also normalises each sublayer's output before the residual add (sandwich norms)
+            layer_norms=_ro(
+                {
+                    "input": "input_layernorm",
+                    "post_attention": "pre_feedforward_layernorm",
+                    "attn_out": "post_attention_layernorm",
+                    "mlp_out": "post_feedforward_layernorm",
+                }
+            ),
+            embedding_scaled_by_hidden=True,
+            paper="https://arxiv.org/abs/2503.19786",
+        ),
+        Family(
             name="mixtral",
             model_types=("mixtral",),
             architectures=("MixtralForCausalLM",),

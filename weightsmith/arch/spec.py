@@ -101,4 +101,7 @@ class Family:
     )
     required_keys: tuple[str, ...] = ()  # extra config keys the family needs
     mtp_key: str | None = None  # config key: number of multi-token-prediction layers stored after the decoder
+    # the model multiplies token embeddings by sqrt(hidden_size), a constant transformers derives from
+    # the config (Gemma): a different hidden size would rescale the residual stream
+    embedding_scaled_by_hidden: bool = False
     paper: str | None = None

@@ -17,6 +17,7 @@ import torch
 from weightsmith.calib.config import CalibConfig
 from weightsmith.calib.sources import read_documents
 from weightsmith.errors import UsageError
+from weightsmith.eval.text import default_prefix
 
 MAX_OVERSAMPLE = 20  # tokenize at most this many times the tokens needed
 
@@ -73,7 +74,14 @@ def windows_from_documents(
     rng = random.Random(seed)
     docs = list(docs)
     rng.shuffle(docs)
-    need = samples * length
+    # BOS-prefixing tokenizers (Gemma): every window starts with it, as in eval (chat templates carry their own)
+    prefix = [] if chat else default_prefix(tokenizer)
+    body = length - len(prefix)
+    if body < 1:
+        raise UsageError(
+            f"--calib-length {length}: must be longer than the {len(prefix)} special tokens the tokenizer prepends"
+        )
+    need = samples * body
     stream = _tokenize_stream(tokenizer, docs, need, chat)
     if len(stream) < need:
         raise UsageError(
@@ -81,9 +89,9 @@ def windows_from_documents(
             f"{length}); "
             "give more text or lower --calib-samples / --calib-length"
         )
-    slots = len(stream) // length
+    slots = len(stream) // body
     chosen = sorted(rng.sample(range(slots), samples))
-    ids = torch.tensor([stream[s * length : (s + 1) * length] for s in chosen], dtype=torch.long)
+    ids = torch.tensor([prefix + stream[s * body : (s + 1) * body] for s in chosen], dtype=torch.long)
     return ids, len(stream)
 
 

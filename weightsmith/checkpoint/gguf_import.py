@@ -3,7 +3,8 @@
 The cache entry is itself a weightsmith output (written atomically, with a manifest whose input is
 the GGUF file's sha256), keyed by that hash, so later opens of the same file are instant and the
 provenance chain starts at the GGUF file. Quantized GGUF tensors are dequantized by transformers;
-weights are kept in the dtype it produces (fp32), which represents them exactly.
+weights are kept in the dtype it produces (fp32), which represents them exactly. SentencePiece-BPE
+vocabularies (pieces + scores, no merges: Gemma, Llama-2) are rebuilt by `gguf_tokenizer`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ def check_gguf_header(path: Path) -> None:
         )
 
 
+def _tokenizer(path: Path):
+    """SentencePiece-BPE vocabularies get weightsmith's builder (transformers' GGUF path reads Gemma's
+    as a Unigram, which over-segments words); every other kind goes through transformers."""
+    import gguf
+
+    from weightsmith.checkpoint.gguf_tokenizer import read_spm_vocab, to_transformers
+
+    v = read_spm_vocab(gguf.GGUFReader(path))
+    if v is not None:
+        return to_transformers(v)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def gguf_to_safetensors(path: str | Path) -> Path:
     path = Path(path)
     check_gguf_header(path)
@@ -67,11 +83,13 @@ def _convert(path: Path, dst: Path, inputs: list[dict]) -> None:
         raise WeightsmithError(
             f"{path}: reading GGUF needs the 'gguf' package; install it with: pip install 'weightsmith[gguf]'"
         ) from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tok = _tokenizer(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # transformers raises many types for unsupported/corrupt GGUF
         raise CheckpointError(
             f"{path}: cannot import GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200]})"

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._device import DeviceContext
 
 from weightsmith.arch import ArchView
 from weightsmith.engine.experts import unfuse_experts
@@ -28,11 +29,22 @@ def set_path(root: nn.Module, path: str, new: nn.Module) -> None:
         setattr(parent, name, new)
 
 
+class _MetaExceptLiterals(DeviceContext):
+    """`with torch.device("meta")`, except that tensors built from Python literals (`torch.tensor(25.3)`)
+    stay real: constants such as Gemma's non-persistent `embed_scale` buffer keep their value."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.tensor:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
 def build_skeleton(config, view: ArchView, dtype: torch.dtype) -> nn.Module:
-    """The full transformers model with no memory behind it; rotary tables real; MoE experts unfused."""
+    """The full transformers model with no memory behind it; rotary tables and literal constants real;
+    MoE experts unfused."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with _MetaExceptLiterals("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     decoder_path = view.layers_path.rsplit(".", 1)[0]
@@ -55,11 +67,8 @@ def materialize(
     module: nn.Module, names_to_disk: Callable[[str], str], ck, device: torch.device | str, what: str
 ) -> nn.Module:
     """Allocate `module` on `device` and fill every parameter/persistent buffer from the checkpoint."""
-    non_persistent = {
-        f"{mn}.{b}" if mn else b
-        for mn, m in module.named_modules()
-        for b in getattr(m, "_non_persistent_buffers_set", ())
-    }
+    non_persistent = _non_persistent(module)
+    constants = _constants(module, non_persistent)
     module.to_empty(device=device)
     state = dict(module.named_parameters())
     state.update({n: b for n, b in module.named_buffers() if n not in non_persistent})
@@ -78,13 +87,38 @@ def materialize(
         # counters such as UnfusedExperts.tokens start at zero; anything else would need its own init
         mod_name, _, buf = name.rpartition(".")
         owner = get_path(module, mod_name) if mod_name else module
-        if name.endswith("tokens"):
+        if name in constants:
+            owner._buffers[buf] = constants[name].to(device)
+        elif name.endswith("tokens"):
             getattr(owner, buf).zero_()
         else:
             raise UnsupportedError(f"{what}: non-persistent buffer {name!r} cannot be restored from the checkpoint")
     return module
 
 
+def _non_persistent(module: nn.Module) -> set[str]:
+    return {
+        f"{mn}.{b}" if mn else b
+        for mn, m in module.named_modules()
+        for b in getattr(m, "_non_persistent_buffers_set", ())
+    }
+
+
+def _constants(module: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    """Real (not meta) non-persistent buffers, i.e. constants computed at construction: kept across to_empty."""
+    out = {}
+    for name in names:
+        mod_name, _, buf = name.rpartition(".")
+        t = (get_path(module, mod_name) if mod_name else module)._buffers.get(buf)
+        if t is not None and t.device.type != "meta" and not name.endswith("tokens"):
+            out[name] = t.detach().to("cpu", copy=True)
+    return out
+
+
 def release(module: nn.Module) -> None:
-    """Give a materialised module's memory back (it returns to the meta device)."""
+    """Give a materialised module's memory back (it returns to the meta device; constant buffers stay real)."""
+    constants = _constants(module, _non_persistent(module))
     module.to_empty(device="meta")
+    for name, t in constants.items():
+        mod_name, _, buf = name.rpartition(".")
+        (get_path(module, mod_name) if mod_name else module)._buffers[buf] = t

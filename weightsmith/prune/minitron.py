@@ -94,6 +94,8 @@ def enumerate_candidates(view, budget: int, cfg: MinitronConfig) -> list[Targets
         step = math.lcm(heads, 8)
         lo = int(src["hidden"] * (1 - cfg.max_width_pruning))
         hiddens = [h for h in range(src["hidden"] // step * step, lo - 1, -step) if h > 0]
+        if view.family.embedding_scaled_by_hidden:  # hidden stays (see hidden_fixed_reason); search heads/MLP/layers
+            hiddens = [src["hidden"]] if src["hidden"] % heads == 0 else []
         for hid in _spread(hiddens, 5):
             for layers in layer_opts:
                 base = Targets(hid, hpg, src["kv_heads"], src["ffn"], None, None, layers)

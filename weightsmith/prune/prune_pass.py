@@ -21,7 +21,7 @@ import torch
 from weightsmith.arch import arch_for
 from weightsmith.calib.config import CalibConfig
 from weightsmith.checkpoint.writer import TensorSpec
-from weightsmith.errors import UsageError
+from weightsmith.errors import UnsupportedError, UsageError
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.prune import importance as imp
 from weightsmith.prune.structure import Keep, LayerKeep, TensorRoles, pruned_config, renamed, slice_tensor
@@ -183,6 +183,8 @@ def resolve_targets(cfg: PruneConfig, view, source_params: int) -> Targets:
     for name, val in (("hidden", t.hidden), ("ffn", t.ffn), ("expert_ffn", t.expert_ffn)):
         if val is not None and src.get(name) and not 1 <= val <= src[name]:
             raise UsageError(f"--{name.replace('_', '-')} {val}: must be in 1..{src[name]} (the source's size)")
+    if t.hidden != src["hidden"] and view.family.embedding_scaled_by_hidden:
+        raise UnsupportedError(hidden_fixed_reason(view))
     if t.hidden % heads:
         valid = [h for h in range(heads, src["hidden"] + 1, heads)]
         raise UsageError(
@@ -199,6 +201,14 @@ def resolve_targets(cfg: PruneConfig, view, source_params: int) -> Targets:
     return t
 
 
+def hidden_fixed_reason(view) -> str:
+    return (
+        f"--hidden: {view.family.name} multiplies its embeddings by sqrt(hidden_size), which transformers recomputes "
+        "from the "
+        "config, so a narrower hidden size would rescale the residual stream; prune heads, MLP width or layers instead"
+    )
+
+
 def _fit_budget(view, t: Targets, budget: int, axis: str, src: dict) -> Targets:
     heads = t.heads_per_group * t.kv_heads
     if axis == "depth":
@@ -212,7 +222,12 @@ def _fit_budget(view, t: Targets, budget: int, axis: str, src: dict) -> Targets:
         # dense: for every valid hidden size, the widest MLP within the budget; keep the pair whose
         # two ratios are closest (hidden and MLP pruned together), the larger hidden on ties
         best = None
-        for hid in range(src["hidden"] // step_h * step_h, 0, -step_h):
+        hiddens = (
+            [src["hidden"]]
+            if view.family.embedding_scaled_by_hidden
+            else range(src["hidden"] // step_h * step_h, 0, -step_h)
+        )
+        for hid in hiddens:
             ffn = ffn_for_budget(view, Targets(**{**t.__dict__, "hidden": hid}), budget, src["ffn"])
             if ffn is None:
                 continue

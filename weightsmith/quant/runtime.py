@@ -135,6 +135,13 @@ def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu
         own = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
         if not own or all(t.device.type != "meta" for _, t in own):
             continue
+        non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
+        # constants the skeleton built for real (Gemma's embed_scale) survive to_empty
+        constants = {
+            n: b.detach().clone()
+            for n, b in mod.named_buffers(recurse=False)
+            if n in non_persistent and b.device.type != "meta"
+        }
         mod.to_empty(device=device, recurse=False)
         disk = view.module_to_disk(path)
         if isinstance(mod, QuantLinear):
@@ -142,13 +149,15 @@ def load_quantized(ck, *, dtype: torch.dtype = torch.float32, device: str = "cpu
             if mod.bias is not None:
                 mod.bias.data.copy_(ck.get(disk + ".bias"))
             continue
-        non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
         own = list(mod.named_parameters(recurse=False)) + list(
             mod.named_buffers(recurse=False)
         )  # to_empty made new tensors
         for name, t in own:
             full = f"{disk}.{name}" if disk else name
             if name in non_persistent:
+                if name in constants:
+                    t.copy_(constants[name])
+                    continue
                 if name == "tokens":
                     t.zero_()
                     continue

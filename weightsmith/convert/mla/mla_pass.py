@@ -112,6 +112,13 @@ class MlaConfig(CalibConfig):
 
 def _check_source(cfg: MlaConfig, view) -> None:
     fam = view.family.name
+    if view.family.attention.kind == "gqa" and view.family.attention.norms and not view.family.moe:
+        raise UnsupportedError(
+            f"{fam} normalises every query and key head (q_norm/k_norm) before RoPE; DeepSeek's layout has one "
+            "RMSNorm over the whole latent and none on the queries or the RoPE key, so per-head normalisation "
+            "cannot be expressed (exactly or as a fixed weight: it is a per-token, per-head scale). Dense sources "
+            "without QK-norm: llama, mistral, qwen2"
+        )
     if fam not in DENSE_SOURCES:
         if fam in ("mixtral", "qwen2_moe", "qwen3_moe"):
             raise UnsupportedError(
@@ -122,14 +129,6 @@ def _check_source(cfg: MlaConfig, view) -> None:
             )
         raise UnsupportedError(
             f"weightsmith mla converts GQA/MHA models ({', '.join(DENSE_SOURCES)}); {fam} is not one"
-        )
-    if view.family.attention.norms:
-        raise UnsupportedError(
-            f"{fam} normalises every query and key head (q_norm/k_norm) before RoPE; DeepSeek's layout has one RMSNorm "
-            "over the "
-            "whole latent and none on the queries or the RoPE key, so per-head normalisation cannot be expressed "
-            "(exactly or as "
-            "a fixed weight: it is a per-token, per-head scale). Dense sources without QK-norm: llama, mistral, qwen2"
         )
     if getattr(view.config, "mlp_bias", False):
         raise UnsupportedError(
