@@ -20,7 +20,7 @@ from weightsmith.arch import arch_for
 from weightsmith.calib import CalibConfig
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.convert.mla import components as comp
-from weightsmith.convert.mla.latent import constant_for
+from weightsmith.convert.mla.latent import constant_for, pseudo_constant_direction
 from weightsmith.convert.mla.layer import SourceAttention, attention_metric, build_layer
 from weightsmith.convert.mla.lowrank import pca_latent, svd_latent, weighted_pca_latent
 from weightsmith.convert.mla.rope import longrope_factors, source_inv_freq
@@ -30,6 +30,7 @@ from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.util import dtype_from_name
 
 NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default eps (kv_a_layernorm / q_a_layernorm are built without one)
+PSEUDO_MAX_CV = 0.1  # engine target: a pseudo-constant latent channel when wᵀx varies less than this over tokens
 DENSE_SOURCES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -151,13 +152,17 @@ def _latent_rank(b: Budget, d_r: int) -> int:
 
 
 def _folds(cfg: MlaConfig, d: int, d_r: int) -> list[int]:
-    """FreqFold candidates for transmla on the engine target (the only setup that folds)."""
+    """FreqFold candidates (transmla, a shared standard-RoPE key of d_r ≤ head_dim dims)."""
     collapse = d // d_r
     if cfg.freqfold is not None:
         if cfg.freqfold % collapse or cfg.freqfold > d // 2:
             raise UsageError(f"--freqfold {cfg.freqfold} must be a multiple of head_dim/rope_dim = {collapse} and ≤ head_dim/2 = {d // 2}")
         return [cfg.freqfold]
     return [f for f in (collapse, 2 * collapse, 4 * collapse, 8 * collapse) if f <= d // 2]
+
+
+def _foldable(d: int, d_r: int) -> bool:
+    return d_r <= d and d % d_r == 0 and (d // d_r) <= d // 2
 
 
 # ---- per layer ------------------------------------------------------------------------------------
@@ -179,40 +184,60 @@ def load_source_attention(ck, view, i: int, inv_freq: torch.Tensor) -> SourceAtt
 
 
 def rope_setups(cfg: MlaConfig, view, sources: list[SourceAttention], stats: list, d_r: int) -> dict:
-    """fold -> (blocks, basis) for one RoPE width. The RoPE frequency table is one config for the
-    whole model, so the frequencies kept are decided here for all layers at once."""
+    """family -> {fold -> (blocks, basis)} for one RoPE width. The RoPE frequency table is one config
+    for the whole model, so a family (which frequencies the kept pairs turn at) is chosen for all
+    layers at once; only the FreqFold within the "freqfold" family (always the standard table) may
+    differ per layer.
+
+    Families: "freqfold" (TransMLA's RoRoPE + FreqFold: blocks of adjacent frequencies across KV
+    heads, each keeping fold·d_r/d components at the standard table's frequencies; the engine
+    target's only one), "pairs" (exact target: one block per frequency, exact rotations, RoPE pairs
+    allocated across frequencies by score), "heads" (mha2mla: frequencies kept per KV head)."""
     n_h, n_kv, d = view.heads, view.kv_heads, view.head_dim
     inv = sources[0].inv_freq
 
     def two_norm():  # summed over layers: the kept frequencies must be the same in every layer
         return sum(comp.two_norm_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d) for s, (C, _) in zip(sources, stats))
 
+    def freqfold():
+        return {f: (comp.freqfold_blocks(n_kv, d, d_r, f, inv), "pca") for f in _folds(cfg, d, d_r)}
+
     if cfg.target == "engine":
         if cfg.method == "mha2mla":  # 2norm: each target frequency in its best KV head
-            return {None: (comp.engine_head_selection_blocks(n_kv, d, d_r, two_norm(), inv), "identity")}
-        return {f: (comp.freqfold_blocks(n_kv, d, d_r, f, inv), "pca") for f in _folds(cfg, d, d_r)}
+            return {"heads": {None: (comp.engine_head_selection_blocks(n_kv, d, d_r, two_norm(), inv), "identity")}}
+        return {"freqfold": freqfold()}
     if cfg.method == "transmla":
-        base = comp.single_frequency_blocks(n_kv, d)
-        scores = [comp.block_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d, blocks=base) for s, (C, _) in zip(sources, stats)]
-        counts = comp.allocate_pairs(scores, d_r // 2)
-        return {None: (comp.single_frequency_blocks(n_kv, d, counts), "pca")}
+        out = {"freqfold": freqfold()} if _foldable(d, d_r) else {}
+        if cfg.freqfold is None:
+            base = comp.single_frequency_blocks(n_kv, d)
+            scores = [comp.block_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d, blocks=base) for s, (C, _) in zip(sources, stats)]
+            counts = comp.allocate_pairs(scores, d_r // 2)
+            out["pairs"] = {None: (comp.single_frequency_blocks(n_kv, d, counts), "pca")}
+        return out
     score = two_norm() if cfg.partial_rope == "2norm" else None
     kept = comp.partial_rope_frequencies(cfg.partial_rope, n_kv, d, d_r // (2 * n_kv), score)
-    return {None: (comp.head_selection_blocks(n_kv, d, kept), "identity")}
+    return {"heads": {None: (comp.head_selection_blocks(n_kv, d, kept), "identity")}}
 
 
-def convert_layer(cfg: MlaConfig, src: SourceAttention, C: torch.Tensor, samples: torch.Tensor, *, blocks, basis: str, rank: int, constant: float | None, metric: str | None = None):
+def convert_layer(cfg: MlaConfig, src: SourceAttention, C: torch.Tensor, samples: torch.Tensor, *, blocks, basis: str, rank: int, constant: float | None, metric: str | None = None, pseudo: float | None = None):
+    """rank: the written latent width without the exact target's constant channel (constant adds one);
+    on the engine target a pseudo-constant channel (pseudo = its M) takes one of the `rank`."""
     split = comp.build_split(src.wk, src.wq, C, n_h=src.n_h, n_kv=src.n_kv, d=src.d, inv_freq=src.inv_freq, blocks=blocks, basis=basis)
+    if pseudo is not None and pseudo_constant_direction(C)[1] >= PSEUDO_MAX_CV:
+        pseudo = None  # no nearly constant direction in this layer's input: calibrated norm, uncentered latent
+    centered = constant is not None or pseudo is not None
+    if pseudo is not None:
+        rank -= 1
     metric = metric or ("bkv" if cfg.pca_metric == "auto" else cfg.pca_metric)
     if cfg.method == "transmla" and metric == "attention":
-        lat = weighted_pca_latent(split.nope_k, src.wv, C, rank, attention_metric(src, split, C), centered=constant is not None)
+        lat = weighted_pca_latent(split.nope_k, src.wv, C, rank, attention_metric(src, split, C), centered=centered)
     elif cfg.method == "transmla":
-        lat = pca_latent(split.nope_k, src.wv, C, rank, centered=constant is not None, balance=cfg.balance_kv)
+        lat = pca_latent(split.nope_k, src.wv, C, rank, centered=centered, balance=cfg.balance_kv)
     else:
         lat = svd_latent(split.nope_k, src.wv, rank, split=cfg.svd == "split")
-        if constant is None:
+        if not centered:
             lat.mean.zero_()
-    layer = build_layer(src, split, lat, constant=constant, samples=samples.reshape(-1, samples.shape[-1]), eps=NORM_EPS)
+    layer = build_layer(src, split, lat, constant=constant, samples=samples.reshape(-1, samples.shape[-1]), eps=NORM_EPS, C=C, pseudo=pseudo, max_cv=PSEUDO_MAX_CV)
     return layer, split, lat
 
 
@@ -346,6 +371,7 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     view, budget, inv = _validate(cfg, ctx)
     out_dtype = ck.info(view.family.embed).dtype if cfg.dtype == "keep" else dtype_from_name(cfg.dtype)
     constant = constant_for(out_dtype) if cfg.target == "exact" else None
+    pseudo = constant_for(out_dtype) if cfg.target == "engine" else None
     calib = ctx.calibrate(cfg)
     engine = ctx.engine()
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -360,40 +386,41 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     with _one_thread():
         sources = _Sources(ck, view, inv)
         refs = [gqa_attention(x.float(), cast_source(s, torch.float32)) for s, (_, x) in zip(sources, stats)]
-        # choose the RoPE width (one config key) on the summed calibration loss, FreqFold per layer
-        setups = {d_r: rope_setups(cfg, view, sources, stats, d_r) for d_r in budget.rope_candidates}
+        # choose the RoPE width and family (one config) on the summed calibration loss, FreqFold per layer
+        setups = {(d_r, fam): folds for d_r in budget.rope_candidates for fam, folds in rope_setups(cfg, view, sources, stats, d_r).items()}
         losses: dict[tuple, list[float]] = {}
         if sum(len(v) for v in setups.values()) > 1:
-            for d_r, by_fold in ctx.report.track(list(setups.items()), desc="scoring RoPE widths"):
+            for (d_r, fam), by_fold in ctx.report.track(list(setups.items()), desc="scoring RoPE widths"):
                 for f, (blocks, basis) in by_fold.items():
-                    losses[(d_r, f)] = [
-                        relative_error(x, s, convert_layer(cfg, s, C, x, blocks=blocks, basis=basis, rank=_latent_rank(budget, d_r), constant=constant)[0], eps=NORM_EPS, ref=ref)
+                    losses[(d_r, fam, f)] = [
+                        relative_error(x, s, convert_layer(cfg, s, C, x, blocks=blocks, basis=basis, rank=_latent_rank(budget, d_r), constant=constant, pseudo=pseudo)[0], eps=NORM_EPS, ref=ref)
                         for s, (C, x), ref in zip(sources, stats, refs)
                     ]
-            totals = {d_r: sum(min(losses[(d_r, f)][i] for f in setups[d_r]) for i in range(view.num_layers)) for d_r in setups}
-            d_r = min(totals, key=lambda k: (totals[k], -k))
-            ctx.metrics["rope_dim_search"] = {str(k): round(v / view.num_layers, 8) for k, v in sorted(totals.items())}
-            if len(setups[d_r]) > 1:
-                ctx.metrics["freqfold_search"] = {str(f): round(sum(losses[(d_r, f)]) / view.num_layers, 8) for f in setups[d_r]}
+            totals = {k: sum(min(losses[(*k, f)][i] for f in setups[k]) for i in range(view.num_layers)) for k in setups}
+            key = min(totals, key=lambda k: (totals[k], -k[0], k[1]))
+            ctx.metrics["rope_dim_search"] = {f"{k[0]} {k[1]}": round(v / view.num_layers, 8) for k, v in sorted(totals.items())}
+            if len(setups[key]) > 1:
+                ctx.metrics["freqfold_search"] = {str(f): round(sum(losses[(*key, f)]) / view.num_layers, 8) for f in setups[key]}
         else:
-            d_r = budget.rope_candidates[0]
+            key = next(iter(setups))
+        d_r = key[0]
         rank = _latent_rank(budget, d_r)
-        folds = [min(setups[d_r], key=lambda f: losses[(d_r, f)][i]) if len(setups[d_r]) > 1 else next(iter(setups[d_r])) for i in range(view.num_layers)]
+        folds = [min(setups[key], key=lambda f: losses[(*key, f)][i]) if len(setups[key]) > 1 else next(iter(setups[key])) for i in range(view.num_layers)]
         built, layer_metrics = [], []
         for i in ctx.report.track(range(view.num_layers), desc="building MLA layers"):
             (C, x), src = stats[i], sources[i]
-            blocks, basis = setups[d_r][folds[i]]
+            blocks, basis = setups[key][folds[i]]
             metrics = ["bkv", "attention"] if cfg.method == "transmla" and cfg.pca_metric == "auto" else [None]
             best = None
             for metric in metrics:
-                L, split, lat = convert_layer(cfg, src, C, x, blocks=blocks, basis=basis, rank=rank, constant=constant, metric=metric)
+                L, split, lat = convert_layer(cfg, src, C, x, blocks=blocks, basis=basis, rank=rank, constant=constant, metric=metric, pseudo=pseudo)
                 err = relative_error(x, src, L, eps=NORM_EPS, ref=refs[i])
                 if best is None or err < best[0]:
                     best = (err, L, split, lat, metric)
             err, L, split, lat, metric = best
             layer_metrics.append({
                 "layer": i, "attention_output_error": round(err, 8), "latent_error": round(lat.error, 8), "key_nope_error": round(lat.key_error, 8),
-                "value_error": round(lat.value_error, 8), "rope_key_energy_kept": round(split.kept_energy, 6), "freqfold": folds[i], "kv_balance": round(lat.ratio, 6),
+                "value_error": round(lat.value_error, 8), "rope_key_energy_kept": round(split.kept_energy, 6), "rope_family": key[1], "freqfold": folds[i], "kv_balance": round(lat.ratio, 6),
                 **({"pca_metric": metric} if metric else {}),
             })
             built.append(L)
