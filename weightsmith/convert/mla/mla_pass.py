@@ -20,6 +20,7 @@ from weightsmith.arch import arch_for
 from weightsmith.calib import CalibConfig
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.convert.mla import components as comp
+from weightsmith.engine.stats import Gram
 from weightsmith.convert.mla.latent import constant_for, pseudo_constant_direction
 from weightsmith.convert.mla.layer import SourceAttention, attention_metric, build_layer
 from weightsmith.convert.mla.lowrank import pca_latent, svd_latent, weighted_pca_latent
@@ -27,7 +28,7 @@ from weightsmith.convert.mla.rope import longrope_factors, source_inv_freq
 from weightsmith.convert.mla.simulate import cast_source, gqa_attention, relative_error
 from weightsmith.errors import UnsupportedError, UsageError
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.util import dtype_from_name
+from weightsmith.util import dtype_from_name, element_size
 
 NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default eps (kv_a_layernorm / q_a_layernorm are built without one)
 PSEUDO_MAX_CV = 0.1  # engine target: a pseudo-constant latent channel when wᵀx varies less than this over tokens
@@ -346,24 +347,23 @@ class _Sources:
 
 
 class _LayerStats:
+    """Second moment of [x; 1] (the attention input with a constant, so biases ride along) via the
+    engine's Gram accumulator, plus the first `keep` windows of x to score candidates on."""
+
     def __init__(self, hidden: int, keep: int):
-        self.C = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
-        self.rows = 0
+        self.gram = Gram(hidden + 1, dtype=torch.float64)
         self.samples: list[torch.Tensor] = []
         self.keep = keep
 
     def __call__(self, inp, out):
         x = inp.detach().to("cpu", torch.float64)
-        flat = x.reshape(-1, x.shape[-1])
-        xa = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=torch.float64)], 1)
-        self.C.addmm_(xa.T, xa)
-        self.rows += flat.shape[0]
+        self.gram(torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=torch.float64)], -1), out)
         for b in range(x.shape[0]):
             if len(self.samples) < self.keep:
                 self.samples.append(x[b].clone())
 
     def finish(self):
-        return self.C / max(self.rows, 1), torch.stack(self.samples)
+        return self.gram.mean, torch.stack(self.samples)
 
 
 def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
@@ -477,11 +477,16 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, rank, budget)
 
 
-def _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, rank, budget):
-    from weightsmith.eval.accounting import kv_cache
+def _kv_cache(view, dtype: torch.dtype) -> dict:
+    """KV-cache values and bytes per token (all layers) from the architecture view (no eval import)."""
+    values = view.kv_cache_values_per_token()
+    return {"values_per_token": values, "bytes_per_token": values * element_size(dtype), "dtype": str(dtype).removeprefix("torch."),
+            "kind": "mla" if view.is_mla else ("mha" if view.kv_heads == view.heads else "gqa")}
 
-    before = kv_cache(ctx.source.config)
-    after = kv_cache(out_cfg)
+
+def _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, rank, budget):
+    before = _kv_cache(view, ctx.source.info(view.family.embed).dtype)
+    after = _kv_cache(target_view, out_cfg.dtype)
     n_h, H, d = view.heads, view.hidden, view.head_dim
     L0 = built[0]
     unabs = sum(int(t.numel()) for L in built for t in L.tensors.values())
