@@ -13,7 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from weightsmith.convert.mla.components import Split
-from weightsmith.convert.mla.latent import calibrated_weights, constant_channel_weights, pseudo_constant_direction
+from weightsmith.convert.mla.latent import (
+    calibrated_weights,
+    constant_channel_weights,
+    pseudo_constant_direction,
+)
 from weightsmith.convert.mla.lowrank import Latent
 
 

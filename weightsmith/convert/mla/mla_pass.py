@@ -20,12 +20,13 @@ from weightsmith.arch import arch_for
 from weightsmith.calib import CalibConfig
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.convert.mla import components as comp
-from weightsmith.engine.stats import Gram
 from weightsmith.convert.mla.latent import constant_for, pseudo_constant_direction
 from weightsmith.convert.mla.layer import SourceAttention, attention_metric, build_layer
 from weightsmith.convert.mla.lowrank import pca_latent, svd_latent, weighted_pca_latent
+from weightsmith.convert.mla.refit import refit_values
 from weightsmith.convert.mla.rope import longrope_factors, source_inv_freq
 from weightsmith.convert.mla.simulate import cast_source, gqa_attention, relative_error
+from weightsmith.engine.stats import Gram
 from weightsmith.errors import UnsupportedError, UsageError
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.util import dtype_from_name, element_size
@@ -48,6 +49,9 @@ class MlaConfig(CalibConfig):
     pca_metric: Literal["bkv", "attention", "auto"] = field(default="bkv", metadata={"help": "transmla latent PCA: bkv = TransMLA's balanced K/V PCA; attention = weighted by what each key/value direction costs the attention output (queries for keys, o_proj for values); auto = per layer, whichever of the two has the lower calibration loss"})
     balance_kv: float = field(default=1.0, metadata={"help": "transmla: BKV-PCA balance multiplier (keys scaled to the values' norm / this)"})
     loss_windows: int = field(default=2, metadata={"help": "calibration windows kept per layer to score candidates"})
+    refit: Literal["values", "none"] = field(default="values", metadata={"help": "values: after the latent and keys are fixed, refit kv_b_proj's value rows by ridge least squares against the source layer's per-head attention output on calibration windows; none: keep the PCA decoder"})
+    refit_windows: int = field(default=8, metadata={"help": "calibration windows per layer for --refit values"})
+    refit_ridge: float = field(default=0.1, metadata={"help": "--refit values: ridge strength towards the PCA decoder, relative to the mean diagonal of the features' Gram matrix"})
     dtype: Literal["keep", "float32", "bfloat16", "float16"] = field(default="keep", metadata={"help": "output dtype"})
     calib_samples: int = field(default=32, metadata={"help": "number of calibration windows"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
@@ -63,6 +67,8 @@ class MlaConfig(CalibConfig):
             raise UsageError(f"--freqfold {self.freqfold} must be a power of two ≥ 1")
         if self.loss_windows < 1:
             raise UsageError("--loss-windows must be ≥ 1")
+        if self.refit_windows < 1 or self.refit_ridge < 0:
+            raise UsageError("--refit-windows must be ≥ 1 and --refit-ridge ≥ 0")
 
 
 # ---- validation and budget -------------------------------------------------------------------------
@@ -374,12 +380,15 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     pseudo = constant_for(out_dtype) if cfg.target == "engine" else None
     calib = ctx.calibrate(cfg)
     engine = ctx.engine()
-    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+    stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: second moment, scoring windows
+    fit_windows: list[torch.Tensor] = []  # per layer: the windows --refit fits on
 
     def process(layer):
-        st = _LayerStats(view.hidden, cfg.loss_windows)
+        st = _LayerStats(view.hidden, max(cfg.loss_windows, cfg.refit_windows if cfg.refit != "none" else 0))
         layer.run(observe={view.attention(layer.index)["k"]: st}, keep_outputs=False)
-        stats.append(st.finish())
+        C, x = st.finish()
+        stats.append((C, x[: cfg.loss_windows]))
+        fit_windows.append(x)
 
     engine.run(calib.ids, process)
     engine.close()
@@ -418,13 +427,20 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
                 if best is None or err < best[0]:
                     best = (err, L, split, lat, metric)
             err, L, split, lat, metric = best
-            layer_metrics.append({
+            refit = {}
+            if cfg.refit == "values" and err > 1e-9:  # (nothing to fix at full cache: keep it exact)
+                L = refit_values(src, L, fit_windows[i], ridge=cfg.refit_ridge, eps=NORM_EPS)
+                refit = {"attention_output_error_before_refit": round(err, 8)}
+                err = relative_error(x, src, L, eps=NORM_EPS, ref=refs[i])  # on windows inside the fit set: optimistic
+            layer_metrics.append({**refit,
                 "layer": i, "attention_output_error": round(err, 8), "latent_error": round(lat.error, 8), "key_nope_error": round(lat.key_error, 8),
                 "value_error": round(lat.value_error, 8), "rope_key_energy_kept": round(split.kept_energy, 6), "rope_family": key[1], "freqfold": folds[i], "kv_balance": round(lat.ratio, 6),
                 **({"pca_metric": metric} if metric else {}),
             })
             built.append(L)
-        del sources, stats, refs
+        del sources, refs
+        stats.clear()
+        fit_windows.clear()
     L0 = built[0]
     q_lora = view.hidden + 1 if "q_a" in L0.tensors else None
     out_cfg = _out_config(ck, view, cfg, d_n=L0.d_n, d_r=d_r, rank=L0.rank, q_lora=q_lora, freqs=L0.rope_freq, dtype=out_dtype)
