@@ -134,8 +134,8 @@ def main() -> None:
 def provenance() -> dict:
     import datetime
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip())
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False).stdout.strip())
     return {"git_commit": commit + ("-dirty" if dirty else ""), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -166,20 +166,25 @@ def anchor_rows(args, base: Path, tok, wins, p0: float, td: Path) -> list[dict]:
                "--kv-lora-rank", str(rank), "--qk-mqa-dim", str(args.anchor_rope_dim)]
         for f in args.anchor_freqfolds:
             cmd += ["--freqfold", str(f)]
-        r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
-        out = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
-        if r.returncode != 0:
-            rows.append({"method": "TransMLA code", "target": "own modeling", "KV %": 100 * ratio, "note": r.stderr.strip().splitlines()[-2][:160]})
-            print(rows[-1], flush=True)
-            continue
-        theirs_p0 = out[0]["source_ppl"]
-        for o in out[1:]:
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        theirs_p0 = None
+        for ln in proc.stdout:  # one JSON line per FreqFold, kept as it arrives (an interrupted run keeps its rows)
+            if not ln.startswith("{"):
+                continue
+            o = json.loads(ln)
+            if "source_ppl" in o:
+                theirs_p0 = o["source_ppl"]
+                continue
             row = {"method": f"TransMLA code, FreqFold {o['freqfold']}", "target": "own modeling", "KV %": 100 * ratio,
                    "KV values/token": cfg.num_hidden_layers * (rank + args.anchor_rope_dim), "rope dim": args.anchor_rope_dim, "latent": rank,
-                   "ppl": o["ppl"], "Δppl": o["ppl"] - p0, "convert s": o["convert_s"], "source ppl (anchor venv)": theirs_p0,
-                   "peak RSS MB": int(r.stderr.strip().splitlines()[-1]) / 1024}
+                   "ppl": o["ppl"], "ppl ÷ source": o["ppl"] / p0, "Δppl": o["ppl"] - p0, "convert s": o["convert_s"], "source ppl (anchor venv)": theirs_p0}
             rows.append(row)
+            save(f"{args.name}-anchor-partial", {"rows": rows, "args": vars(args), "partial": True, **provenance()})
             print({k: row[k] for k in ("method", "KV %", "ppl", "convert s")}, flush=True)
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            rows.append({"method": "TransMLA code", "target": "own modeling", "KV %": 100 * ratio, "note": (err.strip().splitlines() or ["failed"])[-2 if len(err.strip().splitlines()) > 1 else -1][:160]})
+            print(rows[-1], flush=True)
     return rows
 
 
