@@ -215,8 +215,8 @@ def test_engine_target_serves_both_methods_at_reduced_cache(tiny_model, tmp_path
         model.generate(ids[:, :8], max_new_tokens=3, do_sample=False)
 
 
-# Ceiling for the 50 % quality floor: the ratio this exact protocol measured at the commit that
-# added it (see docs/mla.md, "quality floor"), plus a margin; the bar is 2.2×.
+# Ceiling for the 50 % quality floor: the bar (TransMLA's own code measured 2.2× on the
+# bench protocol). This test's protocol measured 1.533 (ppl 58.85 vs 38.39) at commit f52c4fc.
 HALF_CACHE_CEILING = 2.2
 
 
