@@ -3,6 +3,7 @@
     .venv/bin/python bench/mla.py [--ratios 1 0.5 0.25 0.125] [--methods transmla mha2mla]
                                   [--targets exact engine] [--windows 16] [--length 512]
                                   [--extra=--pca-metric=auto --name mla-auto]
+                                  [--anchor [--anchor-ratios 1 0.5 0.25] [--anchor-freqfolds 1 2 4]]
 
 Calibration: political_data.json ("speeches" field), evaluation: hamlet.txt (non-overlapping
 windows). Each conversion runs as its own `weightsmith mla` process, so its wall time and peak RSS
@@ -13,6 +14,14 @@ Baseline rows ("plain SVD"): the most naive conversion of the same size, for Tra
 mha2mla's machinery with the highest frequencies kept for RoPE in every head (`--partial-rope
 high`) and separate truncated SVDs of W_k_nope and W_v (`--svd split`), weight-only, no
 calibration. Run at --baseline-ratios on the exact target.
+
+--anchor: TransMLA's own code (github.com/fxmeng/TransMLA, transmla/transmla, commit 9c0d254) in its
+own venv (--anchor-python, default /work/venvs/transmla/bin/python; pins in
+bench/anchors/transmla.txt), run by bench/anchors/run_transmla.py on the *same* calibration windows
+(exported from weightsmith's calibration loader) and the same evaluation windows, at each
+--anchor-ratios budget (RoPE key 64 = its default qk_mqa_dim, latent = budget − 64) and each
+--anchor-freqfolds. Its rows are evaluated in memory with its own LlamaMLA modules (no latent norm,
+full-precision fp32), not through stock transformers.
 """
 
 from __future__ import annotations
@@ -50,6 +59,19 @@ def main() -> None:
     )
     ap.add_argument("--name", default="mla", help="results file bench/results/NAME.json")
     ap.add_argument(
+        "--anchor", action="store_true", help="also run TransMLA's own code (see --anchor-python, --anchor-src)"
+    )
+    ap.add_argument("--anchor-only", action="store_true", help="run only the original and the anchor rows")
+    ap.add_argument("--anchor-python", default="/work/venvs/transmla/bin/python")
+    ap.add_argument(
+        "--anchor-src",
+        default="/tmp/transmla/transmla/transmla",
+        help="the transmla/transmla folder of a TransMLA checkout",
+    )
+    ap.add_argument("--anchor-ratios", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    ap.add_argument("--anchor-freqfolds", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--anchor-rope-dim", type=int, default=64)
+    ap.add_argument(
         "--fill",
         action="store_true",
         help="keep the finished rows of bench/results/NAME.json; run only the missing or failed ones",
@@ -82,6 +104,8 @@ def main() -> None:
             ("plain SVD", "mha2mla", "exact", r, ["--partial-rope", "high", "--svd", "split"])
             for r in args.baseline_ratios
         ]
+        if args.anchor_only:
+            runs = []
         done = {}
         if args.fill and (RESULTS / f"{args.name}.json").exists():
             done = {
@@ -157,6 +181,11 @@ def main() -> None:
             save(args.name, {"rows": rows, "args": vars(args), "partial": True})  # survives an interrupted run
             print({k: row[k] for k in ("method", "target", "KV %", "rope dim", "ppl", "convert s")}, flush=True)
             subprocess.run(["rm", "-rf", str(out)])
+        if args.anchor or args.anchor_only:
+            rows += anchor_rows(args, base, tok, wins, p0, Path(td))
+        for row in rows:
+            if row.get("ppl") is not None:
+                row["ppl ÷ source"] = row["ppl"] / p0
     cols = [
         "method",
         "target",
@@ -165,6 +194,7 @@ def main() -> None:
         "rope dim",
         "latent",
         "ppl",
+        "ppl ÷ source",
         "Δppl",
         "attn err",
         "convert s",
@@ -173,7 +203,122 @@ def main() -> None:
     print_table(
         rows, cols, f"SmolLM2-135M → MLA, training-free, hamlet ppl ({args.windows} × {args.length} tokens, fp32, CPU)"
     )
-    save(args.name, {"rows": rows, "args": vars(args)})
+    save(args.name, {"rows": rows, "args": vars(args), **provenance()})
+
+
+def provenance() -> dict:
+    import datetime
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
+    ).stdout.strip()
+    dirty = bool(
+        subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
+    )
+    return {
+        "git_commit": commit + ("-dirty" if dirty else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def anchor_rows(args, base: Path, tok, wins, p0: float, td: Path) -> list[dict]:
+    """TransMLA's own conversion on the same calibration and evaluation windows (its own venv)."""
+    import torch
+    from transformers import AutoConfig
+
+    from weightsmith.calib.config import CalibConfig
+    from weightsmith.calib.windows import load_calibration
+    from weightsmith.demo import political_speeches
+
+    py, src = Path(args.anchor_python), Path(args.anchor_src)
+    if not py.exists():
+        raise SystemExit(
+            f"{py}: missing; create it with: python3.11 -m venv {py.parent.parent} && {py.parent}/pip install -r "
+            "bench/anchors/transmla.txt"
+        )
+    if not (src / "partial_rope.py").exists():
+        raise SystemExit(
+            f"{src}/partial_rope.py: missing; --anchor-src must be the transmla/transmla folder of a checkout of "
+            "github.com/fxmeng/TransMLA"
+        )
+    calib = load_calibration(
+        CalibConfig(
+            calib=str(political_speeches()),
+            calib_field="speeches",
+            calib_samples=args.calib_samples,
+            calib_length=args.calib_length,
+        ),
+        tok,
+    )
+    torch.save(calib.ids, td / "calib.pt")
+    torch.save(wins, td / "eval.pt")
+    cfg = AutoConfig.from_pretrained(base)
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    S = 2 * cfg.num_key_value_heads * d
+    rows = []
+    for ratio in args.anchor_ratios:
+        rank = int(round(ratio * S)) - args.anchor_rope_dim
+        cmd = [
+            str(py),
+            str(Path(__file__).parent / "anchors" / "run_transmla.py"),
+            str(src),
+            str(base),
+            str(td / "calib.pt"),
+            str(td / "eval.pt"),
+            "--kv-lora-rank",
+            str(rank),
+            "--qk-mqa-dim",
+            str(args.anchor_rope_dim),
+        ]
+        for f in args.anchor_freqfolds:
+            cmd += ["--freqfold", str(f)]
+        proc = subprocess.Popen(
+            ["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        theirs_p0 = None
+        for ln in proc.stdout:  # one JSON line per FreqFold, kept as it arrives (an interrupted run keeps its rows)
+            if not ln.startswith("{"):
+                continue
+            o = json.loads(ln)
+            if "source_ppl" in o:
+                theirs_p0 = o["source_ppl"]
+                continue
+            row = {
+                "method": f"TransMLA code, FreqFold {o['freqfold']}",
+                "target": "own modeling",
+                "KV %": 100 * ratio,
+                "KV values/token": cfg.num_hidden_layers * (rank + args.anchor_rope_dim),
+                "rope dim": args.anchor_rope_dim,
+                "latent": rank,
+                "ppl": o["ppl"],
+                "ppl ÷ source": o["ppl"] / p0,
+                "Δppl": o["ppl"] - p0,
+                "convert s": o["convert_s"],
+                "source ppl (anchor venv)": theirs_p0,
+            }
+            rows.append(row)
+            save(f"{args.name}-anchor-partial", {"rows": rows, "args": vars(args), "partial": True, **provenance()})
+            print({k: row[k] for k in ("method", "KV %", "ppl", "convert s")}, flush=True)
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            rows.append(
+                {
+                    "method": "TransMLA code",
+                    "target": "own modeling",
+                    "KV %": 100 * ratio,
+                    "note": (err.strip().splitlines() or ["failed"])[-2 if len(err.strip().splitlines()) > 1 else -1][
+                        :160
+                    ],
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
 
 
 if __name__ == "__main__":

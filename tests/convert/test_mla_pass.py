@@ -275,3 +275,49 @@ def test_engine_target_serves_both_methods_at_reduced_cache(tiny_model, tmp_path
         name, got, model = _logits(dst, ids)
         assert name == "DeepseekV3ForCausalLM" and torch.isfinite(got).all()
         model.generate(ids[:, :8], max_new_tokens=3, do_sample=False)
+
+
+# Ceiling for the 50 % quality floor: the issue's bar (TransMLA's own code measured 2.2× on the
+# bench protocol). This test's protocol measured 1.533 (ppl 58.85 vs 38.39) at commit f52c4fc.
+HALF_CACHE_CEILING = 2.2
+
+
+@pytest.mark.slow
+def test_smollm2_half_cache_quality_floor(smollm2, tmp_path, cli):
+    """50 % of the KV cache (RoPE 64 + latent 128 per layer), training-free: the converted model's
+    perplexity on held-out prose stays within HALF_CACHE_CEILING × the source's (TransMLA's own code
+    measured 2.2× on bench/mla.py's protocol)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from weightsmith.demo import hamlet, political_speeches
+    from weightsmith.eval.perplexity import perplexity
+    from weightsmith.eval.text import read_text, token_windows
+
+    dst = tmp_path / "mla"
+    r = cli(
+        "mla",
+        str(smollm2),
+        str(dst),
+        "--kv-ratio",
+        "0.5",
+        "--calib",
+        str(political_speeches()),
+        "--calib-field",
+        "speeches",
+        "--calib-samples",
+        "8",
+        "--calib-length",
+        "256",
+        "--rope-dim",
+        "64",
+    )
+    assert r.code == 0, r
+    m = json.loads((dst / "manifest.json").read_text())["metrics"]
+    assert (
+        m["kv_cache_after"]["values_per_token"] <= 0.5 * m["kv_cache_before"]["values_per_token"] + 30
+    )  # + the constant channel
+    wins = token_windows(AutoTokenizer.from_pretrained(smollm2), read_text(hamlet()), 512, 4, source="hamlet.txt")
+    p0 = perplexity(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32), wins)["perplexity"]
+    p = perplexity(AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32), wins)["perplexity"]
+    print(f"50 % cache: ppl {p:.3f} vs source {p0:.3f}: ratio {p / p0:.4f}")
+    assert p / p0 <= HALF_CACHE_CEILING, (p, p0)

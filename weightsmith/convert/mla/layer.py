@@ -13,7 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from weightsmith.convert.mla.components import Split
-from weightsmith.convert.mla.latent import calibrated_weights, constant_channel_weights
+from weightsmith.convert.mla.latent import (
+    calibrated_weights,
+    constant_channel_weights,
+    pseudo_constant_direction,
+)
 from weightsmith.convert.mla.lowrank import Latent
 
 
@@ -59,9 +63,14 @@ def build_layer(
     samples: torch.Tensor | None = None,
     eps: float = 1e-6,
     q_constant: float | None = None,
+    C: torch.Tensor | None = None,
+    pseudo: float | None = None,
+    max_cv: float = 0.1,
 ) -> MlaLayer:
-    """constant: M for the exact target's constant latent channel; None = engine target
-    (no biases, norm weights calibrated on `samples` [tokens, H] of the attention input)."""
+    """constant: M for the exact target's constant latent channel; None = engine target (no biases):
+    with `pseudo` (M) and C given, a pseudo-constant latent channel M·wᵀx (see latent.py) when its
+    coefficient of variation is below max_cv; otherwise norm weights calibrated on `samples`
+    [tokens, H] of the attention input (the latent must then be uncentered)."""
     n_h, n_kv, d, H = src.n_h, src.n_kv, src.d, src.hidden
     d_r = split.rope_k.shape[0]
     m = split.nope_k.shape[0]
@@ -106,6 +115,20 @@ def build_layer(
         t["kv_a"], t["kv_a_bias"] = kv_a[:, :H], kv_a[:, H]
         t["o"] = src.wo
         t["o_bias"] = src.bo if src.bo is not None else torch.zeros(H, dtype=B.dtype)
+    elif pseudo is not None and C is not None and (pc := pseudo_constant_direction(C))[1] < max_cv:
+        w = pc[0].to(B.dtype)
+        if split.rope_k[:, H].abs().max() > 0:
+            raise ValueError("the engine target has no kv_a_proj bias, but the source's RoPE keys have one")
+        lat_rows = lat_rows.clone()
+        lat_rows[:, :H] += torch.outer(lat_rows[:, H] - E @ mu, w)  # centered latent; its offset rides on wᵀx ≈ 1
+        kv_a = torch.cat([lat_rows[:, :H], pseudo * w[None], split.rope_k[:, :H]])
+        t["kv_a_norm"] = constant_channel_weights(r, pseudo)
+        t["kv_b"] = torch.cat([kv_b, kv_mean[:, None]], dim=1)
+        rank = r + 1
+        t["kv_a"] = kv_a
+        t["o"] = src.wo
+        if src.bo is not None and src.bo.abs().max() > 0:
+            raise ValueError("the engine target has no o_proj bias, but the source has one")
     else:
         kv_a = torch.cat([lat_rows, split.rope_k])
         if kv_a[:, H].abs().max() > 0:

@@ -20,16 +20,19 @@ from weightsmith.arch import arch_for
 from weightsmith.calib import CalibConfig
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.convert.mla import components as comp
-from weightsmith.convert.mla.latent import constant_for
+from weightsmith.convert.mla.latent import constant_for, pseudo_constant_direction
 from weightsmith.convert.mla.layer import SourceAttention, attention_metric, build_layer
 from weightsmith.convert.mla.lowrank import pca_latent, svd_latent, weighted_pca_latent
+from weightsmith.convert.mla.refit import refit_values
 from weightsmith.convert.mla.rope import longrope_factors, source_inv_freq
 from weightsmith.convert.mla.simulate import cast_source, gqa_attention, relative_error
+from weightsmith.engine.stats import Gram
 from weightsmith.errors import UnsupportedError, UsageError
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.util import dtype_from_name
+from weightsmith.util import dtype_from_name, element_size
 
 NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default eps (kv_a_layernorm / q_a_layernorm are built without one)
+PSEUDO_MAX_CV = 0.1  # engine target: a pseudo-constant latent channel when wᵀx varies less than this over tokens
 DENSE_SOURCES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -88,6 +91,22 @@ class MlaConfig(CalibConfig):
         default=1.0, metadata={"help": "transmla: BKV-PCA balance multiplier (keys scaled to the values' norm / this)"}
     )
     loss_windows: int = field(default=2, metadata={"help": "calibration windows kept per layer to score candidates"})
+    refit: Literal["values", "none"] = field(
+        default="values",
+        metadata={
+            "help": "values: after the latent and keys are fixed, refit kv_b_proj's value rows by ridge least "
+            "squares against the source layer's per-head attention output on calibration windows; none: keep the "
+            "PCA decoder"
+        },
+    )
+    refit_windows: int = field(default=8, metadata={"help": "calibration windows per layer for --refit values"})
+    refit_ridge: float = field(
+        default=0.1,
+        metadata={
+            "help": "--refit values: ridge strength towards the PCA decoder, relative to the mean diagonal of "
+            "the features' Gram matrix"
+        },
+    )
     dtype: Literal["keep", "float32", "bfloat16", "float16"] = field(default="keep", metadata={"help": "output dtype"})
     calib_samples: int = field(default=32, metadata={"help": "number of calibration windows"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
@@ -105,6 +124,8 @@ class MlaConfig(CalibConfig):
             raise UsageError(f"--freqfold {self.freqfold} must be a power of two ≥ 1")
         if self.loss_windows < 1:
             raise UsageError("--loss-windows must be ≥ 1")
+        if self.refit_windows < 1 or self.refit_ridge < 0:
+            raise UsageError("--refit-windows must be ≥ 1 and --refit-ridge ≥ 0")
 
 
 # ---- validation and budget -------------------------------------------------------------------------
@@ -212,7 +233,7 @@ def _latent_rank(b: Budget, d_r: int) -> int:
 
 
 def _folds(cfg: MlaConfig, d: int, d_r: int) -> list[int]:
-    """FreqFold candidates for transmla on the engine target (the only setup that folds)."""
+    """FreqFold candidates (transmla, a shared standard-RoPE key of d_r ≤ head_dim dims)."""
     collapse = d // d_r
     if cfg.freqfold is not None:
         if cfg.freqfold % collapse or cfg.freqfold > d // 2:
@@ -222,6 +243,10 @@ def _folds(cfg: MlaConfig, d: int, d_r: int) -> list[int]:
             )
         return [cfg.freqfold]
     return [f for f in (collapse, 2 * collapse, 4 * collapse, 8 * collapse) if f <= d // 2]
+
+
+def _foldable(d: int, d_r: int) -> bool:
+    return d_r <= d and d % d_r == 0 and (d // d_r) <= d // 2
 
 
 # ---- per layer ------------------------------------------------------------------------------------
@@ -249,28 +274,42 @@ def load_source_attention(ck, view, i: int, inv_freq: torch.Tensor) -> SourceAtt
 
 
 def rope_setups(cfg: MlaConfig, view, sources: list[SourceAttention], stats: list, d_r: int) -> dict:
-    """fold -> (blocks, basis) for one RoPE width. The RoPE frequency table is one config for the
-    whole model, so the frequencies kept are decided here for all layers at once."""
+    """family -> {fold -> (blocks, basis)} for one RoPE width. The RoPE frequency table is one config
+    for the whole model, so a family (which frequencies the kept pairs turn at) is chosen for all
+    layers at once; only the FreqFold within the "freqfold" family (always the standard table) may
+    differ per layer.
+
+    Families: "freqfold" (TransMLA's RoRoPE + FreqFold: blocks of adjacent frequencies across KV
+    heads, each keeping fold·d_r/d components at the standard table's frequencies; the engine
+    target's only one), "pairs" (exact target: one block per frequency, exact rotations, RoPE pairs
+    allocated across frequencies by score), "heads" (mha2mla: frequencies kept per KV head)."""
     n_h, n_kv, d = view.heads, view.kv_heads, view.head_dim
     inv = sources[0].inv_freq
 
     def two_norm():  # summed over layers: the kept frequencies must be the same in every layer
         return sum(comp.two_norm_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d) for s, (C, _) in zip(sources, stats))
 
+    def freqfold():
+        return {f: (comp.freqfold_blocks(n_kv, d, d_r, f, inv), "pca") for f in _folds(cfg, d, d_r)}
+
     if cfg.target == "engine":
         if cfg.method == "mha2mla":  # 2norm: each target frequency in its best KV head
-            return {None: (comp.engine_head_selection_blocks(n_kv, d, d_r, two_norm(), inv), "identity")}
-        return {f: (comp.freqfold_blocks(n_kv, d, d_r, f, inv), "pca") for f in _folds(cfg, d, d_r)}
+            return {"heads": {None: (comp.engine_head_selection_blocks(n_kv, d, d_r, two_norm(), inv), "identity")}}
+        return {"freqfold": freqfold()}
     if cfg.method == "transmla":
-        base = comp.single_frequency_blocks(n_kv, d)
-        scores = [
-            comp.block_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d, blocks=base) for s, (C, _) in zip(sources, stats)
-        ]
-        counts = comp.allocate_pairs(scores, d_r // 2)
-        return {None: (comp.single_frequency_blocks(n_kv, d, counts), "pca")}
+        out = {"freqfold": freqfold()} if _foldable(d, d_r) else {}
+        if cfg.freqfold is None:
+            base = comp.single_frequency_blocks(n_kv, d)
+            scores = [
+                comp.block_scores(s.wk, s.wq, C, n_h=n_h, n_kv=n_kv, d=d, blocks=base)
+                for s, (C, _) in zip(sources, stats)
+            ]
+            counts = comp.allocate_pairs(scores, d_r // 2)
+            out["pairs"] = {None: (comp.single_frequency_blocks(n_kv, d, counts), "pca")}
+        return out
     score = two_norm() if cfg.partial_rope == "2norm" else None
     kept = comp.partial_rope_frequencies(cfg.partial_rope, n_kv, d, d_r // (2 * n_kv), score)
-    return {None: (comp.head_selection_blocks(n_kv, d, kept), "identity")}
+    return {"heads": {None: (comp.head_selection_blocks(n_kv, d, kept), "identity")}}
 
 
 def convert_layer(
@@ -284,23 +323,37 @@ def convert_layer(
     rank: int,
     constant: float | None,
     metric: str | None = None,
+    pseudo: float | None = None,
 ):
+    """rank: the written latent width without the exact target's constant channel (constant adds one);
+    on the engine target a pseudo-constant channel (pseudo = its M) takes one of the `rank`."""
     split = comp.build_split(
         src.wk, src.wq, C, n_h=src.n_h, n_kv=src.n_kv, d=src.d, inv_freq=src.inv_freq, blocks=blocks, basis=basis
     )
+    if pseudo is not None and pseudo_constant_direction(C)[1] >= PSEUDO_MAX_CV:
+        pseudo = None  # no nearly constant direction in this layer's input: calibrated norm, uncentered latent
+    centered = constant is not None or pseudo is not None
+    if pseudo is not None:
+        rank -= 1
     metric = metric or ("bkv" if cfg.pca_metric == "auto" else cfg.pca_metric)
     if cfg.method == "transmla" and metric == "attention":
-        lat = weighted_pca_latent(
-            split.nope_k, src.wv, C, rank, attention_metric(src, split, C), centered=constant is not None
-        )
+        lat = weighted_pca_latent(split.nope_k, src.wv, C, rank, attention_metric(src, split, C), centered=centered)
     elif cfg.method == "transmla":
-        lat = pca_latent(split.nope_k, src.wv, C, rank, centered=constant is not None, balance=cfg.balance_kv)
+        lat = pca_latent(split.nope_k, src.wv, C, rank, centered=centered, balance=cfg.balance_kv)
     else:
         lat = svd_latent(split.nope_k, src.wv, rank, split=cfg.svd == "split")
-        if constant is None:
+        if not centered:
             lat.mean.zero_()
     layer = build_layer(
-        src, split, lat, constant=constant, samples=samples.reshape(-1, samples.shape[-1]), eps=NORM_EPS
+        src,
+        split,
+        lat,
+        constant=constant,
+        samples=samples.reshape(-1, samples.shape[-1]),
+        eps=NORM_EPS,
+        C=C,
+        pseudo=pseudo,
+        max_cv=PSEUDO_MAX_CV,
     )
     return layer, split, lat
 
@@ -445,24 +498,23 @@ class _Sources:
 
 
 class _LayerStats:
+    """Second moment of [x; 1] (the attention input with a constant, so biases ride along) via the
+    engine's Gram accumulator, plus the first `keep` windows of x to score candidates on."""
+
     def __init__(self, hidden: int, keep: int):
-        self.C = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
-        self.rows = 0
+        self.gram = Gram(hidden + 1, dtype=torch.float64)
         self.samples: list[torch.Tensor] = []
         self.keep = keep
 
     def __call__(self, inp, out):
         x = inp.detach().to("cpu", torch.float64)
-        flat = x.reshape(-1, x.shape[-1])
-        xa = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=torch.float64)], 1)
-        self.C.addmm_(xa.T, xa)
-        self.rows += flat.shape[0]
+        self.gram(torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=torch.float64)], -1), out)
         for b in range(x.shape[0]):
             if len(self.samples) < self.keep:
                 self.samples.append(x[b].clone())
 
     def finish(self):
-        return self.C / max(self.rows, 1), torch.stack(self.samples)
+        return self.gram.mean, torch.stack(self.samples)
 
 
 def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
@@ -470,27 +522,35 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     view, budget, inv = plan.state
     out_dtype = ck.info(view.family.embed).dtype if cfg.dtype == "keep" else dtype_from_name(cfg.dtype)
     constant = constant_for(out_dtype) if cfg.target == "exact" else None
+    pseudo = constant_for(out_dtype) if cfg.target == "engine" else None
     calib = ctx.calibrate(cfg)
     engine = ctx.engine()
-    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+    stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: second moment, scoring windows
+    fit_windows: list[torch.Tensor] = []  # per layer: the windows --refit fits on
 
     def process(layer):
-        st = _LayerStats(view.hidden, cfg.loss_windows)
+        st = _LayerStats(view.hidden, max(cfg.loss_windows, cfg.refit_windows if cfg.refit != "none" else 0))
         layer.run(observe={view.attention(layer.index)["k"]: st}, keep_outputs=False)
-        stats.append(st.finish())  # noqa: F821 (defined above; the `del` below comes after the engine ran)
+        C, x = st.finish()
+        stats.append((C, x[: cfg.loss_windows]))
+        fit_windows.append(x)
 
     engine.run(calib.ids, process)
     engine.close()
     with _one_thread():
         sources = _Sources(ck, view, inv)
         refs = [gqa_attention(x.float(), cast_source(s, torch.float32)) for s, (_, x) in zip(sources, stats)]
-        # choose the RoPE width (one config key) on the summed calibration loss, FreqFold per layer
-        setups = {d_r: rope_setups(cfg, view, sources, stats, d_r) for d_r in budget.rope_candidates}
+        # choose the RoPE width and family (one config) on the summed calibration loss, FreqFold per layer
+        setups = {
+            (d_r, fam): folds
+            for d_r in budget.rope_candidates
+            for fam, folds in rope_setups(cfg, view, sources, stats, d_r).items()
+        }
         losses: dict[tuple, list[float]] = {}
         if sum(len(v) for v in setups.values()) > 1:
-            for d_r, by_fold in ctx.report.track(list(setups.items()), desc="scoring RoPE widths"):
+            for (d_r, fam), by_fold in ctx.report.track(list(setups.items()), desc="scoring RoPE widths"):
                 for f, (blocks, basis) in by_fold.items():
-                    losses[(d_r, f)] = [
+                    losses[(d_r, fam, f)] = [
                         relative_error(
                             x,
                             s,
@@ -503,6 +563,7 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
                                 basis=basis,
                                 rank=_latent_rank(budget, d_r),
                                 constant=constant,
+                                pseudo=pseudo,
                             )[0],
                             eps=NORM_EPS,
                             ref=ref,
@@ -510,51 +571,71 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
                         for s, (C, x), ref in zip(sources, stats, refs)
                     ]
             totals = {
-                d_r: sum(min(losses[(d_r, f)][i] for f in setups[d_r]) for i in range(view.num_layers))
-                for d_r in setups
+                k: sum(min(losses[(*k, f)][i] for f in setups[k]) for i in range(view.num_layers)) for k in setups
             }
-            d_r = min(totals, key=lambda k: (totals[k], -k))
-            ctx.metrics["rope_dim_search"] = {str(k): round(v / view.num_layers, 8) for k, v in sorted(totals.items())}
-            if len(setups[d_r]) > 1:
+            key = min(totals, key=lambda k: (totals[k], -k[0], k[1]))
+            ctx.metrics["rope_dim_search"] = {
+                f"{k[0]} {k[1]}": round(v / view.num_layers, 8) for k, v in sorted(totals.items())
+            }
+            if len(setups[key]) > 1:
                 ctx.metrics["freqfold_search"] = {
-                    str(f): round(sum(losses[(d_r, f)]) / view.num_layers, 8) for f in setups[d_r]
+                    str(f): round(sum(losses[(*key, f)]) / view.num_layers, 8) for f in setups[key]
                 }
         else:
-            d_r = budget.rope_candidates[0]
+            key = next(iter(setups))
+        d_r = key[0]
         rank = _latent_rank(budget, d_r)
         folds = [
-            min(setups[d_r], key=lambda f: losses[(d_r, f)][i]) if len(setups[d_r]) > 1 else next(iter(setups[d_r]))
+            min(setups[key], key=lambda f: losses[(*key, f)][i]) if len(setups[key]) > 1 else next(iter(setups[key]))
             for i in range(view.num_layers)
         ]
         built, layer_metrics = [], []
         for i in ctx.report.track(range(view.num_layers), desc="building MLA layers"):
             (C, x), src = stats[i], sources[i]
-            blocks, basis = setups[d_r][folds[i]]
+            blocks, basis = setups[key][folds[i]]
             metrics = ["bkv", "attention"] if cfg.method == "transmla" and cfg.pca_metric == "auto" else [None]
             best = None
             for metric in metrics:
                 L, split, lat = convert_layer(
-                    cfg, src, C, x, blocks=blocks, basis=basis, rank=rank, constant=constant, metric=metric
+                    cfg,
+                    src,
+                    C,
+                    x,
+                    blocks=blocks,
+                    basis=basis,
+                    rank=rank,
+                    constant=constant,
+                    metric=metric,
+                    pseudo=pseudo,
                 )
                 err = relative_error(x, src, L, eps=NORM_EPS, ref=refs[i])
                 if best is None or err < best[0]:
                     best = (err, L, split, lat, metric)
             err, L, split, lat, metric = best
+            refit = {}
+            if cfg.refit == "values" and err > 1e-9:  # (nothing to fix at full cache: keep it exact)
+                L = refit_values(src, L, fit_windows[i], ridge=cfg.refit_ridge, eps=NORM_EPS)
+                refit = {"attention_output_error_before_refit": round(err, 8)}
+                err = relative_error(x, src, L, eps=NORM_EPS, ref=refs[i])  # on windows inside the fit set: optimistic
             layer_metrics.append(
                 {
+                    **refit,
                     "layer": i,
                     "attention_output_error": round(err, 8),
                     "latent_error": round(lat.error, 8),
                     "key_nope_error": round(lat.key_error, 8),
                     "value_error": round(lat.value_error, 8),
                     "rope_key_energy_kept": round(split.kept_energy, 6),
+                    "rope_family": key[1],
                     "freqfold": folds[i],
                     "kv_balance": round(lat.ratio, 6),
                     **({"pca_metric": metric} if metric else {}),
                 }
             )
             built.append(L)
-        del sources, stats, refs
+        del sources, refs
+        stats.clear()
+        fit_windows.clear()
     L0 = built[0]
     q_lora = view.hidden + 1 if "q_a" in L0.tensors else None
     out_cfg = _out_config(
@@ -609,11 +690,20 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
     _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, rank, budget)
 
 
-def _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, rank, budget):
-    from weightsmith.eval.accounting import kv_cache
+def _kv_cache(view, dtype: torch.dtype) -> dict:
+    """KV-cache values and bytes per token (all layers) from the architecture view (no eval import)."""
+    values = view.kv_cache_values_per_token()
+    return {
+        "values_per_token": values,
+        "bytes_per_token": values * element_size(dtype),
+        "dtype": str(dtype).removeprefix("torch."),
+        "kind": "mla" if view.is_mla else ("mha" if view.kv_heads == view.heads else "gqa"),
+    }
 
-    before = kv_cache(ctx.source.config)
-    after = kv_cache(out_cfg)
+
+def _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, rank, budget):
+    before = _kv_cache(view, ctx.source.info(view.family.embed).dtype)
+    after = _kv_cache(target_view, out_cfg.dtype)
     n_h, H, d = view.heads, view.hidden, view.head_dim
     L0 = built[0]
     unabs = sum(int(t.numel()) for L in built for t in L.tensors.values())
