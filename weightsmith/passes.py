@@ -19,6 +19,7 @@ from weightsmith.errors import UsageError
 PASS_MODULES = [
     "weightsmith.checkpoint.copy_pass",
     "weightsmith.quant.quant_pass",
+    "weightsmith.quant.rotate_pass",
     "weightsmith.merge.merge_pass",
     "weightsmith.prune.prune_pass",
     "weightsmith.prune.distill",

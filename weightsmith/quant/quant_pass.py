@@ -29,6 +29,7 @@ from weightsmith.quant.decisions import Decision, Override, decide
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
 from weightsmith.quant.gptq import GPTQSpec, gptq_quantize, output_error
 from weightsmith.quant.grid import GridSpec, dequantize_codes, rtn
+from weightsmith.quant.rotate_pass import RotateConfig, RotatedCheckpoint
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name
 
 STAGE = {"q": 0, "k": 0, "v": 0, "q_a": 0, "kv_a": 0, "q_b": 1, "kv_b": 1, "o": 2, "gate": 3, "up": 3, "down": 4}
@@ -54,6 +55,8 @@ class QuantConfig(CalibConfig):
     min_expert_tokens: int = field(default=128, metadata={"help": "MoE experts that saw fewer calibration tokens fall back to RTN"})
     dtype: Literal["keep", "float16", "bfloat16"] = field(default="keep", metadata={"help": "dtype of the tensors left unquantized (embeddings, norms, ...)"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
+    rotate: bool = field(default=False, metadata={"help": "first fold norm scales and randomised Hadamard rotations into the weights (the `rotate` pass; same function, flatter weights)"})
+    rotate_seed: int = field(default=0, metadata={"help": "seed of --rotate's random signs"})
 
     def __post_init__(self):
         for o in self.override:
@@ -89,8 +92,16 @@ def _out_dtype(cfg: QuantConfig, src: torch.dtype) -> torch.dtype:
     return dtype_from_name(cfg.dtype)
 
 
+def _source(cfg: QuantConfig, ctx):
+    """The checkpoint to quantize: the source, or (--rotate) a rotated view of it read lazily."""
+    if cfg.rotate and not isinstance(ctx.source, RotatedCheckpoint):
+        require_complete(ctx.source)
+        ctx.sources[0] = RotatedCheckpoint(ctx.source, RotateConfig(seed=cfg.rotate_seed))
+    return ctx.source
+
+
 def plan(cfg: QuantConfig, ctx) -> Plan:
-    ck = ctx.source
+    ck = _source(cfg, ctx)
     view = arch_for(ck.config)
     require_complete(ck)
     if (ck.config_dict.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
@@ -150,7 +161,9 @@ def _write_quantized(ctx, fmt, prefix: str, qw: QuantizedWeight, scale_dtype) ->
 
 
 def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
-    ck = ctx.source
+    ck = _source(cfg, ctx)
+    if cfg.rotate:
+        ctx.metrics["rotation"] = ck.describe()
     view = arch_for(ck.config)
     fmt = FORMATS[cfg.format]
     decisions = _decisions(cfg, ck, view, fmt)
