@@ -25,9 +25,9 @@ from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError, WeightsmithError
 from weightsmith.inspect_ckpt import require_complete
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.quant.decisions import Decision, Override, decide
+from weightsmith.quant.decisions import BIT_CHOICES, GROUP_SIZES, Decision, Override, decide
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
-from weightsmith.quant.gptq import GPTQSpec, gptq_quantize, output_error
+from weightsmith.quant.gptq import DAMP_STEP, DEFAULT_DAMP, GPTQSpec, gptq_fp_target, gptq_quantize, output_error
 from weightsmith.quant.grid import GridSpec, dequantize_codes, rtn
 from weightsmith.quant.rotate_pass import RotateConfig, RotatedCheckpoint
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name
@@ -39,11 +39,11 @@ SHARED_INPUT = {"q", "k", "v", "q_a", "kv_a"}
 @dataclass(frozen=True)
 class QuantConfig(CalibConfig):
     method: Literal["rtn", "gptq"] = field(default="gptq", metadata={"help": "rtn: round to nearest (no data); gptq: error-compensating, needs calibration"})
-    bits: Literal[2, 3, 4, 8] = field(default=4, metadata={"help": "bits per weight"})
-    group_size: Literal[32, 64, 128, -1] = field(default=128, metadata={"help": "input columns sharing a scale (-1: one per output channel)"})
+    bits: Literal[BIT_CHOICES] = field(default=4, metadata={"help": "bits per weight"})
+    group_size: Literal[GROUP_SIZES] = field(default=128, metadata={"help": "input columns sharing a scale (-1: one per output channel)"})
     sym: bool = field(default=True, metadata={"help": "symmetric grid (fixed zero point; what vLLM's Marlin kernels run)"})
     act_order: Literal["none", "static", "group"] = field(default="static", metadata={"help": "GPTQ column order; all three keep g_idx = column // group (no reordering at inference)"})
-    damp: float = field(default=0.05, metadata={"help": "GPTQ dampening as a fraction of mean(diag H); raised automatically if Cholesky fails (0.05 generalised best across calibration domains on SmolLM2: W3 g64 ppl 166 vs 215 at 0.01, 182 at 0.1)"})
+    damp: float = field(default=DEFAULT_DAMP, metadata={"help": "GPTQ dampening as a fraction of mean(diag H); raised automatically if Cholesky fails (default: see gptq.DEFAULT_DAMP and docs/quantization.md)"})
     mse: bool = field(default=False, metadata={"help": "search the clipping range per row (MSE-optimal scales) instead of min/max"})
     block_size: int = field(default=128, metadata={"help": "GPTQ lazy-update block size"})
     true_sequential: bool = field(default=True, metadata={"help": "quantize a layer's sub-modules in dependency order, each with inputs from its quantized predecessors"})
@@ -55,6 +55,7 @@ class QuantConfig(CalibConfig):
     min_expert_tokens: int = field(default=128, metadata={"help": "MoE experts that saw fewer calibration tokens fall back to RTN"})
     dtype: Literal["keep", "float16", "bfloat16"] = field(default="keep", metadata={"help": "dtype of the tensors left unquantized (embeddings, norms, ...)"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
+    fp_target: bool = field(default=False, metadata={"help": "GPTQ that sees its own error (GPTAQ): each linear's target is the full-precision model's output on full-precision inputs, not its own output on the already-quantized inputs"})
     rotate: bool = field(default=False, metadata={"help": "first fold norm scales and randomised Hadamard rotations into the weights (the `rotate` pass; same function, flatter weights)"})
     rotate_seed: int = field(default=0, metadata={"help": "seed of --rotate's random signs"})
 
@@ -127,7 +128,7 @@ def plan(cfg: QuantConfig, ctx) -> Plan:
     elif any(ck.is_fp8(n) for n in ck.names):
         out_cfg.dtype = torch.bfloat16
     per_module = {p: d.quant for p, (d, _) in decisions.items()}
-    meta = {"method": cfg.method, "damp_percent": cfg.damp, "damp_auto_increment": 0.01, "static_groups": cfg.act_order == "static",
+    meta = {"method": cfg.method, "damp_percent": cfg.damp, "damp_auto_increment": DAMP_STEP, "static_groups": cfg.act_order == "static",
             "act_group_aware": cfg.act_order == "group", "true_sequential": cfg.true_sequential, "mse": cfg.mse}
     out_cfg.quantization_config = fmt.config(cfg.default_quant, per_module, {"version": __version__, "meta": meta})
     notes = {p: d.note for p, (d, _) in decisions.items() if d.note and d.quant is not None}
@@ -238,10 +239,13 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
             f"below ~{MIN_TOKENS_PER_INPUT}x the input width; use at least {MIN_TOKENS_PER_INPUT * widest} tokens (--calib-samples x --calib-length)"
         )
     engine = ctx.engine(batch_size=cfg.batch_size)
+    fp_stream: dict = {"store": None}  # --fp-target: the full-precision model's hidden states
 
     def process(layer):
         lins = [lin for p, (d, lin) in decisions.items() if d.quant is not None and view.layer_of(p) == layer.index]
         stages = sorted({STAGE.get(l.role, 0) for l in lins}) if cfg.true_sequential else [None]
+        fp_in = fp_stream["store"] or layer.inputs
+        originals = {n: t.clone() for n, t in layer.state_dict().items()} if cfg.fp_target else None
         for st in stages:
             todo = [l for l in lins if st is None or STAGE.get(l.role, 0) == st]
             grams: dict[str, Gram] = {}
@@ -251,18 +255,83 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
                 if key not in grams:
                     grams[key] = Gram(layer.in_features(lin.prefix))
                     observe[lin.prefix] = grams[key]
+            cross: dict[str, CrossGram] = {}
+            if cfg.fp_target:
+                cross = _cross_grams(layer, {p: _input_key(l) for l in todo if l.expert is None for p in [l.prefix] if p in observe}, originals, fp_in)
+                observe = {p: _both(g, cross.get(p)) for p, g in observe.items()}
             layer.run(observe=observe, keep_outputs=False)
+            by_key = {_input_key(l): cross[l.prefix] for l in todo if l.prefix in cross}
             for lin in todo:
-                _gptq_one(cfg, ctx, fmt, layer, lin, quantized[lin.prefix].quant, grams[_input_key(lin)], rec, scale_dtype)
+                key = _input_key(lin)
+                _gptq_one(cfg, ctx, fmt, layer, lin, quantized[lin.prefix].quant, grams[key], rec, scale_dtype, by_key.get(key))
+        if cfg.fp_target:  # advance the full-precision stream with the layer's original weights
+            current = {n: t.clone() for n, t in layer.state_dict().items()}
+            _load(layer, originals)
+            nxt = layer.run(inputs=fp_in)
+            _load(layer, current)
+            if fp_in is not layer.inputs:
+                fp_in.close()
+            fp_stream["store"] = nxt
         tokens = layer.expert_tokens()
         if tokens is not None:
             rec.layers.setdefault(f"{layer.prefix}.<experts>", {})["tokens_per_expert"] = tokens
 
     engine.run(calib.ids, process)
+    if fp_stream["store"] is not None:
+        fp_stream["store"].close()
     engine.close()
 
 
-def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, rec, scale_dtype) -> None:
+class CrossGram:
+    """Σ x̃ᵀx between the full-precision model's inputs x̃ (recorded first, batch by batch) and the
+    quantized model's inputs x to the same module: GPTAQ's asymmetric target."""
+
+    def __init__(self):
+        self.fp_batches: list[torch.Tensor] = []
+        self.sum: torch.Tensor | None = None
+        self.valid = True
+
+    def record(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        self.fp_batches.append(inp.reshape(-1, inp.shape[-1]).float().cpu())
+
+    def __call__(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).float().cpu()
+        xt = self.fp_batches.pop(0) if self.fp_batches else None
+        if xt is None or xt.shape != x.shape:
+            self.valid = False
+            return
+        self.sum = xt.T @ x if self.sum is None else self.sum.addmm_(xt.T, x)
+
+
+def _both(a, b):
+    if b is None:
+        return a
+
+    def fn(inp, out):
+        a(inp, out)
+        b(inp, out)
+
+    return fn
+
+
+def _load(layer, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        layer.set_weight(name, t)
+
+
+def _cross_grams(layer, keys: dict[str, str], originals: dict, fp_in) -> dict[str, CrossGram]:
+    """Record the full-precision layer's module inputs on the full-precision stream (one pass)."""
+    if not keys:
+        return {}
+    cross = {p: CrossGram() for p in keys}
+    current = {n: t.clone() for n, t in layer.state_dict().items()}
+    _load(layer, originals)
+    layer.run(observe={p: c.record for p, c in cross.items()}, keep_outputs=False, inputs=fp_in)
+    _load(layer, current)
+    return cross
+
+
+def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, rec, scale_dtype, cross=None) -> None:
     name = lin.prefix + ".weight"
     w = layer.tensor(name).detach().float()
     _finite(name, w)
@@ -272,9 +341,12 @@ def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, rec, scale_dtype)
         entry = {"method": "rtn (expert saw too few tokens)", "tokens": gram.rows}
     else:
         spec = GPTQSpec(GridSpec(q.bits, q.sym, cfg.mse), q.group_size, cfg.act_order, cfg.block_size, cfg.damp)
-        res = gptq_quantize(w, gram.sum, spec)
+        target = w
+        if cross is not None and cross.valid and cross.sum is not None:
+            target = gptq_fp_target(w, gram.sum, cross.sum, cfg.damp)
+        res = gptq_quantize(target, gram.sum, spec)
         qw = _respect_min_zero(QuantizedWeight(res.q, res.scales, res.zeros, res.g_idx, q), fmt)
-        entry = {"method": "gptq", "tokens": gram.rows}
+        entry = {"method": "gptq" if target is w else "gptq (full-precision target)", "tokens": gram.rows}
         if res.damp != cfg.damp:
             rec.damp_raised[lin.prefix] = res.damp
             entry["damp"] = res.damp
