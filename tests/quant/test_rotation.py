@@ -118,3 +118,20 @@ def test_rotate_smollm2_is_exact(smollm2, cli, tmp_path):
     diff, scale = _max_logit_diff(smollm2, tmp_path / "rot", ids)
     assert diff <= 1e-3 and scale > 5, (diff, scale)
     assert json.loads((tmp_path / "rot" / "config.json").read_text())["tie_word_embeddings"] is False  # SmolLM2 is tied; its final norm is not ones
+
+
+def test_rotated_quantized_output_loads_in_compressed_tensors(tiny_model, cli, tmp_path):
+    """A rotated + quantized model (untied lm_head) decompresses through compressed-tensors' own
+    code to the same logits as weightsmith.load: no online transform is needed."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    import weightsmith
+
+    src = _perturbed(tiny_model("llama", tie_word_embeddings=True), tmp_path / "src")
+    out = tmp_path / "ct"
+    assert cli("quant", src, out, "--rotate", "--method", "rtn", "--format", "compressed-tensors", "--bits", "4", "--group-size", "32").code == 0
+    ref = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, ours = ref(ids).logits, weightsmith.load(out)(ids).logits
+    assert torch.allclose(theirs, ours, atol=1e-4)
