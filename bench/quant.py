@@ -56,6 +56,8 @@ VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
     "gptq+mse": ("gptq", ["--mse"]),
     "gptq+rotate": ("gptq", ["--rotate"]),
     "gptq+rotate+mse": ("gptq", ["--rotate", "--mse"]),
+    "gptq+fp-target": ("gptq", ["--fp-target"]),
+    "gptq+rotate+fp-target": ("gptq", ["--rotate", "--fp-target"]),
 }
 DEFAULT_VARIANTS = ("rtn", "gptq", "gptq+mse", "gptq+rotate")
 
