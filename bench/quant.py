@@ -250,7 +250,7 @@ def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
     jobs = []
     for label in args.anchor_only.split(","):
         jobs.append((theirs, label))
-        jobs += [(ours, label, v) for v in args.anchor_variants.split(",")]
+        jobs += [(ours, label, v) for v in filter(None, args.anchor_variants.split(","))]
     return jobs
 
 
