@@ -24,17 +24,18 @@ rows compare like for like. --big quantizes a random Llama-7B-shaped bf16 checkp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, save  # noqa: E402
+from common import print_table, save
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent
@@ -139,7 +140,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(DEFAULT_SETTINGS), help="comma-separated settings: " + ", ".join(SETTINGS))
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated variants: " + ", ".join(VARIANTS))
     ap.add_argument("--anchor-only", default="W4g128,W3g64", help="settings the anchor runs at")
-    ap.add_argument("--anchor-variants", default="gptq,gptq+rotate", help="our variants re-run on the anchor's calibration windows")
+    ap.add_argument("--rows", default="", help="instead of --only x --variants: SETTING:VARIANT,... in priority order (VARIANT llm-compressor = the anchor)")
     ap.add_argument("--jobs", type=int, default=1, help="quantizations running at once (each is its own process; seconds grow with contention)")
     ap.add_argument("--asym", action="store_true", help="asymmetric grids (zero points) instead of symmetric")
     ap.add_argument("--anchor", action="store_true", help="also run llm-compressor's GPTQ (needs .venv-anchors)")
@@ -174,36 +175,48 @@ def main() -> None:
         print(row, flush=True)
         return row
 
-    jobs = [(one, label, v) for label in filter(None, args.only.split(",")) for v in args.variants.split(",")]
-    if args.anchor:
-        jobs += anchor_jobs(args, scratch, src, text, fp, extra)
+    if args.rows:  # explicit SETTING:VARIANT list, run in this order (VARIANT "llm-compressor": the anchor)
+        pairs = [tuple(x.split(":")) for x in args.rows.split(",")]
+    else:
+        pairs = [(label, v) for label in filter(None, args.only.split(",")) for v in args.variants.split(",")]
+        pairs += [(label, "llm-compressor") for label in args.anchor_only.split(",")] if args.anchor else []
+    anchors = anchor_jobs(args, scratch, src, text, fp, extra) if any(v == "llm-compressor" for _, v in pairs) else {}
+    jobs = [(anchors[label],) if v == "llm-compressor" else (one, label, v) for label, v in pairs]
+    payload: dict = {"eval_windows": args.eval_windows, "calib": f"{args.calib_samples}x{args.calib_length}", "sym": not args.asym,
+                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "jobs": args.jobs, "git_commit": git_commit(),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results: list = [None] * len(jobs)
     with ThreadPoolExecutor(args.jobs) as pool:  # every job is a child process; threads only wait
-        futures = [pool.submit(*j) for j in jobs]
-        results = [f.result() for f in futures]
-    rows = [{"setting": "fp32", "method": "—", "ppl": fp, "ppl/fp": 1.0}] + [r for r in results if "tool" not in r]
+        futures = {pool.submit(*j): i for i, j in enumerate(jobs)}
+        for f in as_completed(futures):  # results are saved as they come (a long run leaves its rows)
+            results[futures[f]] = f.result()
+            done = [r for r in results if r is not None]
+            payload["smollm2"] = [{"setting": "fp32", "method": "—", "ppl": fp, "ppl/fp": 1.0}] + [r for r in done if "tool" not in r]
+            payload["anchor"] = [r for r in done if "tool" in r]
+            payload["complete"] = len(done) == len(jobs)
+            save("quant", payload)
+    rows = payload["smollm2"]
     cols = ["setting", "method", "calib", "ppl", "ppl/fp", "bits/weight", "seconds", "peak_rss_mb"]
     sym = "asymmetric" if args.asym else "symmetric"
     print_table(rows, cols, f"SmolLM2-135M, {sym}, hamlet perplexity over {args.eval_windows}x512 tokens (GPTQ calibrated on speeches; {args.jobs} job(s) at a time)")
-    payload: dict = {"smollm2": rows, "eval_windows": args.eval_windows, "calib": f"{args.calib_samples}x{args.calib_length}", "sym": not args.asym,
-                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "jobs": args.jobs, "git_commit": git_commit(),
-                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    if args.anchor:
-        arows = [r for r in results if "tool" in r]
+    if payload["anchor"]:
+        arows = payload["anchor"]
         print_table(arows, ["setting", "tool", "calib", "ppl", "ppl/fp", "seconds", "peak_rss_mb"],
                     f"Side by side on the same {args.anchor_samples}x{args.calib_length} token windows (fp32 ppl {fp:.3f})")
-        payload["anchor"] = arows
     if args.big:
         payload["big"] = big_rows(args, scratch)
     save("quant", payload)
 
 
 def git_commit() -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True)
+    r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True, check=False)
     return r.stdout.strip() or "unknown"
 
 
-def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: list[str]) -> list[tuple]:
-    """llm-compressor's GPTQ and ours on the same exported token windows, per --anchor-only setting."""
+def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: list[str]) -> dict:
+    """Per setting, a job running llm-compressor's GPTQ on the token windows weightsmith calibrates on
+    (--anchor-samples x --calib-length; equal to the main rows' windows when --anchor-samples equals
+    --calib-samples)."""
     if not ANCHOR_PY.exists():
         raise SystemExit(f"{ANCHOR_PY}: missing; create it with: python3.11 -m venv .venv-anchors && "
                          ".venv-anchors/bin/pip install --find-links /opt/wheels -r bench/anchors/llmcompressor.txt")
@@ -212,19 +225,6 @@ def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
     n, length = args.anchor_samples, args.calib_length
     calib_args = {"calib": str(political_speeches()), "calib_field": "speeches", "calib_samples": n, "calib_length": length}
     ids = export_calibration(src, calib_args, scratch / f"calib-{n}x{length}.pt")
-    calib = ["--calib", str(political_speeches()), "--calib-field", "speeches", "--calib-samples", str(n), "--calib-length", str(length)]
-
-    def ours(label: str, variant: str) -> dict:
-        bits, group = SETTINGS[label]
-        method, vextra = VARIANTS[variant]
-        out = scratch / f"{label}-{variant}-ours-{n}"
-        r = quantize(src, out, method, bits, group, calib, extra + vextra)
-        row = {"setting": label, "tool": f"weightsmith {variant}", "calib": f"{n}x{length}", "ppl": perplexity(out, text, args.eval_windows),
-               "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
-        row["ppl/fp"] = row["ppl"] / fp
-        shutil.rmtree(out, ignore_errors=True)
-        print(row, flush=True)
-        return row
 
     def theirs(label: str) -> dict:
         bits, group = SETTINGS[label]
@@ -247,11 +247,7 @@ def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
         print(row, flush=True)
         return row
 
-    jobs = []
-    for label in args.anchor_only.split(","):
-        jobs.append((theirs, label))
-        jobs += [(ours, label, v) for v in filter(None, args.anchor_variants.split(","))]
-    return jobs
+    return {label: functools.partial(theirs, label) for label in SETTINGS}
 
 
 def big_rows(args, scratch: Path) -> list[dict]:

@@ -22,7 +22,7 @@ class Override:
     values: dict
 
     @classmethod
-    def parse(cls, text: str) -> "Override":
+    def parse(cls, text: str) -> Override:
         pat, sep, rest = text.rpartition(":")
         if not sep or not pat:
             raise UsageError(f"--override {text!r}: write REGEX:skip or REGEX:bits=3,group_size=64,sym=false")

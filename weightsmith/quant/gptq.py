@@ -22,7 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from weightsmith.quant.grid import GridSpec, dequantize, find_params, group_index, quantize
+from weightsmith.quant.grid import (
+    GridSpec,
+    dequantize,
+    find_params,
+    group_index,
+    quantize,
+)
 
 ACT_ORDERS = ("none", "static", "group")
 # dampening (fraction of mean diag H), the one default for the pass and this function; measured on

@@ -25,10 +25,23 @@ from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError, WeightsmithError
 from weightsmith.inspect_ckpt import require_complete
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.quant.decisions import BIT_CHOICES, GROUP_SIZES, Decision, Override, decide
+from weightsmith.quant.decisions import (
+    BIT_CHOICES,
+    GROUP_SIZES,
+    Decision,
+    Override,
+    decide,
+)
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
-from weightsmith.quant.gptq import DAMP_STEP, DEFAULT_DAMP, GPTQSpec, gptq_fp_target, gptq_quantize, output_error
-from weightsmith.quant.grid import GridSpec, dequantize_codes, rtn
+from weightsmith.quant.gptq import (
+    DAMP_STEP,
+    DEFAULT_DAMP,
+    GPTQSpec,
+    gptq_fp_target,
+    gptq_quantize,
+    output_error,
+)
+from weightsmith.quant.grid import GridSpec, rtn
 from weightsmith.quant.rotate_pass import RotateConfig, RotatedCheckpoint
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name
 

@@ -28,7 +28,6 @@ from weightsmith.errors import UnsupportedError, UsageError
 from weightsmith.inspect_ckpt import require_complete
 from weightsmith.passes import PassSpec, Plan, register
 from weightsmith.quant import rotation as rot
-from weightsmith.util import FP8_DTYPES
 
 # roles reading the residual stream through the norm in front of their block, and the norm
 READ_ROLES = {"q": "input", "k": "input", "v": "input", "q_a": "input", "kv_a": "input",

@@ -73,7 +73,7 @@ def hadamard(n: int) -> torch.Tensor | None:
     two = n & -n  # largest power of two dividing n
     if two == n:
         return _sylvester(n)
-    for a in range(0, two.bit_length()):
+    for a in range(two.bit_length()):
         m = n >> a  # n = 2^a · m, m = odd part · 2^(k−a)
         base = _paley(m)
         if base is not None:
