@@ -138,21 +138,18 @@ def test_rotated_quantized_output_loads_in_compressed_tensors(tiny_model, cli, t
 
 
 # The W3 g64 quality floor on SmolLM2 (bounded protocol: 8x256 calibration tokens, 4 hamlet windows).
-# Ceilings from measurements of this exact protocol (docs/quantization.md): a regression in the grid,
-# GPTQ, the rotation or the packing pushes the perplexity far above them.
-W3G64_CEILING = {"gptq": None, "gptq+rotate": None}
+# Measured with exactly this protocol: GPTQ 263.1 (fp32: 43.65 over 8 windows). A regression in the
+# grid, GPTQ or the packing pushes the perplexity far above the ceiling.
+W3G64_CEILING = 300.0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["gptq", "gptq+rotate"])
-def test_smollm2_w3g64_quality_floor(variant, smollm2, cli, tmp_path, hamlet):
+def test_smollm2_w3g64_quality_floor(smollm2, cli, tmp_path, hamlet):
     from weightsmith.demo import political_speeches
 
     out = tmp_path / "q"
-    extra = ["--rotate"] if variant == "gptq+rotate" else []
     r = cli("quant", smollm2, out, "--bits", "3", "--group-size", "64", "--calib", political_speeches(), "--calib-field", "speeches",
-            "--calib-samples", "8", "--calib-length", "256", *extra)
+            "--calib-samples", "8", "--calib-length", "256")
     assert r.code == 0, r
     ppl = json.loads(cli("eval", out, "--text", hamlet, "--windows", "4", "--json").out)["perplexity"]
-    print(variant, ppl)
-    assert W3G64_CEILING[variant] is None or ppl <= W3G64_CEILING[variant], ppl
+    assert ppl <= W3G64_CEILING, ppl
