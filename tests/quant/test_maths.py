@@ -80,3 +80,19 @@ def test_mse_clipping_not_worse():
             return float((dequantize(quantize(w, s, z, 15), s, z) - w).pow(2).sum())
 
         assert err(mse) <= err(plain)
+
+
+def test_fp_target_solves_the_asymmetric_least_squares():
+    """GPTAQ's target W' minimises ‖X·W'ᵀ − X̃·Wᵀ‖ (undampened), and is W itself when X̃ = X."""
+    from weightsmith.quant.gptq import gptq_fp_target
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 24, generator=g, dtype=torch.float64)
+    xt = x + 0.1 * torch.randn(400, 24, generator=g, dtype=torch.float64)  # the full-precision model's inputs
+    w = torch.randn(8, 24, generator=g, dtype=torch.float64)
+    h = x.T @ x
+    assert torch.allclose(gptq_fp_target(w, h, h, 0.05).double(), w, atol=1e-6)
+    wp = gptq_fp_target(w, h, xt.T @ x, 0.0).double()
+    best = torch.linalg.lstsq(x, xt @ w.T).solution.T
+    assert torch.allclose(wp, best, atol=1e-4)
+    assert (x @ wp.T - xt @ w.T).norm() < (x @ w.T - xt @ w.T).norm()

@@ -235,3 +235,29 @@ def test_smollm2_gptq_beats_rtn(smollm2, cli, tmp_path, hamlet):
         res = cli("eval", path, "--text", hamlet, "--windows", "4", "--json")
         ppl[name] = json.loads(res.out)["perplexity"]
     assert ppl["gptq"] < 0.9 * ppl["rtn"], ppl
+
+
+def test_fp_target_gptq(tiny_model, cli, tmp_path, hamlet):
+    """--fp-target (GPTAQ): every non-first-layer module gets the full-precision target; beats RTN."""
+    src = tiny_model("qwen2")
+    common = ["--bits", "3", "--group-size", "32"]
+    assert (
+        cli(
+            "quant",
+            src,
+            tmp_path / "a",
+            "--fp-target",
+            "--calib",
+            hamlet,
+            "--calib-samples",
+            "16",
+            "--calib-length",
+            "64",
+            *common,
+        ).code
+        == 0
+    )
+    assert cli("quant", src, tmp_path / "r", "--method", "rtn", *common).code == 0
+    mods = json.loads((tmp_path / "a" / "manifest.json").read_text())["metrics"]["modules"]
+    assert {v["method"] for v in mods.values()} == {"gptq (full-precision target)"}
+    assert _kl(src, tmp_path / "a", hamlet)["mean_kl"] < _kl(src, tmp_path / "r", hamlet)["mean_kl"]

@@ -16,6 +16,7 @@ from weightsmith.errors import UsageError
 PASS_MODULES = [
     "weightsmith.importer.import_pass",
     "weightsmith.quant.quant_pass",
+    "weightsmith.quant.rotate_pass",
     "weightsmith.merge.merge_pass",
     "weightsmith.prune.prune_pass",
     "weightsmith.prune.distill",

@@ -9,7 +9,10 @@ from weightsmith.errors import UsageError
 from weightsmith.quant.formats.base import LinearQuant
 
 SKIPPED_GROUPS = ("router",)  # routers and gates stay in full precision (servers expect them so)
+# the bit widths and group sizes weightsmith writes, in one place (the CLI's choices come from these)
+BIT_CHOICES = (2, 3, 4, 8)
 GROUP_CHOICES = (32, 64, 128)
+GROUP_SIZES = (*GROUP_CHOICES, -1)  # -1: one group per output channel
 
 
 @dataclass(frozen=True)
@@ -19,7 +22,7 @@ class Override:
     values: dict
 
     @classmethod
-    def parse(cls, text: str) -> "Override":
+    def parse(cls, text: str) -> Override:
         pat, sep, rest = text.rpartition(":")
         if not sep or not pat:
             raise UsageError(f"--override {text!r}: write REGEX:skip or REGEX:bits=3,group_size=64,sym=false")
@@ -42,10 +45,10 @@ class Override:
                     values[key] = int(val)
                 except ValueError:
                     raise UsageError(f"--override {text!r}: {key} must be an integer") from None
-        if values.get("bits", 4) not in (2, 3, 4, 8):
-            raise UsageError(f"--override {text!r}: bits must be 2, 3, 4 or 8")
-        if values.get("group_size", 128) not in (*GROUP_CHOICES, -1):
-            raise UsageError(f"--override {text!r}: group_size must be 32, 64, 128 or -1")
+        if values.get("bits", BIT_CHOICES[0]) not in BIT_CHOICES:
+            raise UsageError(f"--override {text!r}: bits must be one of {', '.join(map(str, BIT_CHOICES))}")
+        if values.get("group_size", GROUP_CHOICES[0]) not in GROUP_SIZES:
+            raise UsageError(f"--override {text!r}: group_size must be one of {', '.join(map(str, GROUP_SIZES))}")
         return cls(regex, False, values)
 
 

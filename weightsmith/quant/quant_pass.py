@@ -24,10 +24,24 @@ from weightsmith.calib import CalibConfig
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError, WeightsmithError
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.quant.decisions import Decision, Override, decide
+from weightsmith.quant.decisions import (
+    BIT_CHOICES,
+    GROUP_SIZES,
+    Decision,
+    Override,
+    decide,
+)
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
-from weightsmith.quant.gptq import GPTQSpec, gptq_quantize, output_error
+from weightsmith.quant.gptq import (
+    DAMP_STEP,
+    DEFAULT_DAMP,
+    GPTQSpec,
+    gptq_fp_target,
+    gptq_quantize,
+    output_error,
+)
 from weightsmith.quant.grid import GridSpec, rtn
+from weightsmith.quant.rotate_pass import RotateConfig, RotatedCheckpoint
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name
 from weightsmith.version import __version__
 
@@ -41,8 +55,8 @@ class QuantConfig(CalibConfig):
         default="gptq",
         metadata={"help": "rtn: round to nearest (no data); gptq: error-compensating, needs calibration"},
     )
-    bits: Literal[2, 3, 4, 8] = field(default=4, metadata={"help": "bits per weight"})
-    group_size: Literal[32, 64, 128, -1] = field(
+    bits: Literal[BIT_CHOICES] = field(default=4, metadata={"help": "bits per weight"})
+    group_size: Literal[GROUP_SIZES] = field(
         default=128, metadata={"help": "input columns sharing a scale (-1: one per output channel)"}
     )
     sym: bool = field(
@@ -53,10 +67,10 @@ class QuantConfig(CalibConfig):
         metadata={"help": "GPTQ column order; all three keep g_idx = column // group (no reordering at inference)"},
     )
     damp: float = field(
-        default=0.05,
+        default=DEFAULT_DAMP,
         metadata={
-            "help": "GPTQ dampening as a fraction of mean(diag H); raised automatically if Cholesky fails (0.05 "
-            "generalised best across calibration domains on SmolLM2: W3 g64 ppl 166 vs 215 at 0.01, 182 at 0.1)"
+            "help": "GPTQ dampening as a fraction of mean(diag H); raised automatically if Cholesky fails "
+            "(default: gptq.DEFAULT_DAMP, chosen by measurement, see docs/quantization.md)"
         },
     )
     mse: bool = field(
@@ -97,6 +111,21 @@ class QuantConfig(CalibConfig):
         default="keep", metadata={"help": "dtype of the tensors left unquantized (embeddings, norms, ...)"}
     )
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
+    fp_target: bool = field(
+        default=False,
+        metadata={
+            "help": "GPTQ that sees its own error (GPTAQ): each linear's target is the full-precision model's output "
+            "on full-precision inputs, not its own output on the already-quantized inputs"
+        },
+    )
+    rotate: bool = field(
+        default=False,
+        metadata={
+            "help": "first fold norm scales and randomised Hadamard rotations into the weights (the `rotate` pass; "
+            "same function, flatter weights)"
+        },
+    )
+    rotate_seed: int = field(default=0, metadata={"help": "seed of --rotate's random signs"})
 
     def __post_init__(self):
         for o in self.override:
@@ -138,8 +167,16 @@ def _out_dtype(cfg: QuantConfig, src: torch.dtype) -> torch.dtype:
     return dtype_from_name(cfg.dtype)
 
 
+def _source(cfg: QuantConfig, ctx):
+    """The checkpoint to quantize: the source, or (--rotate) a rotated view of it read lazily."""
+    if cfg.rotate and not isinstance(ctx.source, RotatedCheckpoint):
+        require_complete(ctx.source)
+        ctx.sources[0] = RotatedCheckpoint(ctx.source, RotateConfig(seed=cfg.rotate_seed))
+    return ctx.source
+
+
 def plan(cfg: QuantConfig, ctx) -> Plan:
-    ck = ctx.source
+    ck = _source(cfg, ctx)
     view = arch_for(ck.config)
     require_complete(ck)
     if (ck.config_dict.get("quantization_config") or {}).get("quant_method") not in (None, "fp8"):
@@ -171,7 +208,7 @@ def plan(cfg: QuantConfig, ctx) -> Plan:
     meta = {
         "method": cfg.method,
         "damp_percent": cfg.damp,
-        "damp_auto_increment": 0.01,
+        "damp_auto_increment": DAMP_STEP,
         "static_groups": cfg.act_order == "static",
         "act_group_aware": cfg.act_order == "group",
         "true_sequential": cfg.true_sequential,
@@ -209,7 +246,9 @@ def _write_quantized(ctx, fmt, prefix: str, qw: QuantizedWeight, scale_dtype) ->
 
 
 def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
-    ck = ctx.source
+    ck = _source(cfg, ctx)
+    if cfg.rotate:
+        ctx.metrics["rotation"] = ck.describe()
     view = arch_for(ck.config)
     fmt = FORMATS[cfg.format]
     decisions = plan.state  # made once, by plan()
@@ -296,10 +335,13 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
             "(--calib-samples x --calib-length)"
         )
     engine = ctx.engine(batch_size=cfg.batch_size)
+    fp_stream: dict = {"store": None}  # --fp-target: the full-precision model's hidden states
 
     def process(layer):
         lins = [lin for p, (d, lin) in decisions.items() if d.quant is not None and view.layer_of(p) == layer.index]
         stages = sorted({STAGE.get(l.role, 0) for l in lins}) if cfg.true_sequential else [None]
+        fp_in = fp_stream["store"] or layer.inputs
+        originals = {n: t.clone() for n, t in layer.state_dict().items()} if cfg.fp_target else None
         for st in stages:
             todo = [l for l in lins if st is None or STAGE.get(l.role, 0) == st]
             grams: dict[str, Gram] = {}
@@ -309,11 +351,39 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
                 if key not in grams:
                     grams[key] = Gram(layer.in_features(lin.prefix))
                     observe[lin.prefix] = grams[key]
-            layer.run(observe=observe, keep_outputs=False)
-            for lin in todo:
-                _gptq_one(
-                    cfg, ctx, fmt, layer, lin, quantized[lin.prefix].quant, grams[_input_key(lin)], rec, scale_dtype
+            cross: dict[str, CrossGram] = {}
+            if cfg.fp_target:
+                cross = _cross_grams(
+                    layer,
+                    {p: _input_key(l) for l in todo if l.expert is None for p in [l.prefix] if p in observe},
+                    originals,
+                    fp_in,
                 )
+                observe = {p: _both(g, cross.get(p)) for p, g in observe.items()}
+            layer.run(observe=observe, keep_outputs=False)
+            by_key = {_input_key(l): cross[l.prefix] for l in todo if l.prefix in cross}
+            for lin in todo:
+                key = _input_key(lin)
+                _gptq_one(
+                    cfg,
+                    ctx,
+                    fmt,
+                    layer,
+                    lin,
+                    quantized[lin.prefix].quant,
+                    grams[key],
+                    rec,
+                    scale_dtype,
+                    by_key.get(key),
+                )
+        if cfg.fp_target:  # advance the full-precision stream with the layer's original weights
+            current = {n: t.clone() for n, t in layer.state_dict().items()}
+            _load(layer, originals)
+            nxt = layer.run(inputs=fp_in)
+            _load(layer, current)
+            if fp_in is not layer.inputs:
+                fp_in.close()
+            fp_stream["store"] = nxt
         tokens = layer.expert_tokens()
         if tokens is not None:
             rec.layers.setdefault(f"{layer.prefix}.<experts>", {})["tokens_per_expert"] = tokens
@@ -321,10 +391,61 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
     # layers after the last one with modules to quantize change nothing: the engine stops there
     last = max((i for i in (view.layer_of(p) for p in quantized) if i is not None), default=-1)
     engine.run(calib.ids, process, layers=range(last + 1))
+    if fp_stream["store"] is not None:
+        fp_stream["store"].close()
     engine.close()
 
 
-def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, rec, scale_dtype) -> None:
+class CrossGram:
+    """Σ x̃ᵀx between the full-precision model's inputs x̃ (recorded first, batch by batch) and the
+    quantized model's inputs x to the same module: GPTAQ's asymmetric target."""
+
+    def __init__(self):
+        self.fp_batches: list[torch.Tensor] = []
+        self.sum: torch.Tensor | None = None
+        self.valid = True
+
+    def record(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        self.fp_batches.append(inp.reshape(-1, inp.shape[-1]).float().cpu())
+
+    def __call__(self, inp: torch.Tensor, out: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).float().cpu()
+        xt = self.fp_batches.pop(0) if self.fp_batches else None
+        if xt is None or xt.shape != x.shape:
+            self.valid = False
+            return
+        self.sum = xt.T @ x if self.sum is None else self.sum.addmm_(xt.T, x)
+
+
+def _both(a, b):
+    if b is None:
+        return a
+
+    def fn(inp, out):
+        a(inp, out)
+        b(inp, out)
+
+    return fn
+
+
+def _load(layer, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        layer.set_weight(name, t)
+
+
+def _cross_grams(layer, keys: dict[str, str], originals: dict, fp_in) -> dict[str, CrossGram]:
+    """Record the full-precision layer's module inputs on the full-precision stream (one pass)."""
+    if not keys:
+        return {}
+    cross = {p: CrossGram() for p in keys}
+    current = {n: t.clone() for n, t in layer.state_dict().items()}
+    _load(layer, originals)
+    layer.run(observe={p: c.record for p, c in cross.items()}, keep_outputs=False, inputs=fp_in)
+    _load(layer, current)
+    return cross
+
+
+def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, rec, scale_dtype, cross=None) -> None:
     name = lin.prefix + ".weight"
     w = layer.tensor(name).detach().float()
     _finite(name, w)
@@ -334,9 +455,12 @@ def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, rec, scale_dtype)
         entry = {"method": "rtn (expert saw too few tokens)", "tokens": gram.rows}
     else:
         spec = GPTQSpec(GridSpec(q.bits, q.sym, cfg.mse), q.group_size, cfg.act_order, cfg.block_size, cfg.damp)
-        res = gptq_quantize(w, gram.sum, spec)
+        target = w
+        if cross is not None and cross.valid and cross.sum is not None:
+            target = gptq_fp_target(w, gram.sum, cross.sum, cfg.damp)
+        res = gptq_quantize(target, gram.sum, spec)
         qw = _respect_min_zero(QuantizedWeight(res.q, res.scales, res.zeros, res.g_idx, q), fmt)
-        entry = {"method": "gptq", "tokens": gram.rows}
+        entry = {"method": "gptq" if target is w else "gptq (full-precision target)", "tokens": gram.rows}
         if res.damp != cfg.damp:
             rec.damp_raised[lin.prefix] = res.damp
             entry["damp"] = res.damp
