@@ -25,8 +25,9 @@ from weightsmith.arch import arch_for
 from weightsmith.calib.config import CalibConfig
 from weightsmith.errors import UsageError
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.prune.prune_pass import (Targets, _prefix_keep, _source_widths, _widths, count_params, decide_keep, ffn_for_budget,
-                                          output_specs, parse_params, write_pruned)
+from weightsmith.prune.prune_pass import output_specs, write_pruned
+from weightsmith.prune.targets import (Targets, count_params, decide_keep, ffn_for_budget, parse_params, prefix_keep, source_widths,
+                                       widths)
 from weightsmith.prune.structure import TensorRoles, pruned_config
 
 
@@ -47,7 +48,7 @@ class MinitronConfig(CalibConfig):
 
 
 def enumerate_candidates(view, budget: int, cfg: MinitronConfig) -> list[Targets]:
-    src = _source_widths(view)
+    src = source_widths(view)
     if src.get("expert_ffn"):
         raise UsageError("minitron search covers dense families; prune MoE models with `weightsmith prune --expert-ffn/--hidden`")
     q_per_kv = src["q_heads"] // src["kv_heads"]
@@ -67,7 +68,7 @@ def enumerate_candidates(view, budget: int, cfg: MinitronConfig) -> list[Targets
                 if ffn is None or ffn < max(32, src["ffn"] // 4):
                     continue
                 cand = Targets(**{**base.__dict__, "ffn": ffn})
-                n = count_params(pruned_config(view.config, _prefix_keep(view, cand), _widths(cand)))
+                n = count_params(pruned_config(view.config, prefix_keep(view, cand), widths(cand)))
                 if 0.95 * budget <= n <= budget:
                     out.append(cand)
     if not out:
@@ -132,7 +133,7 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     try:
         for k, t in enumerate(ctx.report.track(cands, desc="candidates")):
             keep = decide_keep(view, scores, t, depth_scores=scores.block_influence, contiguous=False)
-            out_cfg = pruned_config(ck.config, keep, _widths(t))
+            out_cfg = pruned_config(ck.config, keep, widths(t))
             path = scratch / f"c{k}"
             with CheckpointWriter(path) as w:
                 w.plan(output_specs(ck, view, roles, keep))
@@ -157,7 +158,7 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
                 if after[key] >= r[key]:  # the short round did not help: keep the pruned weights
                     del r["model"]
             best = min(rows[: cfg.top_k], key=lambda r: min(r[key], r[f"{key}_after_distill"]))
-        chosen_cfg = pruned_config(ck.config, best["keep"], _widths(best["targets"]))
+        chosen_cfg = pruned_config(ck.config, best["keep"], widths(best["targets"]))
         ctx.writer.plan(output_specs(ck, view, roles, best["keep"]))
         ctx.writer.set_config(chosen_cfg)
         if "model" in best:
