@@ -14,7 +14,7 @@ from weightsmith.eval.perplexity import divergence
 @pytest.fixture
 def student(tiny_model, cli, tmp_path, hamlet):
     out = tmp_path / "student"
-    assert cli("prune", tiny_model("llama"), out, "--ffn", "48", "--heads", "2", "--calib", hamlet, "--calib-samples", "4", "--calib-length", "64").code == 0
+    assert cli("prune", tiny_model("llama"), out, "--ffn", "48", "--heads", "2", "--refit", "none", "--calib", hamlet, "--calib-samples", "4", "--calib-length", "64").code == 0
     return out
 
 

@@ -55,3 +55,23 @@ def test_degenerate_gram_falls_back():
     gram = torch.zeros(6, 6)
     out = refit.refit_columns(w, gram, torch.tensor([0, 2, 4]))
     assert torch.isfinite(out).all() and out.shape == (4, 3)
+
+
+def test_target_refit_corrects_input_drift():
+    # the source's output y = W x; the pruned model sees drifted inputs x' = x + noise and keeps K:
+    # fitting to y from x'_K beats both slicing and fitting to the pruned model's own W x'
+    w, x, _ = _data(seed=5)
+    g = torch.Generator().manual_seed(9)
+    xp = x + 0.3 * torch.randn(x.shape, generator=g)
+    keep = torch.arange(0, 48, 2)
+    y = x @ w.T
+    gp = xp.T @ xp
+    cross = y.T @ xp[:, keep]
+    y_sq = float((y.double() ** 2).sum())
+    gkk = gp[keep][:, keep]
+    own = refit.refit_columns(w, gp, keep)
+    fit = refit.refit_to_target(gkk, cross)
+    errs = {name: refit.target_error(y_sq, cross, gkk, wk) for name, wk in (("sliced", w[:, keep]), ("own", own), ("target", fit))}
+    direct = float(((y - xp[:, keep] @ fit.T) ** 2).sum())
+    assert abs(direct - errs["target"]) / errs["target"] < 1e-3
+    assert errs["target"] < errs["own"] < errs["sliced"]

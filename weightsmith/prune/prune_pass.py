@@ -36,15 +36,17 @@ class PruneConfig(CalibConfig):
     layers: int | None = field(default=None, metadata={"help": "decoder layers to keep (the least important are dropped)"})
     drop_layers: tuple[int, ...] = field(default=(), metadata={"help": "drop exactly these layers (0-based; repeat)"})
     params: str | None = field(default=None, metadata={"help": "parameter budget: a fraction of the source (0.75) or a count (100M, 1.2B)"})
-    axis: Literal["width", "depth"] = field(default="width", metadata={"help": "how --params is spent: width (hidden and MLP scaled together) or depth (layers)"})
+    axis: Literal["width", "depth", "mlp"] = field(default="width", metadata={"help": "how --params is spent: width (hidden and MLP scaled together), "
+                                                                                  "depth (layers) or mlp (MLP neurons only: hidden, heads and layers kept)"})
     importance: Literal["activation", "wanda", "magnitude"] = field(default="activation", metadata={"help": "width importance: Minitron activations, Wanda |W|·‖X‖, or weight magnitude"})
     depth_metric: Literal["bi", "loss"] = field(default="bi", metadata={"help": "layer importance: Block Influence (bounded memory) or calibration-loss increase (loads the model)"})
     contiguous: bool = field(default=False, metadata={"help": "drop one contiguous block of layers"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward batch"})
     calib_samples: int = field(default=64, metadata={"help": "calibration windows"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
-    refit: Literal["ls", "none"] = field(default="ls", metadata={"help": "repair o_proj / down_proj after heads / MLP neurons go: "
-                                                                      "least squares on calibration activations (ls) or plain slicing (none)"})
+    refit: Literal["layer", "source", "none"] = field(default="layer", metadata={
+        "help": "repair o_proj / down_proj after heads / MLP neurons go, by least squares on calibration activations: to the source "
+                "model's outputs (source), to the layer's own outputs on the pruned model's inputs (layer), or plain slicing (none)"})
 
 
 def _nearest(valid: list[int], want: int) -> str:
@@ -150,11 +152,11 @@ def run(cfg: PruneConfig, ctx, plan: Plan) -> None:
     scores, depth = compute_scores(cfg, ctx, view, t)
     keep = decide_keep(view, scores, t, depth_scores=depth, contiguous=cfg.contiguous)
     fitted, errors = {}, {}
-    if cfg.refit == "ls":
+    if cfg.refit != "none":
         from weightsmith.prune.reconstruct import reconstruct
 
-        fitted, errors = reconstruct(ctx, cfg, view, keep)
-    write_pruned(ctx, ck, view, roles, keep, fitted)
+        fitted, errors = reconstruct(ctx, cfg, view, keep, target=cfg.refit)
+    write_pruned(ctx.writer, ck, view, roles, keep, fitted, ctx.report)
     ctx.metrics.update({
         **plan.summary, "kept": keep.as_json(), "refit": cfg.refit, "refit_errors": _error_summary(errors),
         "layer_scores": {"metric": cfg.depth_metric, "values": [round(float(x), 6) for x in depth]} if depth is not None else None,
@@ -169,12 +171,13 @@ def _error_summary(errors: dict[str, dict]) -> dict | None:
     return {"projections": n, "sliced": sum(e["sliced"] for e in errors.values()) / n, "refit": sum(e["refit"] for e in errors.values()) / n}
 
 
-def write_pruned(ctx, ck, view, roles: TensorRoles, keep: Keep, fitted: dict[str, torch.Tensor] | None = None) -> None:
+def write_pruned(writer, ck, view, roles: TensorRoles, keep: Keep, fitted: dict[str, torch.Tensor] | None = None, report=None) -> None:
     """Slice every tensor to the kept sets; `fitted` holds repaired consumers whose input axis is
     already the kept one (the other axes are sliced here)."""
     new_index = {old: new for new, old in enumerate(keep.layers)}
     fitted = fitted or {}
-    for name in ctx.report.track(ck.file_order(), desc="slicing"):
+    names = ck.file_order()
+    for name in (report.track(names, desc="slicing") if report is not None else names):
         i, e, axes = roles.axes(name)
         if i is not None and i not in new_index:
             continue
@@ -182,7 +185,7 @@ def write_pruned(ctx, ck, view, roles: TensorRoles, keep: Keep, fitted: dict[str
             t = slice_tensor(fitted[name], (axes[0], None), keep, i, e).to(ck.info(name).dtype)
         else:
             t = slice_tensor(ck.get(name), axes, keep, i, e)
-        ctx.writer.write(renamed(view, name, new_index), t)
+        writer.write(renamed(view, name, new_index), t)
 
 
 register(

@@ -88,3 +88,23 @@ def mean_bias(w: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor) -> torch.
     mask = torch.ones(n, dtype=torch.bool)
     mask[keep.to(torch.long)] = False
     return w.double()[:, mask] @ mean.double()[mask]
+
+
+def refit_to_target(gram_kk: torch.Tensor, cross: torch.Tensor, damp: float = 1e-3) -> torch.Tensor:
+    """Kept columns [out, |K|] that best map the pruned model's kept inputs to a target output:
+    min Σ ‖y - W'_K x_K‖²  ⇒  W'_K = B (G_KK + λI)⁻¹ with B = Σ y x_Kᵀ [out, |K|], G_KK = Σ x_K x_Kᵀ.
+    With y the *source* model's output of the projection (and x from the pruned model), this also
+    corrects the drift that earlier pruned layers put into x."""
+    g = gram_kk.double()
+    lam = damp * float(torch.diagonal(g).mean().clamp_min(1e-12))
+    g = g + lam * torch.eye(g.shape[0], dtype=g.dtype)
+    chol, info = torch.linalg.cholesky_ex(g)
+    b = cross.double()
+    sol = torch.cholesky_solve(b.T, chol).T if int(info) == 0 else torch.linalg.lstsq(g, b.T).solution.T
+    return sol.to(cross.dtype)
+
+
+def target_error(y_sq: float, cross: torch.Tensor, gram_kk: torch.Tensor, w_kept: torch.Tensor) -> float:
+    """Σ ‖y - W'_K x_K‖² = Σ‖y‖² - 2 tr(W'_K Bᵀ) + tr(W'_K G_KK W'_Kᵀ)."""
+    w = w_kept.double()
+    return float(y_sq - 2 * (w * cross.double()).sum() + ((w @ gram_kk.double()) * w).sum())

@@ -82,6 +82,13 @@ def fit_budget(view, t: Targets, budget: int, axis: str, src: dict) -> Targets:
             if count_params(shape_config(view, cand)) <= budget:
                 return cand
         raise UsageError(f"--params {budget:,}: not reachable by dropping layers alone; use --axis width")
+    if axis == "mlp":
+        if not src.get("ffn") or src.get("expert_ffn"):
+            raise UsageError("--axis mlp prunes dense MLP neurons only; MoE models: use --axis width or --expert-ffn")
+        ffn = ffn_for_budget(view, t, budget, src["ffn"])
+        if ffn is None:
+            raise UsageError(f"--params {budget:,}: not reachable by pruning MLP neurons alone; use --axis width")
+        return Targets(**{**t.__dict__, "ffn": ffn})
     step_h = math.lcm(heads, 8)
     if src.get("ffn") and not src.get("expert_ffn"):
         # dense: for every valid hidden size, the widest MLP within the budget; keep the pair whose
