@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip())
+    if not commit:  # run from an exported snapshot (`git archive`), which names its commit
+        commit, dirty = os.environ.get("WEIGHTSMITH_GIT_COMMIT", ""), False
     meta = {"git_commit": commit, "git_dirty": dirty, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "eval_windows": args.eval_windows, "calib_samples": args.calib_samples}
     fp = perplexity(src, text, args.eval_windows)
