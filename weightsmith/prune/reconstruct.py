@@ -83,22 +83,24 @@ def reconstruct(ctx, cfg, view, keep: Keep, damp: float = 1e-3, target: str = "l
         for name, expert, kind in consumers(view, i) if i in kept else []:
             idx = keep.index(kind, i, expert)
             if idx is not None and idx.numel() < layer.in_features(name.rsplit(".", 1)[0]):
-                todo.append((name, idx))
+                # routed experts see other tokens in the two streams: their rows do not pair up,
+                # so they are always fitted to their own output
+                todo.append((name, idx, "layer" if kind == "expert_ffn" else target))
         if target == "source":
             if src["h"] is None:
                 src["h"] = engine.new_store()
                 src["h"].data.copy_(layer.inputs.data)
-            rows = {name: _Rows() for name, _ in todo}
+            rows = {name: _Rows() for name, _, mode in todo if mode == "source"}
             nxt = layer.run(observe={n.rsplit(".", 1)[0]: r for n, r in rows.items()}, inputs=src["h"])
             src["h"].close()
             src["h"] = nxt
         if i not in kept:
             layer.next_inputs = layer.inputs  # dropped: the pruned stream passes through
             return
-        for name, idx in todo:
+        for name, idx, mode in todo:
             w = layer.tensor(name).detach().float().cpu()
             prefix = name.rsplit(".", 1)[0]
-            if target == "source":
+            if mode == "source":
                 obs = _Cross(idx, rows[name].parts)
                 layer.run(observe={prefix: obs}, keep_outputs=False)
                 new = refit.refit_to_target(obs.gram, obs.cross, damp)
