@@ -1,22 +1,35 @@
-"""Pruning accuracy, time and memory on SmolLM2: width, depth and Minitron-searched, then distilled.
+"""Pruning on SmolLM2 side by side with the anchors: ours, ShortGPT, Wanda-sp, our old slicing.
 
-    .venv/bin/python bench/prune.py [--reductions 0.1,0.25,0.5] [--eval-windows 16]
-                                    [--distill-tokens 32768] [--distill-at 0.25 | --distill-all]
+    .venv/bin/python bench/prune.py [--reductions 0.2,0.25,0.1] [--eval-windows 16] [--calib-samples 64]
+                                    [--distill-tokens 8192] [--distill-at 0.25] [--minitron-at 0.2]
 
-Importance calibration: 64 x 256 tokens of political_data.json speeches; evaluation: hamlet.txt
-perplexity (fp32, 512-token windows). For each reduction in parameters: width-only
-(`prune --params F --axis width`, hidden and MLP scaled together, Minitron activation
-importance), the same with magnitude importance, depth-only (`--axis depth`, Block Influence) and
-`minitron --params F` (8 candidates ranked by KL). The models at --distill-at are then distilled
-from the source with `weightsmith distill` on speeches (token count in the table). Every command
-is its own process: wall time and peak RSS are the child's.
+One protocol for every row. Importance and repair calibration: --calib-samples x 256 tokens of
+political_data.json speeches; evaluation: hamlet.txt perplexity (fp32, 512-token windows). For each
+reduction in parameters (embedding and LM head included, tied once):
+
+- ours: `prune --params F --axis mlp` (MLP neurons by Minitron activation importance, hidden size,
+  heads and layers kept; down_proj repaired by least squares to its own output on the pruned inputs,
+  `--refit layer`, the default);
+- ShortGPT-style layer drop: `prune --params F --axis depth --refit none` (lowest Block Influence);
+- Wanda-sp (reimplementation, MLP-only): `prune --params F --axis mlp --importance wanda --refit none`
+  (|W|·‖X‖ summed per neuron, uniform ratio, no repair) — not the FLAP repository's code;
+- our old slicing: `prune --params F --axis width --refit none` (the previous default: hidden and
+  MLP scaled together, Minitron activation importance, no repair).
+
+At --distill-at, ours is healed with `weightsmith distill` (--distill-tokens tokens of speeches,
+lr 1e-4). With --minitron-at, one `minitron --params F` run (its peak RSS is one of the goals).
+Every command is its own process: wall time and peak RSS are the child's. The results JSON
+records the git commit and date.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,8 +37,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, save  # noqa: E402
 from quant import perplexity, run_child, smollm2, ws  # noqa: E402
 
+METHODS = {  # label -> prune arguments after --params (None: the calibration arguments)
+    "ours (MLP + least-squares repair)": ["--axis", "mlp", None],
+    "ShortGPT layer drop (Block Influence)": ["--axis", "depth", "--refit", "none", None],
+    "Wanda-sp MLP (reimplementation)": ["--axis", "mlp", "--importance", "wanda", "--refit", "none", None],
+    "old slicing (width, no repair)": ["--axis", "width", "--refit", "none", None],
+}
 
-def step(cmd: list[str]) -> dict:
+
+def step(cmd: list) -> dict:
     r = run_child(ws(*cmd))
     if r["rc"] != 0:
         raise SystemExit(f"failed: weightsmith {' '.join(map(str, cmd))}\n{r['output'][-3000:]}")
@@ -35,54 +55,86 @@ def step(cmd: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scratch", default="/tmp/weightsmith-bench/prune")
-    ap.add_argument("--reductions", default="0.1,0.25,0.5")
+    ap.add_argument("--reductions", default="0.2,0.25,0.1")
     ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--distill-tokens", type=int, default=32768)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--distill-tokens", type=int, default=8192)
     ap.add_argument("--distill-at", type=float, default=0.25)
-    ap.add_argument("--distill-all", action="store_true")
+    ap.add_argument("--minitron-at", type=float, default=None)
+    ap.add_argument(
+        "--methods", default=",".join(str(i) for i in range(len(METHODS))), help="indices into the method list"
+    )
     args = ap.parse_args()
 
     from weightsmith.assets import hamlet, political_speeches
+    from weightsmith.checkpoint.reader import Checkpoint
+    from weightsmith.eval.accounting import param_count
 
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     src = smollm2(scratch)
     text = hamlet()
-    calib = ["--calib", political_speeches(), "--calib-field", "speeches"]
+    calib = [
+        "--calib",
+        political_speeches(),
+        "--calib-field",
+        "speeches",
+        "--calib-samples",
+        args.calib_samples,
+        "--calib-length",
+        "256",
+    ]
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    dirty = bool(
+        subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    )
+    if not commit:  # run from an exported snapshot (`git archive`), which names its commit
+        commit, dirty = os.environ.get("WEIGHTSMITH_GIT_COMMIT", ""), False
+    meta = {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "eval_windows": args.eval_windows,
+        "calib_samples": args.calib_samples,
+    }
     fp = perplexity(src, text, args.eval_windows)
-    src_params = json.loads((src / "manifest.json").read_text())
-    rows = [{"model": "SmolLM2-135M (source)", "params": None, "ppl": fp}]
-    from weightsmith.checkpoint.reader import Checkpoint
-    from weightsmith.eval.accounting import param_count
-
-    rows[0]["params"] = param_count(Checkpoint(src))
+    rows = [{"model": "SmolLM2-135M (source)", "params": param_count(Checkpoint(src)), "ppl": fp, "x_source": 1.0}]
     print(rows[0], flush=True)
+    labels = list(METHODS)
+    chosen = [labels[int(i)] for i in args.methods.split(",")]
     for red in [float(x) for x in args.reductions.split(",")]:
         keep = f"{1 - red:.4g}"
         jobs = [
-            ("width (activation)", ["prune", src, None, "--params", keep, "--axis", "width", *calib]),
-            (
-                "width (magnitude)",
-                ["prune", src, None, "--params", keep, "--axis", "width", "--importance", "magnitude"],
-            ),
-            ("depth (Block Influence)", ["prune", src, None, "--params", keep, "--axis", "depth", *calib]),
-            ("minitron search", ["minitron", src, None, "--params", keep, *calib]),
+            (label, ["prune", src, None, "--params", keep, *[a for a in METHODS[label] if a is not None], *calib])
+            for label in chosen
         ]
+        if args.minitron_at is not None and abs(red - args.minitron_at) < 1e-9:
+            jobs.append(("Minitron search + repair", ["minitron", src, None, "--params", keep, *calib]))
         for label, cmd in jobs:
-            out = scratch / f"{label.split()[0]}-{label.split('(')[-1].rstrip(')').replace(' ', '')}-{red}"
+            out = scratch / f"{label.split()[0]}-{red}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [out if c is None else c for c in cmd]
-            r = step(cmd)
+            r = step([out if c is None else c for c in cmd])
             m = json.loads((out / "manifest.json").read_text())["metrics"]
+            ppl = perplexity(out, text, args.eval_windows)
             row = {
                 "model": f"-{red:.0%} {label}",
                 "params": m["params_after"],
-                "ppl": perplexity(out, text, args.eval_windows),
+                "fraction": m["params_after"] / rows[0]["params"],
+                "ppl": ppl,
+                "x_source": ppl / fp,
                 "seconds": r["seconds"],
                 "peak_rss_mb": r["peak_rss_mb"],
                 "arch": m.get("chosen") or json.dumps(m.get("targets", {}), separators=(",", ":")),
+                "refit_errors": m.get("refit_errors"),
             }
-            if args.distill_all or abs(red - args.distill_at) < 1e-9:
+            if label.startswith("ours") and abs(red - args.distill_at) < 1e-9 and args.distill_tokens > 0:
                 d = Path(str(out) + "-distilled")
                 shutil.rmtree(d, ignore_errors=True)
                 rd = step(
@@ -91,7 +143,7 @@ def main() -> None:
                         out,
                         src,
                         d,
-                        *calib,
+                        *calib[:4],
                         "--tokens",
                         args.distill_tokens,
                         "--calib-length",
@@ -101,25 +153,30 @@ def main() -> None:
                     ]
                 )
                 row["ppl_distilled"] = perplexity(d, text, args.eval_windows)
+                row["x_source_distilled"] = row["ppl_distilled"] / fp
                 row["distill_tokens"] = args.distill_tokens
                 row["distill_seconds"] = rd["seconds"]
+                row["distill_rss_mb"] = rd["peak_rss_mb"]
                 shutil.rmtree(d, ignore_errors=True)
             rows.append(row)
             print(row, flush=True)
             shutil.rmtree(out, ignore_errors=True)
-            save(
-                "prune", {"rows": rows, "eval_windows": args.eval_windows, "partial": True}
-            )  # survives an interrupted run
-    cols = ["model", "params", "ppl", "ppl_distilled", "distill_tokens", "seconds", "peak_rss_mb", "arch"]
+            save("prune", {**meta, "rows": rows, "partial": True})  # survives an interrupted run
+    cols = [
+        "model",
+        "params",
+        "fraction",
+        "ppl",
+        "x_source",
+        "ppl_distilled",
+        "x_source_distilled",
+        "distill_tokens",
+        "seconds",
+        "peak_rss_mb",
+        "arch",
+    ]
     print_table(rows, cols, f"SmolLM2-135M pruned: hamlet perplexity over {args.eval_windows}x512 tokens")
-    save(
-        "prune",
-        {
-            "rows": rows,
-            "eval_windows": args.eval_windows,
-            "source_manifest_pass": src_params.get("pass", {}).get("name"),
-        },
-    )
+    save("prune", {**meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ def student(tiny_model, cli, tmp_path, hamlet):
             "48",
             "--heads",
             "2",
+            "--refit",
+            "none",
             "--calib",
             hamlet,
             "--calib-samples",

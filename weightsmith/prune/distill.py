@@ -69,8 +69,73 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """Mean over tokens of KL(softmax(t/T) ‖ softmax(s/T)) · T² (fp32)."""
     t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return kl.mean() * temperature**2
+    kl = torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum") / s[..., 0].numel()
+    return kl * temperature**2
+
+
+class KDTrainer:
+    """The one logit-distillation loop (used by `distill` and by the Minitron search's round):
+    AdamW (β 0.9/0.95), linear warm-up then linear decay to lr/10 over `steps`, clipping at 1,
+    the teacher's logits under inference mode, accelerate for device and mixed precision."""
+
+    def __init__(
+        self,
+        student,
+        teacher,
+        *,
+        steps: int,
+        lr: float,
+        warmup: int = 4,
+        weight_decay: float = 0.0,
+        temperature: float = 1.0,
+        device: str = "cpu",
+        mixed_precision: str = "no",
+    ):
+        from accelerate import Accelerator
+
+        self.steps, self.warmup, self.temperature = steps, warmup, temperature
+        self.accel = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        student.train()
+        opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_at)
+        self.student, self.opt, self.sched = self.accel.prepare(student, opt, sched)
+        self.teacher = teacher.eval().to(self.accel.device)
+
+    def _lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return 1.0 - 0.9 * (step - self.warmup) / max(1, self.steps - self.warmup)
+
+    def step(self, batch: torch.Tensor) -> float:
+        batch = batch.to(self.accel.device)
+        with torch.inference_mode():
+            t_logits = self.teacher(batch).logits
+        with self.accel.autocast():
+            s_logits = self.student(batch).logits
+        loss = kd_loss(s_logits, t_logits.clone(), self.temperature)
+        self.accel.backward(loss)
+        self.accel.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def model(self):
+        return self.accel.unwrap_model(self.student).eval()
+
+    def state_dict(self) -> dict:
+        return {
+            "student": self.accel.unwrap_model(self.student).state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+        }
+
+    def load_state_dict(self, st: dict) -> None:
+        self.accel.unwrap_model(self.student).load_state_dict(st["student"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
 
 
 def plan(cfg: DistillConfig, ctx) -> Plan:
@@ -111,8 +176,6 @@ def _save_state(path: Path, state: dict) -> None:
 
 
 def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
-    from accelerate import Accelerator
-
     from weightsmith import loading
     from weightsmith.passes import config_to_params
 
@@ -130,23 +193,19 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
     data = ctx.calibrate(data_cfg, default="self", index=1)
     ids = data.ids
     torch.manual_seed(cfg.seed)
-    accel = Accelerator(cpu=ctx.device == "cpu", mixed_precision=cfg.mixed_precision)
     student = loading.load(student_ck.root, dtype=torch.float32)
-    teacher = loading.load(teacher_ck.root, dtype=torch.float32).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student.train()
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, steps - cfg.warmup)
-        return 1.0 - 0.9 * frac
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    student, opt, sched = accel.prepare(student, opt, sched)
-    teacher = teacher.to(accel.device)
+    teacher = loading.load(teacher_ck.root, dtype=torch.float32)
+    trainer = KDTrainer(
+        student,
+        teacher,
+        steps=steps,
+        lr=cfg.lr,
+        warmup=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        temperature=cfg.temperature,
+        device=ctx.device,
+        mixed_precision=cfg.mixed_precision,
+    )
     order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     job = hashlib.sha256(
         json.dumps(
@@ -165,30 +224,16 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
     if cfg.resume and (state_dir / "state.pt").is_file():
         st = torch.load(state_dir / "state.pt", weights_only=False)
         if st.get("job") == job:
-            accel.unwrap_model(student).load_state_dict(st["student"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
+            trainer.load_state_dict(st)
             torch.set_rng_state(st["rng"])
             start, losses = st["step"], st["losses"]
             ctx.notes.append(f"resumed from the saved training state at step {start}/{steps}")
         else:
             ctx.notes.append(f"{state_dir}: a saved state of another job (other options or inputs) was ignored")
     t0 = time.perf_counter()
-    for step in ctx.report.track(
-        range(start, steps), desc="distilling"
-    ):  # a bar on a terminal; KL and tokens/s in the log lines
-        batch = ids[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]].to(accel.device)
-        with torch.no_grad():
-            t_logits = teacher(batch).logits
-        with accel.autocast():
-            s_logits = student(batch).logits
-        loss = kd_loss(s_logits, t_logits, cfg.temperature)
-        accel.backward(loss)
-        accel.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    # a bar on a terminal; KL and tokens/s in the log lines
+    for step in ctx.report.track(range(start, steps), desc="distilling"):
+        losses.append(trainer.step(ids[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]))
         done = step + 1
         if done % max(1, steps // 10) == 0 or done == steps:
             rate = (done - start) * cfg.batch_size * cfg.calib_length / max(time.perf_counter() - t0, 1e-9)
@@ -196,15 +241,7 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
             _save_state(
                 state_dir,
-                {
-                    "job": job,
-                    "step": done,
-                    "losses": losses,
-                    "student": accel.unwrap_model(student).state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(),
-                },
+                {"job": job, "step": done, "losses": losses, **trainer.state_dict(), "rng": torch.get_rng_state()},
             )
     train_seconds = time.perf_counter() - t0
     ctx.report.log(
@@ -212,8 +249,7 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
         f"({(steps - start) * cfg.batch_size * cfg.calib_length / max(train_seconds, 1e-9):,.1f} tokens/s; timings "
         "stay out of the manifest)"
     )
-    model = accel.unwrap_model(student).eval()
-    _write_student(ctx, student_ck, model)
+    write_student(ctx.writer, student_ck, trainer.model())
     shutil.rmtree(state_dir, ignore_errors=True)
     first = sum(losses[: max(1, len(losses) // 10)]) / max(1, len(losses[: max(1, len(losses) // 10)]))
     last = sum(losses[-max(1, len(losses) // 10) :]) / max(1, len(losses[-max(1, len(losses) // 10) :]))
@@ -228,18 +264,18 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
     )
 
 
-def _write_student(ctx, student_ck, model) -> None:
+def write_student(writer, student_ck, model) -> None:
     """Save through transformers (which knows each family's on-disk layout, e.g. per-expert MoE
     tensors), then copy every tensor into the output in the student's own dtypes."""
     from weightsmith.checkpoint.reader import Checkpoint
 
-    with tempfile.TemporaryDirectory(dir=ctx.writer.tmp.parent, prefix=".distill-save-") as td:
+    with tempfile.TemporaryDirectory(dir=writer.tmp.parent, prefix=".distill-save-") as td:
         model.save_pretrained(td, safe_serialization=True)
         saved = Checkpoint(td)
         for info in student_ck.infos():
             if info.name not in saved:
                 raise CheckpointError(f"internal error: the trained student lacks {info.name!r}")
-            ctx.writer.write(info.name, saved.get(info.name).to(info.dtype))
+            writer.write(info.name, saved.get(info.name).to(info.dtype))
         saved.close()
 
 

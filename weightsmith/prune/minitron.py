@@ -12,6 +12,7 @@ best is written. The ranked table of candidates goes to the log and to the manif
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import tempfile
@@ -25,19 +26,18 @@ from weightsmith.arch import arch_for
 from weightsmith.calib.config import CalibConfig
 from weightsmith.errors import UsageError
 from weightsmith.passes import PassSpec, Plan, register
-from weightsmith.prune.prune_pass import (
+from weightsmith.prune.prune_pass import output_specs, write_pruned
+from weightsmith.prune.structure import TensorRoles, pruned_config
+from weightsmith.prune.targets import (
     Targets,
-    _prefix_keep,
-    _source_widths,
-    _widths,
     count_params,
     decide_keep,
     ffn_for_budget,
-    output_specs,
     parse_params,
-    write_pruned,
+    prefix_keep,
+    source_widths,
+    widths,
 )
-from weightsmith.prune.structure import TensorRoles, pruned_config
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,21 @@ class MinitronConfig(CalibConfig):
     calib_samples: int = field(default=64, metadata={"help": "calibration windows (importance and scoring)"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate of the distillation round"})
+    refit: Literal["layer", "source", "none"] = field(
+        default="layer",
+        metadata={
+            "help": "least-squares repair of o_proj / down_proj of the "
+            "chosen candidate, as in prune --refit (candidates are ranked as sliced)"
+        },
+    )
+    score_batch: int = field(
+        default=2,
+        metadata={"help": "held-out windows per scoring forward (bounds the memory of vocabulary-sized logits)"},
+    )
 
 
 def enumerate_candidates(view, budget: int, cfg: MinitronConfig) -> list[Targets]:
-    src = _source_widths(view)
+    src = source_widths(view)
     if src.get("expert_ffn"):
         raise UsageError(
             "minitron search covers dense families; prune MoE models with `weightsmith prune --expert-ffn/--hidden`"
@@ -103,7 +114,7 @@ def enumerate_candidates(view, budget: int, cfg: MinitronConfig) -> list[Targets
                 if ffn is None or ffn < max(32, src["ffn"] // 4):
                     continue
                 cand = Targets(**{**base.__dict__, "ffn": ffn})
-                n = count_params(pruned_config(view.config, _prefix_keep(view, cand), _widths(cand)))
+                n = count_params(pruned_config(view.config, prefix_keep(view, cand), widths(cand)))
                 if 0.95 * budget <= n <= budget:
                     out.append(cand)
     if not out:
@@ -144,22 +155,27 @@ def plan(cfg: MinitronConfig, ctx) -> Plan:
     return Plan(tensors=None, config=None, summary=summary, state=MinitronPlan(budget, cands, src_params))
 
 
-def _score(model, held: torch.Tensor, teacher_logits: list[torch.Tensor], batch: int) -> dict:
-    """Mean KL(source ‖ model) against cached source logits, and the model's own next-token loss."""
+def _score(model, teacher, held: torch.Tensor, batch: int) -> dict:
+    """Mean KL(source ‖ model) and the model's own next-token loss on the held-out windows, a few
+    windows at a time (the teacher's logits are recomputed per chunk: caching them for every window
+    cost ~0.4 GB on SmolLM2's 49k vocabulary, and each chunk's fp32 logits are what peaks)."""
     from weightsmith.prune.distill import kd_loss
 
     kl, nll, n = 0.0, 0.0, 0
     with torch.inference_mode():
-        for k, t in enumerate(teacher_logits):
-            ids = held[k * batch : (k + 1) * batch]
-            s = model(input_ids=ids).logits.float()
-            kl += float(kd_loss(s, t)) * ids.numel()
+        for k in range(0, held.shape[0], batch):
+            ids = held[k : k + batch]
+            t = teacher(input_ids=ids).logits if teacher is not model else None
+            s = model(input_ids=ids).logits
+            kl += float(kd_loss(s, t)) * ids.numel() if t is not None else 0.0
+            del t
             nll += float(
                 torch.nn.functional.cross_entropy(
-                    s[:, :-1].reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                    s[:, :-1].reshape(-1, s.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
                 )
             )
             n += ids.numel()
+            del s
     return {"kl": kl / n, "loss": nll / (n - held.shape[0])}
 
 
@@ -175,28 +191,25 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     scores = sc.activation_scores(ctx, cfg, view)
     calib = ctx.calibrate(cfg, default="self")
     held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]) :]
-    teacher = loading.load(ck.root)
-    with torch.inference_mode():
-        teacher_logits = [
-            teacher(input_ids=held[k : k + cfg.batch_size]).logits.float()
-            for k in range(0, held.shape[0], cfg.batch_size)
-        ]
-    src_score = _score(teacher, held, teacher_logits, cfg.batch_size)
+    teacher = loading.load(ck.root).eval()
+    src_score = _score(teacher, teacher, held, cfg.score_batch)
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix=".minitron-", dir=ctx.writer.tmp.parent))
     try:
         for k, t in enumerate(ctx.report.track(cands, desc="candidates")):
             keep = decide_keep(view, scores, t, depth_scores=scores.block_influence, contiguous=False)
-            out_cfg = pruned_config(ck.config, keep, _widths(t))
+            out_cfg = pruned_config(ck.config, keep, widths(t))
             path = scratch / f"c{k}"
             with CheckpointWriter(path) as w:
                 w.plan(output_specs(ck, view, roles, keep))
                 w.set_config(out_cfg)
-                ctx_like = _WriterCtx(w, ctx.report)
-                write_pruned(ctx_like, ck, view, roles, keep)
+                write_pruned(w, ck, view, roles, keep)
                 w.copy_aux_files(ck.root, ck.aux_files())
                 w.finalize()
-            sc_ = _score(loading.load(path), held, teacher_logits, cfg.batch_size)
+            cand = loading.load(path).eval()
+            sc_ = _score(cand, teacher, held, cfg.score_batch)
+            del cand
+            gc.collect()
             rows.append(
                 {
                     "candidate": _label(t),
@@ -216,23 +229,30 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
         if cfg.distill_tokens > 0:
             train = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
             for r in rows[: cfg.top_k]:
-                model = _quick_distill(cfg, teacher, loading.load(r["path"]), train)
-                after = _score(model, held, teacher_logits, cfg.batch_size)
+                model = _quick_distill(cfg, teacher, loading.load(r["path"], dtype=torch.float32), train, ctx.device)
+                after = _score(model, teacher, held, cfg.score_batch)
                 r[f"{key}_after_distill"] = after[key]
                 r["model"] = model
                 if after[key] >= r[key]:  # the short round did not help: keep the pruned weights
                     del r["model"]
             best = min(rows[: cfg.top_k], key=lambda r: min(r[key], r[f"{key}_after_distill"]))
-        chosen_cfg = pruned_config(ck.config, best["keep"], _widths(best["targets"]))
+        chosen_cfg = pruned_config(ck.config, best["keep"], widths(best["targets"]))
         ctx.writer.plan(output_specs(ck, view, roles, best["keep"]))
         ctx.writer.set_config(chosen_cfg)
         if "model" in best:
             from weightsmith.checkpoint.reader import Checkpoint
-            from weightsmith.prune.distill import _write_student
+            from weightsmith.prune.distill import write_student
 
-            _write_student(ctx, Checkpoint(best["path"]), best["model"])
+            write_student(ctx.writer, Checkpoint(best["path"]), best["model"])
         else:
-            write_pruned(ctx, ck, view, roles, best["keep"])
+            fitted = {}
+            if cfg.refit != "none":
+                from weightsmith.prune.reconstruct import reconstruct
+
+                del teacher
+                gc.collect()
+                fitted, _ = reconstruct(ctx, cfg, view, best["keep"], target=cfg.refit)
+            write_pruned(ctx.writer, ck, view, roles, best["keep"], fitted, ctx.report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table = [
@@ -262,31 +282,16 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     )
 
 
-class _WriterCtx:
-    def __init__(self, writer, report):
-        self.writer, self.report = writer, report
-
-
-def _quick_distill(cfg: MinitronConfig, teacher, student, ids: torch.Tensor):
-    """A short logit-KL distillation in memory (the distill pass's loss and schedule)."""
-    from weightsmith.prune.distill import kd_loss
+def _quick_distill(cfg: MinitronConfig, teacher, student, ids: torch.Tensor, device: str):
+    """The distillation round: the distill pass's trainer on random batches of 4 windows."""
+    from weightsmith.prune.distill import KDTrainer
 
     torch.manual_seed(0)
     steps = max(1, cfg.distill_tokens // (4 * ids.shape[1]))
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
-    student.train()
+    trainer = KDTrainer(student, teacher, steps=steps, lr=cfg.lr, warmup=0, device=device)
     for step in range(steps):
-        batch = ids[torch.randint(0, ids.shape[0], (4,), generator=torch.Generator().manual_seed(step))]
-        with torch.no_grad():
-            t = teacher(batch).logits
-        loss = kd_loss(student(batch).logits, t)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * (1 - 0.9 * step / max(1, steps - 1))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return student.eval()
+        trainer.step(ids[torch.randint(0, ids.shape[0], (4,), generator=torch.Generator().manual_seed(step))])
+    return trainer.model()
 
 
 register(

@@ -1,0 +1,129 @@
+"""Repair the projections that consume removed channels, one decoder layer at a time.
+
+Through the layer-wise engine, over the calibration windows, in the pruned model (dropped layers are
+skipped, so every layer sees the activations of the pruned layers before it): for each consuming
+projection of a kept layer (o_proj after query heads go, down_proj / expert down projections after
+neurons go; found from the architecture tables, not by name), in forward order, the Gram of its
+input is collected with the earlier repairs of the layer in place, the kept columns are refitted in
+closed form (`refit.refit_columns`) and the layer runs on with the removed columns zeroed, which is
+exactly the pruned layer. Returns the repaired kept columns by tensor name (full output rows; the
+writer slices the other axes as usual) and the per-projection relative output errors before and
+after the repair.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from weightsmith.prune import refit
+from weightsmith.prune.structure import LINEAR_AXES, Keep
+
+CONSUMED = ("q_rows", "ffn", "expert_ffn", "shared_ffn")  # input-axis kinds whose removal a refit repairs
+
+
+def consumers(view, layer: int) -> list[tuple[str, int | None, str]]:
+    """(weight name, expert, index kind) of every projection of the layer whose input channels
+    are pruned, in forward order (attention before MLP)."""
+    out = []
+    for lin in view.linears(layer):
+        axes = LINEAR_AXES.get((lin.role, view.classify(lin.prefix + ".weight")))
+        if axes and axes[1] in CONSUMED:
+            out.append((lin.prefix + ".weight", lin.expert, axes[1]))
+    return sorted(out, key=lambda c: c[2] != "q_rows")
+
+
+class _Rows:
+    """Observer that keeps a projection's outputs (the source model's, per calibration row)."""
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+
+    def __call__(self, inp, out):
+        self.parts.append(out.detach().float().reshape(-1, out.shape[-1]).cpu())
+
+
+class _Cross:
+    """Observer in the pruned model: Gram of the kept inputs and Σ y xᵀ against stored targets."""
+
+    def __init__(self, keep: torch.Tensor, targets: list[torch.Tensor]):
+        self.keep, self.targets, self.k = keep, targets, 0
+        n = keep.numel()
+        self.gram = torch.zeros(n, n)
+        self.cross = torch.zeros(targets[0].shape[1], n)
+        self.y_sq = 0.0
+        self.rows = 0
+
+    def __call__(self, inp, out):
+        x = inp.detach().float().reshape(-1, inp.shape[-1]).cpu()[:, self.keep]
+        y = self.targets[self.k]
+        self.k += 1
+        self.gram.addmm_(x.T, x)
+        self.cross.addmm_(y.T, x)
+        self.y_sq += float(y.double().pow(2).sum())
+        self.rows += x.shape[0]
+
+
+def reconstruct(
+    ctx, cfg, view, keep: Keep, damp: float = 1e-3, target: str = "layer"
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """target "source": each repaired projection reproduces the *source* model's output of that
+    projection from the pruned model's inputs (corrects drift from earlier layers; the source
+    activations run alongside, one more stream); "layer": it reproduces its own full output on the
+    pruned model's inputs."""
+    from weightsmith.engine.stats import Gram
+
+    calib = ctx.calibrate(cfg, default="self")
+    engine = ctx.engine(batch_size=getattr(cfg, "batch_size", 8))
+    fitted: dict[str, torch.Tensor] = {}
+    errors: dict[str, dict] = {}
+    kept = set(keep.layers)
+    src = {"h": None}
+
+    def process(layer):
+        i = layer.index
+        todo = []
+        for name, expert, kind in consumers(view, i) if i in kept else []:
+            idx = keep.index(kind, i, expert)
+            if idx is not None and idx.numel() < layer.in_features(name.rsplit(".", 1)[0]):
+                # routed experts see other tokens in the two streams: their rows do not pair up,
+                # so they are always fitted to their own output
+                todo.append((name, idx, "layer" if kind == "expert_ffn" else target))
+        if target == "source":
+            if src["h"] is None:
+                src["h"] = engine.new_store()
+                src["h"].data.copy_(layer.inputs.data)
+            rows = {name: _Rows() for name, _, mode in todo if mode == "source"}
+            nxt = layer.run(observe={n.rsplit(".", 1)[0]: r for n, r in rows.items()}, inputs=src["h"])
+            src["h"].close()
+            src["h"] = nxt
+        if i not in kept:
+            layer.next_inputs = layer.inputs  # dropped: the pruned stream passes through
+            return
+        for name, idx, mode in todo:
+            w = layer.tensor(name).detach().float().cpu()
+            prefix = name.rsplit(".", 1)[0]
+            if mode == "source":
+                obs = _Cross(idx, rows[name].parts)
+                layer.run(observe={prefix: obs}, keep_outputs=False)
+                new = refit.refit_to_target(obs.gram, obs.cross, damp)
+                before = refit.target_error(obs.y_sq, obs.cross, obs.gram, w[:, idx])
+                after = refit.target_error(obs.y_sq, obs.cross, obs.gram, new)
+                total = max(obs.y_sq, 1e-30)
+                rows[name].parts.clear()
+            else:
+                g = Gram(w.shape[1])
+                layer.run(observe={prefix: g}, keep_outputs=False)
+                new = refit.refit_columns(w, g.sum, idx, damp)
+                before = refit.output_error(w, g.sum, idx, w[:, idx])
+                after = refit.output_error(w, g.sum, idx, new)
+                total = max(refit.output_error(w, g.sum, torch.arange(0), w[:, :0]), 1e-30)
+            errors[name] = {"sliced": before / total, "refit": after / total}
+            fitted[name] = new
+            layer.set_weight(name, refit.scatter_columns(new, idx, w.shape[1]))
+        layer.next_inputs = layer.run()
+
+    engine.run(calib.ids, process, layers=None if target == "source" else keep.layers)
+    if src["h"] is not None:
+        src["h"].close()
+    engine.close()
+    return fitted, errors
