@@ -232,9 +232,9 @@ def anchor_rows(args, base: Path, tok, wins, p0: float, td: Path) -> list[dict]:
     import torch
     from transformers import AutoConfig
 
+    from weightsmith.assets import political_speeches
     from weightsmith.calib.config import CalibConfig
     from weightsmith.calib.windows import load_calibration
-    from weightsmith.demo import political_speeches
 
     py, src = Path(args.anchor_python), Path(args.anchor_src)
     if not py.exists():

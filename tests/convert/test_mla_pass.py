@@ -289,7 +289,7 @@ def test_smollm2_half_cache_quality_floor(smollm2, tmp_path, cli):
     measured 2.2× on bench/mla.py's protocol)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from weightsmith.demo import hamlet, political_speeches
+    from weightsmith.assets import hamlet, political_speeches
     from weightsmith.eval.perplexity import perplexity
     from weightsmith.eval.text import read_text, token_windows
 

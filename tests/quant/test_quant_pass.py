@@ -261,3 +261,15 @@ def test_fp_target_gptq(tiny_model, cli, tmp_path, hamlet):
     mods = json.loads((tmp_path / "a" / "manifest.json").read_text())["metrics"]["modules"]
     assert {v["method"] for v in mods.values()} == {"gptq (full-precision target)"}
     assert _kl(src, tmp_path / "a", hamlet)["mean_kl"] < _kl(src, tmp_path / "r", hamlet)["mean_kl"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rtn_honours_device_and_writes_the_cpu_bytes(tiny_model, cli, tmp_path):
+    """`--device cuda` runs RTN on the GPU (it used to be ignored); the rounding is the same as on the CPU."""
+    src = tiny_model("llama")
+    for dev in ("cpu", "cuda"):
+        r = cli("quant", src, tmp_path / dev, "--method", "rtn", "--bits", "4", "--group-size", "32", "--device", dev)
+        assert r.code == 0, r
+    cpu, cuda = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("cpu", "cuda"))
+    assert cpu == cuda

@@ -272,7 +272,7 @@ def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
     if cfg.method == "rtn":
         for prefix in ctx.report.track(list(quantized), desc="rtn"):
             q = quantized[prefix].quant
-            w = ck.get(prefix + ".weight", dequantize=True, dtype=torch.float32)
+            w = ck.get(prefix + ".weight", dequantize=True, dtype=torch.float32).to(ctx.device)  # --device
             _finite(prefix + ".weight", w)
             qw = _rtn(w, q, cfg.mse, fmt)
             _write_quantized(ctx, fmt, prefix, qw, scale_dtype)
