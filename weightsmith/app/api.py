@@ -40,15 +40,18 @@ def _run(
     pass_name: str,
     sources: Sequence[str | Path],
     dst: str | Path | None,
-    config: Any,
-    options: dict[str, Any],
+    config: Any = None,
     *,
-    force: bool,
-    dry_run: bool,
-    device: str,
-    progress: bool,
-    allow_download: bool,
+    force: bool = False,
+    dry_run: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    allow_download: bool = False,
+    **options: Any,
 ):
+    """Run one pass like its CLI command. `config` is the pass's config dataclass, or None and the
+    config's fields as keyword `options`; `force`, `dry_run`, `device`, `progress` and
+    `allow_download` are the run options every pass function takes (keyword only)."""
     from weightsmith.app.cli_options import build_config
     from weightsmith.app.registry import get_pass
     from weightsmith.app.runner import run_pass
@@ -75,154 +78,55 @@ def _run(
     )
 
 
-def import_checkpoint(
-    src, dst, config=None, *, force=False, dry_run=False, device="cpu", progress=True, allow_download=False, **options
-):
-    """Copy a checkpoint (directory, .gguf file, Hub id) into a verified safetensors directory
-    (`weightsmith import`)."""
-    return _run(
-        "import",
-        [src],
-        dst,
-        config,
-        options,
-        force=force,
-        dry_run=dry_run,
-        device=device,
-        progress=progress,
-        allow_download=allow_download,
-    )
+RUN_OPTIONS = "Keyword options: force, dry_run, device, progress, allow_download, or the config's fields."
 
 
-def quant(
-    src, dst, config=None, *, force=False, dry_run=False, device="cpu", progress=True, allow_download=False, **options
-):
-    """RTN or GPTQ weight-only quantization (`weightsmith quant`); config: `QuantConfig`."""
-    return _run(
-        "quant",
-        [src],
-        dst,
-        config,
-        options,
-        force=force,
-        dry_run=dry_run,
-        device=device,
-        progress=progress,
-        allow_download=allow_download,
-    )
+def _one_source(pass_name: str, fn_name: str, doc: str):
+    """The pass function of a single-source pass: fn(src, dst, config=None, **options)."""
+
+    def fn(src, dst, config=None, **kwargs):
+        return _run(pass_name, [src], dst, config, **kwargs)
+
+    fn.__name__ = fn.__qualname__ = fn_name
+    fn.__doc__ = f"{doc}\n\n{RUN_OPTIONS}"
+    return fn
 
 
-def mla(
-    src, dst, config=None, *, force=False, dry_run=False, device="cpu", progress=True, allow_download=False, **options
-):
-    """GQA -> Multi-head Latent Attention conversion (`weightsmith mla`); config: `MlaConfig`."""
-    return _run(
-        "mla",
-        [src],
-        dst,
-        config,
-        options,
-        force=force,
-        dry_run=dry_run,
-        device=device,
-        progress=progress,
-        allow_download=allow_download,
-    )
+import_checkpoint = _one_source(
+    "import",
+    "import_checkpoint",
+    "Copy a checkpoint (directory, .gguf file, Hub id) into a verified safetensors directory (`weightsmith import`).",
+)
+quant = _one_source(
+    "quant", "quant", "RTN or GPTQ weight-only quantization (`weightsmith quant`); config: `QuantConfig`."
+)
+mla = _one_source(
+    "mla", "mla", "GQA -> Multi-head Latent Attention conversion (`weightsmith mla`); config: `MlaConfig`."
+)
+prune = _one_source("prune", "prune", "Structured width/depth pruning (`weightsmith prune`); config: `PruneConfig`.")
+minitron = _one_source(
+    "minitron",
+    "minitron",
+    "Minitron architecture search under a parameter budget (`weightsmith minitron`); config: `MinitronConfig`.",
+)
 
 
-def prune(
-    src, dst, config=None, *, force=False, dry_run=False, device="cpu", progress=True, allow_download=False, **options
-):
-    """Structured width/depth pruning (`weightsmith prune`); config: `PruneConfig`."""
-    return _run(
-        "prune",
-        [src],
-        dst,
-        config,
-        options,
-        force=force,
-        dry_run=dry_run,
-        device=device,
-        progress=progress,
-        allow_download=allow_download,
-    )
+def distill(student, teacher, dst, config=None, **kwargs):
+    """Logit-KL distillation of `student` from `teacher` (`weightsmith distill`); config: `DistillConfig`.
+
+    Keyword options: force, dry_run, device, progress, allow_download, or the config's fields."""
+    return _run("distill", [student, teacher], dst, config, **kwargs)
 
 
-def minitron(
-    src, dst, config=None, *, force=False, dry_run=False, device="cpu", progress=True, allow_download=False, **options
-):
-    """Minitron architecture search under a parameter budget (`weightsmith minitron`); config: `MinitronConfig`."""
-    return _run(
-        "minitron",
-        [src],
-        dst,
-        config,
-        options,
-        force=force,
-        dry_run=dry_run,
-        device=device,
-        progress=progress,
-        allow_download=allow_download,
-    )
+def merge(parents, dst, config=None, **kwargs):
+    """Merge two or more parents, the first being the base (`weightsmith merge`); config: `MergeConfig`.
 
-
-def distill(
-    student,
-    teacher,
-    dst,
-    config=None,
-    *,
-    force=False,
-    dry_run=False,
-    device="cpu",
-    progress=True,
-    allow_download=False,
-    **options,
-):
-    """Logit-KL distillation of `student` from `teacher` (`weightsmith distill`); config: `DistillConfig`."""
-    return _run(
-        "distill",
-        [student, teacher],
-        dst,
-        config,
-        options,
-        force=force,
-        dry_run=dry_run,
-        device=device,
-        progress=progress,
-        allow_download=allow_download,
-    )
-
-
-def merge(
-    parents,
-    dst,
-    config=None,
-    *,
-    force=False,
-    dry_run=False,
-    device="cpu",
-    progress=True,
-    allow_download=False,
-    **options,
-):
-    """Merge two or more parents, the first being the base (`weightsmith merge`); config: `MergeConfig`."""
+    Keyword options: force, dry_run, device, progress, allow_download, or the config's fields."""
     from weightsmith.errors import UsageError
 
     if isinstance(parents, (str, Path)) or len(parents) < 2:
         raise UsageError("merge: give a list of at least two parent checkpoints (the first is the base)")
-    return _run(
-        "merge",
-        list(parents),
-        dst,
-        config,
-        options,
-        force=force,
-        dry_run=dry_run,
-        device=device,
-        progress=progress,
-        allow_download=allow_download,
-    )
+    return _run("merge", list(parents), dst, config, **kwargs)
 
 
 PASS_FUNCTIONS = ("import_checkpoint", "quant", "mla", "prune", "minitron", "distill", "merge")
