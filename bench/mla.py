@@ -16,7 +16,7 @@ high`) and separate truncated SVDs of W_k_nope and W_v (`--svd split`), weight-o
 calibration. Run at --baseline-ratios on the exact target.
 
 --anchor: TransMLA's own code (github.com/fxmeng/TransMLA, transmla/transmla, commit 9c0d254) in its
-own venv (--anchor-python, default /work/venvs/transmla/bin/python; pins in
+own venv (--anchor-python, default .venv-transmla/bin/python; pins in
 bench/anchors/transmla.txt), run by bench/anchors/run_transmla.py on the *same* calibration windows
 (exported from weightsmith's calibration loader) and the same evaluation windows, at each
 --anchor-ratios budget (RoPE key 64 = its default qk_mqa_dim, latent = budget − 64) and each
@@ -62,7 +62,7 @@ def main() -> None:
         "--anchor", action="store_true", help="also run TransMLA's own code (see --anchor-python, --anchor-src)"
     )
     ap.add_argument("--anchor-only", action="store_true", help="run only the original and the anchor rows")
-    ap.add_argument("--anchor-python", default="/work/venvs/transmla/bin/python")
+    ap.add_argument("--anchor-python", default=".venv-transmla/bin/python")
     ap.add_argument(
         "--anchor-src",
         default="/tmp/transmla/transmla/transmla",

@@ -1,6 +1,6 @@
 """TransMLA's own conversion (RoRoPE + FreqFold + BKV-PCA) on given token windows, in its own venv.
 
-    /work/venvs/transmla/bin/python bench/anchors/run_transmla.py TRANSMLA_DIR SRC CALIB.pt EVAL.pt \
+    .venv-transmla/bin/python bench/anchors/run_transmla.py TRANSMLA_DIR SRC CALIB.pt EVAL.pt \
         --kv-lora-rank 128 --qk-mqa-dim 64 --freqfold 2 [--freqfold 4 ...]
 
 TRANSMLA_DIR: the `transmla/transmla` folder of a checkout of github.com/fxmeng/TransMLA (the bench
