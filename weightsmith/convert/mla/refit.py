@@ -16,27 +16,7 @@ import torch
 
 from weightsmith.convert.mla.latent import rms_norm
 from weightsmith.convert.mla.layer import MlaLayer, SourceAttention
-from weightsmith.convert.mla.simulate import _aug, _causal_softmax
-
-
-def _source_head_outputs(x: torch.Tensor, s: SourceAttention) -> torch.Tensor:
-    """[B, n_h, T, d] per-head attention outputs of the source layer (before o_proj)."""
-    B, T, _ = x.shape
-    xa = _aug(x)
-    q = (xa @ s.wq.T).view(B, T, s.n_h, s.d).transpose(1, 2)
-    k = (xa @ s.wk.T).view(B, T, s.n_kv, s.d).transpose(1, 2)
-    v = (xa @ s.wv.T).view(B, T, s.n_kv, s.d).transpose(1, 2)
-    ang = torch.arange(T, dtype=x.dtype)[:, None] * s.inv_freq.to(x.dtype)[None]
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-
-    def rot(t):
-        t1, t2 = t[..., : s.d // 2], t[..., s.d // 2 :]
-        return t * cos + torch.cat([-t2, t1], -1) * sin
-
-    g = s.n_h // s.n_kv
-    q, k = rot(q), rot(k).repeat_interleave(g, 1)
-    a = _causal_softmax(q @ k.transpose(-1, -2) / s.d**0.5)
-    return a @ v.repeat_interleave(g, 1)
+from weightsmith.convert.mla.simulate import _causal_softmax, gqa_head_outputs
 
 
 def _mla_features(x: torch.Tensor, L: MlaLayer, n_h: int, eps: float) -> torch.Tensor:
@@ -77,7 +57,7 @@ def refit_values(
     Lf = MlaLayer({k: v.to(torch.float64) for k, v in L.tensors.items()}, L.d_n, L.d_r, L.rank, L.rope_freq)
     n_h, d = src.n_h, src.d
     z = _mla_features(x, Lf, n_h, eps)  # [B, n_h, T, r]
-    o = _source_head_outputs(x, src)  # [B, n_h, T, d]
+    o = gqa_head_outputs(x, src)  # [B, n_h, T, d]
     kv_b = Lf.tensors["kv_b"].clone().view(n_h, L.d_n + d, -1)
     r = kv_b.shape[-1]
     for h in range(n_h):

@@ -22,8 +22,9 @@ def _aug(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)
 
 
-def gqa_attention(x: torch.Tensor, s: SourceAttention) -> torch.Tensor:
-    B, T, H = x.shape
+def gqa_head_outputs(x: torch.Tensor, s: SourceAttention) -> torch.Tensor:
+    """[B, n_h, T, d] per-head attention outputs of the source layer (before o_proj)."""
+    B, T, _ = x.shape
     xa = _aug(x)
     q = (xa @ s.wq.T).view(B, T, s.n_h, s.d).transpose(1, 2)
     k = (xa @ s.wk.T).view(B, T, s.n_kv, s.d).transpose(1, 2)
@@ -39,7 +40,12 @@ def gqa_attention(x: torch.Tensor, s: SourceAttention) -> torch.Tensor:
     g = s.n_h // s.n_kv
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     a = _causal_softmax(q @ k.transpose(-1, -2) / s.d**0.5)
-    o = (a @ v).transpose(1, 2).reshape(B, T, -1)
+    return a @ v
+
+
+def gqa_attention(x: torch.Tensor, s: SourceAttention) -> torch.Tensor:
+    B, T, _ = x.shape
+    o = gqa_head_outputs(x, s).transpose(1, 2).reshape(B, T, -1)
     out = o @ s.wo.T
     return out + s.bo if s.bo is not None else out
 
