@@ -77,6 +77,30 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def git_commit() -> str:
+    """The commit this run's code came from, with "-dirty" when tracked files differ from it; from an
+    exported snapshot (`git archive`, no .git) the commit named in WEIGHTSMITH_GIT_COMMIT."""
+    import subprocess
+
+    r = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty", "--abbrev=40"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return r.stdout.strip() or os.environ.get("WEIGHTSMITH_GIT_COMMIT", "") or "unknown"
+
+
+def provenance() -> dict:
+    """What every results JSON records about the code and the time of its run."""
+    import datetime
+
+    return {
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, print_table, save  # noqa: E402
+from common import RESULTS, print_table, provenance, save  # noqa: E402
 
 
 def main() -> None:
@@ -204,27 +204,6 @@ def main() -> None:
         rows, cols, f"SmolLM2-135M → MLA, training-free, hamlet ppl ({args.windows} × {args.length} tokens, fp32, CPU)"
     )
     save(args.name, {"rows": rows, "args": vars(args), **provenance()})
-
-
-def provenance() -> dict:
-    import datetime
-
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
-    ).stdout.strip()
-    dirty = bool(
-        subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=False,
-        ).stdout.strip()
-    )
-    return {
-        "git_commit": commit + ("-dirty" if dirty else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def anchor_rows(args, base: Path, tok, wins, p0: float, td: Path) -> list[dict]:

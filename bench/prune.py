@@ -27,14 +27,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, save  # noqa: E402
+from common import git_commit, print_table, save  # noqa: E402
 from quant import perplexity, run_child, smollm2, ws  # noqa: E402
 
 METHODS = {  # label -> prune arguments after --params (None: the calibration arguments)
@@ -84,19 +82,9 @@ def main() -> None:
         "--calib-length",
         "256",
     ]
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    ).stdout.strip()
-    dirty = bool(
-        subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    )
-    if not commit:  # run from an exported snapshot (`git archive`), which names its commit
-        commit, dirty = os.environ.get("WEIGHTSMITH_GIT_COMMIT", ""), False
+    commit = git_commit()
+    dirty = commit.endswith("-dirty")
+    commit = commit.removesuffix("-dirty")
     meta = {
         "git_commit": commit,
         "git_dirty": dirty,

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, save
+from common import git_commit, print_table, save
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent
@@ -263,16 +263,6 @@ def main() -> None:
     save("quant", payload)
 
 
-def git_commit() -> str:
-    r = subprocess.run(
-        ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=40"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return r.stdout.strip() or "unknown"
-
-
 def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: list[str]) -> dict:
     """Per setting, a job running llm-compressor's GPTQ on the token windows weightsmith calibrates on
     (--anchor-samples x --calib-length; equal to the main rows' windows when --anchor-samples equals
@@ -280,7 +270,7 @@ def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
     if not ANCHOR_PY.exists():
         raise SystemExit(
             f"{ANCHOR_PY}: missing; create it with: python3.11 -m venv .venv-anchors && "
-            ".venv-anchors/bin/pip install --find-links /opt/wheels -r bench/anchors/llmcompressor.txt"
+            ".venv-anchors/bin/pip install -r bench/anchors/llmcompressor.txt"
         )
     from weightsmith.assets import political_speeches
 
