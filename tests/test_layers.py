@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "util": 0,
     "progress": 0,
     "assets": 0,
+    "dist": 0,
     # the core: architecture data, then checkpoints on disk
     "arch": 1,
     "checkpoint": 2,

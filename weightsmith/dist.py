@@ -1,0 +1,175 @@
+"""Running one pass on several processes with torch.distributed (torchrun / accelerate launch).
+
+A launcher sets WORLD_SIZE, RANK and the rendezvous variables; `world()` then joins the process
+group once (NCCL when the run's device is a GPU, gloo otherwise) and every later call is cheap.
+Without a launcher every function here is the single-process identity, so passes call them
+unconditionally and a plain run is unchanged.
+
+The rules every distributed pass follows:
+- calibration windows are split into contiguous blocks (`shard`), one per rank, in rank order;
+- statistics are summed with `sum_ordered`: every rank gathers every rank's partial sum and adds
+  them in rank order, so the same world size gives the same bits whatever the backend's reduction
+  tree does (a plain all_reduce does not promise that);
+- expensive solves are spread by `assign_owners` (deterministic longest-job-first by cost) and
+  their results shared with `broadcast_`/`broadcast_object`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as tdist
+
+from weightsmith.errors import UsageError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_WORLD: World | None = None
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(
+            f"environment variable {name}={raw!r} is not an integer; unset it or fix the launcher"
+        ) from None
+
+
+def world(device: str | None = None) -> World:
+    """This process's place in the run; joins the process group on first use under a launcher."""
+    global _WORLD
+    if _WORLD is not None:
+        return _WORLD
+    size = _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        _WORLD = World()
+        return _WORLD
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    if not tdist.is_available():
+        raise UsageError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run without a launcher")
+    use_cuda = (device or "").startswith("cuda") and torch.cuda.is_available()
+    backend = os.environ.get("WEIGHTSMITH_DIST_BACKEND") or ("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not tdist.is_initialized():
+        timeout = datetime.timedelta(seconds=_env_int("WEIGHTSMITH_DIST_TIMEOUT", 1800))
+        tdist.init_process_group(backend=backend, timeout=timeout)
+    _WORLD = World(rank=tdist.get_rank(), size=tdist.get_world_size(), local_rank=local, backend=backend)
+    return _WORLD
+
+
+def reset() -> None:
+    """Forget the cached world (tests; the process group itself is left to torch)."""
+    global _WORLD
+    if _WORLD is not None and _WORLD.distributed and tdist.is_initialized():
+        tdist.destroy_process_group()
+    _WORLD = None
+
+
+def local_device(device: str) -> str:
+    """The device this rank computes on: 'cuda' becomes 'cuda:LOCAL_RANK' under a launcher."""
+    w = world(device)
+    if w.distributed and device == "cuda":
+        return f"cuda:{w.local_rank}"
+    return device
+
+
+def shard(n: int, w: World | None = None) -> slice:
+    """This rank's contiguous block of n items (the first n % size ranks get one more)."""
+    w = w or world()
+    base, extra = divmod(n, w.size)
+    start = w.rank * base + min(w.rank, extra)
+    return slice(start, start + base + (1 if w.rank < extra else 0))
+
+
+def sum_ordered(t: torch.Tensor) -> torch.Tensor:
+    """Σ over ranks of `t`, added in rank order on every rank: deterministic for a world size."""
+    w = world()
+    if not w.distributed:
+        return t
+    parts = [torch.empty_like(t) for _ in range(w.size)]
+    tdist.all_gather(parts, t.contiguous())
+    out = parts[0].clone()
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def sum_int(x: int) -> int:
+    w = world()
+    if not w.distributed:
+        return int(x)
+    return int(sum_ordered(torch.tensor([int(x)], dtype=torch.int64)).item())
+
+
+def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
+    """Overwrite `t` in place on every rank with rank `src`'s value (shape and dtype must agree)."""
+    w = world()
+    if w.distributed:
+        buf = t if t.is_contiguous() else t.contiguous()
+        tdist.broadcast(buf, src)
+        if buf is not t:
+            t.copy_(buf)
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    w = world()
+    if not w.distributed:
+        return obj
+    box = [obj if w.rank == src else None]
+    tdist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    w = world()
+    if not w.distributed:
+        return [obj]
+    out: list[Any] = [None] * w.size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    w = world()
+    if w.distributed:
+        tdist.barrier()
+
+
+def assign_owners(costs: Sequence[float], size: int | None = None) -> list[int]:
+    """Owner rank of each job: longest job first to the least-loaded rank (ties: lowest index/rank).
+    Depends only on the costs and the world size, so every rank computes the same answer."""
+    size = size or world().size
+    load = [0.0] * size
+    owner = [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-float(costs[j]), j)):
+        r = min(range(size), key=lambda r: (load[r], r))
+        owner[j] = r
+        load[r] += float(costs[j])
+    return owner
