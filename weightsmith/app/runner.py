@@ -298,12 +298,15 @@ def _peer_failures(target: Path | None, w: dist.World, *, wait: bool) -> list[di
 
     if target is None:
         return []
-    deadline = time.monotonic() + (5.0 if wait else 0.0)
+    deadline = time.monotonic() + (2.0 if wait else 0.0)
     while True:
         found = [f for f in dest.read_failures(target) if f["rank"] != w.rank]
         if found or time.monotonic() >= deadline:
             return found
-        time.sleep(0.2)
+        try:
+            time.sleep(0.2)
+        except KeyboardInterrupt:  # the launcher's SIGTERM while waiting: answer with what is known
+            return [f for f in dest.read_failures(target) if f["rank"] != w.rank]
 
 
 def _collective_failure(e: BaseException) -> bool:
@@ -410,6 +413,7 @@ def _locked_run(
     if state == "fresh":
         return _up_to_date(dst, report)
     plan = spec.plan(config, ctx)
+    dest.clear_failures(dst)  # what a failed distributed run into DST left
     writer = None
     try:
         with CheckpointWriter(dst, force=force, max_shard_size=max_shard_size) as writer:
