@@ -88,7 +88,9 @@ def world(device: str | None = None) -> World:
     if use_cuda:
         torch.cuda.set_device(local)
     if not tdist.is_initialized():
-        timeout = datetime.timedelta(seconds=_env_int("WEIGHTSMITH_DIST_TIMEOUT", 1800))
+        # peers wait in a collective while rank 0 alone hashes inputs, prepares calibration data or
+        # hashes the output: generous by default for big checkpoints
+        timeout = datetime.timedelta(seconds=_env_int("WEIGHTSMITH_DIST_TIMEOUT", 4 * 3600))
         tdist.init_process_group(backend=backend, timeout=timeout)
     _WORLD = World(rank=tdist.get_rank(), size=tdist.get_world_size(), local_rank=local, backend=backend)
     return _WORLD
