@@ -120,17 +120,26 @@ def shard(n: int, w: World | None = None) -> slice:
     return slice(start, start + base + (1 if w.rank < extra else 0))
 
 
+def _for_backend(t: torch.Tensor) -> torch.Tensor:
+    """NCCL moves only GPU tensors: a CPU tensor (a Gram kept on the host) travels via this rank's GPU."""
+    w = world()
+    if w.backend == "nccl" and t.device.type != "cuda":
+        return t.to(f"cuda:{w.local_rank}")
+    return t
+
+
 def sum_ordered(t: torch.Tensor) -> torch.Tensor:
     """Σ over ranks of `t`, added in rank order on every rank: deterministic for a world size."""
     w = world()
     if not w.distributed:
         return t
-    parts = [torch.empty_like(t) for _ in range(w.size)]
-    tdist.all_gather(parts, t.contiguous())
+    x = _for_backend(t.contiguous())
+    parts = [torch.empty_like(x) for _ in range(w.size)]
+    tdist.all_gather(parts, x)
     out = parts[0].clone()
     for p in parts[1:]:
         out += p
-    return out
+    return out.to(t.device)
 
 
 def sum_int(x: int) -> int:
@@ -144,7 +153,7 @@ def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
     """Overwrite `t` in place on every rank with rank `src`'s value (shape and dtype must agree)."""
     w = world()
     if w.distributed:
-        buf = t if t.is_contiguous() else t.contiguous()
+        buf = _for_backend(t if t.is_contiguous() else t.contiguous())
         tdist.broadcast(buf, src)
         if buf is not t:
             t.copy_(buf)
