@@ -133,12 +133,18 @@ def sum_ordered(t: torch.Tensor) -> torch.Tensor:
     w = world()
     if not w.distributed:
         return t
+    # one broadcast per rank, in rank order, into one buffer: two copies of `t` at a time whatever
+    # the world size (an all_gather would hold world-size copies of a Hessian)
     x = _for_backend(t.contiguous())
-    parts = [torch.empty_like(x) for _ in range(w.size)]
-    tdist.all_gather(parts, x)
-    out = parts[0].clone()
-    for p in parts[1:]:
-        out += p
+    out = torch.empty_like(x)
+    buf = torch.empty_like(x)
+    for r in range(w.size):
+        src = x if r == w.rank else buf
+        tdist.broadcast(src, r)
+        if r == 0:
+            out.copy_(src)
+        else:
+            out += src
     return out.to(t.device)
 
 
