@@ -16,8 +16,8 @@ The rules every distributed pass follows:
   plan order on every rank, owner or not).
 
 The contract with the runner and the writer (docs/distributed.md):
-- rank 0 checks the inputs, decides freshness, takes the output lock, plans and creates the
-  staging directory; the decision, the plan and the staging layout are broadcast;
+- rank 0 hashes the inputs, takes the output lock and decides freshness, and broadcasts the
+  decision; every rank plans; rank 0 creates the staging directory and broadcasts its path;
 - every rank gets a `ctx.writer` that can write any planned tensor at its planned offset; every
   planned tensor is written by at least one rank (two ranks writing the same bytes is allowed);
 - at the end the written byte ranges of all ranks are gathered, rank 0 checks completeness,
