@@ -362,7 +362,7 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
             for lin in todo:
                 key = _input_key(lin)
                 if key not in grams:
-                    grams[key] = Gram(layer.in_features(lin.prefix))
+                    grams[key] = Gram(layer.in_features(lin.prefix), dtype=torch.float64)
                     observe[lin.prefix] = grams[key]
             cross: dict[str, CrossGram] = {}
             if cfg.fp_target:
@@ -376,6 +376,7 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
             layer.run(observe=observe, keep_outputs=False)
             for g in grams.values():  # Σ over ranks, in rank order (no-op in one process)
                 g.reduce()
+                g.sum = g.sum.float()
             for c in cross.values():
                 c.reduce()
             by_key = {_input_key(l): cross[l.prefix] for l in todo if l.prefix in cross}
