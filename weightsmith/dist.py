@@ -11,7 +11,19 @@ The rules every distributed pass follows:
   them in rank order, so the same world size gives the same bits whatever the backend's reduction
   tree does (a plain all_reduce does not promise that);
 - expensive solves are spread by `assign_owners` (deterministic longest-job-first by cost) and
-  their results shared with `broadcast_`/`broadcast_object`.
+  their results shared with `broadcast_`/`broadcast_object`;
+- every rank makes the same collective calls in the same order (a pass loops over its modules in
+  plan order on every rank, owner or not).
+
+The contract with the runner and the writer (docs/distributed.md):
+- rank 0 checks the inputs, decides freshness, takes the output lock, plans and creates the
+  staging directory; the decision, the plan and the staging layout are broadcast;
+- every rank gets a `ctx.writer` that can write any planned tensor at its planned offset; every
+  planned tensor is written by at least one rank (two ranks writing the same bytes is allowed);
+- at the end the written byte ranges of all ranks are gathered, rank 0 checks completeness,
+  writes index, config, card and manifest (which records `environment.world_size`) and renames once;
+- a rank that fails leaves a one-line marker beside the output; its peers, stopped by the failed
+  collective or the launcher's SIGTERM, report "rank R failed: <message>" and exit non-zero.
 """
 
 from __future__ import annotations
@@ -160,6 +172,20 @@ def barrier() -> None:
     w = world()
     if w.distributed:
         tdist.barrier()
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank when `flag` is true on every rank."""
+    w = world()
+    if not w.distributed:
+        return bool(flag)
+    return all(gather_objects(bool(flag)))
+
+
+def owned(costs: Sequence[float], w: World | None = None) -> list[int]:
+    """Indices of the jobs this rank owns under `assign_owners(costs)`."""
+    w = w or world()
+    return [j for j, r in enumerate(assign_owners(costs, w.size)) if r == w.rank]
 
 
 def assign_owners(costs: Sequence[float], size: int | None = None) -> list[int]:

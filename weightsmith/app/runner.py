@@ -6,10 +6,12 @@ writes tensors; everything about provenance, atomicity and skipping up-to-date w
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightsmith import dist
 from weightsmith.app import registry
 from weightsmith.checkpoint import destination as dest
 from weightsmith.checkpoint import manifest as mf
@@ -44,21 +46,47 @@ class PassContext:
 
         return AutoTokenizer.from_pretrained(self.sources[index].root)
 
-    def calibrate(self, cfg, *, default: str | None = None, index: int = 0):
-        """Calibration windows for a pass config that inherits CalibConfig; recorded for the manifest."""
+    def calibrate(self, cfg, *, default: str | None = None, index: int = 0, shard: bool = False):
+        """Calibration windows for a pass config that inherits CalibConfig; recorded for the manifest.
+
+        Under a launcher rank 0 prepares the windows (reads/tokenizes, or generates them) and every
+        rank receives the same ones. With `shard=True` each rank gets its contiguous block
+        (`dist.shard`, in rank order) as `.ids`, and `.total` is the number of windows of all ranks:
+        a pass that shards must reduce its statistics (`acc.reduce()`) before using them."""
         from weightsmith.calib import load_calibration
 
         ck = self.sources[index]
+        w = dist.world()
 
         def model_loader():
             from weightsmith.loading import load
 
             return load(ck.root, device=self.device)
 
-        with self.report.status("preparing calibration data"):
-            data = load_calibration(cfg, self.tokenizer(index), model_loader=model_loader, default=default)
+        data = None
+        if w.is_main:
+            with self.report.status("preparing calibration data"):
+                data = load_calibration(cfg, self.tokenizer(index), model_loader=model_loader, default=default)
+        data = dist.broadcast_object(data, 0)
         self.calibration = data.description
+        data.total = int(data.ids.shape[0])
+        if shard and w.distributed:
+            if data.total < w.size:
+                raise UsageError(
+                    f"{data.total} calibration windows for {w.size} ranks: every rank needs at least one; raise "
+                    "--calib-samples or launch fewer processes"
+                )
+            data.ids = data.ids[dist.shard(data.total, w)]
         return data
+
+    @property
+    def world(self) -> dist.World:
+        """This process's place in a torch.distributed run (rank 0 of 1 without a launcher)."""
+        return dist.world()
+
+    def mine(self, costs) -> list[int]:
+        """Indices of the jobs (by cost) this rank does: `dist.owned`, all of them without a launcher."""
+        return dist.owned(list(costs))
 
     def engine(self, index: int = 0, **kw):
         """A layer-wise engine over one of the sources, on this run's device."""
@@ -203,6 +231,116 @@ def run_pass(
     if problem:
         raise UsageError(problem)
     check_run_options(device=device, max_shard_size=max_shard_size)
+    w = dist.world(device)  # joins the process group under a launcher (torchrun, accelerate launch)
+    kw = dict(
+        force=force,
+        replace_stale=replace_stale,
+        dry_run=dry_run,
+        allow_pickle=allow_pickle,
+        allow_download=allow_download,
+        max_shard_size=max_shard_size,
+        device=dist.local_device(device),
+        report=report if w.is_main else QUIET,
+        evaluate=evaluate,
+    )
+    if not w.distributed:
+        return _run(spec, config, sources, dst, **kw)
+    target = dest.resolve_output(dst) if dst is not None else None
+    if w.is_main and target is not None:
+        dest.clear_failures(target)  # markers of an earlier failed run
+    dist.barrier()
+    with _failure_guard(target, w):
+        return _run(spec, config, sources, dst, **kw)
+
+
+@contextlib.contextmanager
+def _failure_guard(target: Path | None, w: dist.World):
+    """A failure on any rank ends every rank with the failing rank's one-line error: the failing
+    rank leaves it in `.DST.failed-rank-R`; its peers (stopped by the broken collective, or by the
+    launcher's SIGTERM) read it. Rank 0's writer removes the staging directory on the way out (a
+    SIGKILLed rank 0 leaves `.DST.tmp-PID`, which the next run removes)."""
+    try:
+        yield
+    except BaseException as e:
+        others = _peer_failures(target, w, wait=_collective_failure(e) or isinstance(e, KeyboardInterrupt))
+        if others:
+            first = others[0]
+            err = WeightsmithError(f"rank {first['rank']} failed: {first['message']}")
+            err.exit_code = int(first.get("exit_code") or 1)
+            raise err from None
+        if isinstance(e, WeightsmithError):
+            message, code = str(e), e.exit_code
+        elif isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM from the launcher, SLURM...
+            message, code = f"interrupted ({type(e).__name__})", 128 + int(getattr(e, "signum", 2))
+        elif _collective_failure(e):
+            message, code = (
+                f"a peer process stopped without leaving a message (killed? out of memory?); the launcher's log "
+                f"names it ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                1,
+            )
+            err = WeightsmithError(f"rank {w.rank}: {message}")
+            raise err from None
+        else:
+            message, code = f"internal error: {type(e).__name__}: {e}".splitlines()[0], 1
+        if target is not None:
+            dest.write_failure(target, w.rank, message, code)
+        err = type(e)(f"rank {w.rank} failed: {message}") if isinstance(e, WeightsmithError) else None
+        if err is None:
+            err = WeightsmithError(f"rank {w.rank} failed: {message}")
+            err.exit_code = code
+        raise err from e
+
+
+def _peer_failures(target: Path | None, w: dist.World, *, wait: bool) -> list[dict]:
+    """Other ranks' failure markers; when this rank was stopped by a peer (broken collective,
+    SIGTERM), give the marker a few seconds to appear (a shared filesystem may show it late)."""
+    import time
+
+    if target is None:
+        return []
+    deadline = time.monotonic() + (2.0 if wait else 0.0)
+    while True:
+        found = [f for f in dest.read_failures(target) if f["rank"] != w.rank]
+        if found or time.monotonic() >= deadline:
+            return found
+        try:
+            time.sleep(0.2)
+        except KeyboardInterrupt:  # the launcher's SIGTERM while waiting: answer with what is known
+            return [f for f in dest.read_failures(target) if f["rank"] != w.rank]
+
+
+def _collective_failure(e: BaseException) -> bool:
+    """A torch.distributed error caused by a peer going away (gloo: connection closed/reset)."""
+    try:
+        import torch.distributed as tdist
+
+        if isinstance(e, getattr(tdist, "DistError", ())):
+            return True
+    except ImportError:
+        pass
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("connection closed", "connection reset", "gloo", "nccl", "broken pipe")
+    )
+
+
+def _run(
+    spec,
+    config,
+    sources,
+    dst,
+    *,
+    force,
+    replace_stale,
+    dry_run,
+    allow_pickle,
+    allow_download,
+    max_shard_size,
+    device,
+    report,
+    evaluate,
+) -> RunResult:
+    w = dist.world()
     cks = [
         s
         if isinstance(s, Checkpoint)
@@ -223,6 +361,11 @@ def run_pass(
     if dst is None:
         raise UsageError(f"{spec.name}: give an output directory DST (or use --dry-run)")
     dst = dest.resolve_output(dst)  # once, up front (DST/../DST, symlinks)
+    if w.distributed:
+        return _run_distributed(
+            spec, config, ctx, params, dst, force=force, replace_stale=replace_stale,
+            max_shard_size=max_shard_size, report=report, evaluate=evaluate,
+        )  # fmt: skip
     dest.refuse_overlap(dst, cks)
     with report.status("hashing inputs"):
         inputs = [input_record(ck, dst) for ck in cks]
@@ -244,14 +387,13 @@ def run_pass(
         )
 
 
-def _locked_run(
-    spec, config, ctx, params, inputs, dst: Path, *, force, replace_stale, max_shard_size, report, evaluate
-) -> RunResult:
+def _decide(spec, params, inputs, dst: Path, *, force: bool, replace_stale: bool) -> tuple[str, bool]:
+    """("fresh" | "run", force) for an output DST under the lock; raises when it must not be replaced."""
     if dst.exists():
         state, why = mf.freshness(dst, pass_name=spec.name, parameters=params, inputs=inputs)
         if not force:
             if state == "fresh":
-                return _up_to_date(dst, report)
+                return "fresh", force
             if replace_stale and state in ("stale", "damaged"):
                 force = True  # an earlier result of this same step (pipelines own their step outputs)
             elif state == "damaged":
@@ -261,7 +403,17 @@ def _locked_run(
                     f"{dst}: output already exists (from other inputs or parameters); pass --force to replace it"
                 )
         dest.refuse_foreign(dst)
+    return "run", force
+
+
+def _locked_run(
+    spec, config, ctx, params, inputs, dst: Path, *, force, replace_stale, max_shard_size, report, evaluate
+) -> RunResult:
+    state, force = _decide(spec, params, inputs, dst, force=force, replace_stale=replace_stale)
+    if state == "fresh":
+        return _up_to_date(dst, report)
     plan = spec.plan(config, ctx)
+    dest.clear_failures(dst)  # what a failed distributed run into DST left
     writer = None
     try:
         with CheckpointWriter(dst, force=force, max_shard_size=max_shard_size) as writer:
@@ -271,6 +423,52 @@ def _locked_run(
     report.log(
         f"wrote {dst} ({len(writer.planned)} tensors, {human_bytes(writer.total_size)} in {len(writer.shards)} "
         "shard(s))"
+    )
+    return RunResult("written", dst, plan=plan, manifest=mf.read(dst), notes=ctx.notes)
+
+
+def _run_distributed(
+    spec, config, ctx, params, dst: Path, *, force, replace_stale, max_shard_size, report, evaluate
+) -> RunResult:
+    """Rank 0 checks, decides freshness, locks, plans and creates the staging directory, and
+    broadcasts the decision; every rank then runs the pass into the shared staging files; rank 0
+    finalizes (completeness over all ranks, manifest, one rename) and every rank returns the same
+    result."""
+    w = dist.world()
+    with contextlib.ExitStack() as stack:
+        decision: dict[str, Any] | None = None
+        writer = None
+        inputs = None
+        if w.is_main:
+            dest.refuse_overlap(dst, ctx.sources)
+            with report.status("hashing inputs"):
+                inputs = [input_record(ck, dst) for ck in ctx.sources]
+            stack.enter_context(dest.output_lock(dst, report))
+            state, force = _decide(spec, params, inputs, dst, force=force, replace_stale=replace_stale)
+            if state == "fresh":
+                decision = {"status": "up-to-date"}
+            else:
+                plan = spec.plan(config, ctx)
+                try:
+                    writer = stack.enter_context(CheckpointWriter(dst, force=force, max_shard_size=max_shard_size))
+                except OSError as e:
+                    raise dest.os_error(e, dst) from None
+                writer.shared = True
+                decision = {"status": "run", "plan": plan, "tmp": str(writer.tmp)}
+        decision = dist.broadcast_object(decision, 0)
+        if decision["status"] == "up-to-date":
+            return _up_to_date(dst, report)
+        plan = decision["plan"]
+        if writer is None:
+            writer = stack.enter_context(CheckpointWriter.join(dst, decision["tmp"]))
+        try:
+            _write(spec, config, ctx, plan, params, inputs, writer, report=report, evaluate=evaluate)
+        except OSError as e:
+            raise dest.os_error(e, dst, writer.total_size) from None
+        dist.barrier()  # rank 0 has renamed the output into place
+    report.log(
+        f"wrote {dst} ({len(writer.planned)} tensors, {human_bytes(writer.total_size)} in {len(writer.shards)} "
+        f"shard(s)) with {w.size} processes"
     )
     return RunResult("written", dst, plan=plan, manifest=mf.read(dst), notes=ctx.notes)
 
@@ -288,6 +486,15 @@ def _write(spec, config, ctx, plan, params, inputs, writer, *, report, evaluate)
     if plan.config is not None:
         writer.set_config(plan.config)
     spec.run(config, ctx, plan)
+    w = dist.world()
+    if w.distributed:  # every rank's written byte ranges count; the rest is rank 0's
+        writer.close_for_handoff()
+        ranges = dist.gather_objects(writer.written_ranges())
+        if not w.is_main:
+            writer._done = True  # nothing of the staging directory is this rank's to remove
+            return
+        for r in ranges:
+            writer.mark_written(r)
     if ctx.copy_aux:
         writer.copy_aux_files(ctx.source.root, ctx.source.aux_files())
     if evaluate is not None and evaluate.text is not None:
@@ -307,6 +514,7 @@ def _write(spec, config, ctx, plan, params, inputs, writer, *, report, evaluate)
             metrics=ctx.metrics,
             seed=seed,
             device=ctx.device,
+            world_size=w.size,
         )
         steps = [s.get("pass", {}).get("name") for s in core.get("chain", [])] + [spec.name]
         known = registry.all_passes()

@@ -24,8 +24,9 @@ MAX_OVERSAMPLE = 20  # tokenize at most this many times the tokens needed
 
 @dataclass
 class CalibrationData:
-    ids: torch.Tensor  # [N, L] int64
+    ids: torch.Tensor  # [N, L] int64 (under a launcher with shard=True: this rank's block)
     description: dict[str, Any]
+    total: int | None = None  # windows over all ranks (set by PassContext.calibrate)
 
     @property
     def samples(self) -> int:

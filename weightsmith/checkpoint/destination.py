@@ -8,6 +8,9 @@
 - `output_lock()` lets one run at a time write a given output (flock on a hidden sibling): a second
   identical run waits, then finds the output fresh.
 - `remove_stale()` deletes temporaries left by a run that was killed (its PID no longer runs).
+- `write_failure()` / `read_failures()`: under a launcher, a rank that fails leaves its one-line
+  error in `.DST.failed-rank-R` beside the output so its peers can name it; rank 0 clears them
+  when the next run starts (`clear_failures()`).
 - `os_error()` turns a failed write (disk full, read-only, permission) into one line naming the
   path, the space the output needs and the fix.
 """
@@ -214,3 +217,49 @@ def check_free_space(dst: Path, needed: int) -> None:
             f"{human_bytes(free)} is free; "
             "free space there or choose another DST"
         )
+
+
+def failure_marker(dst: Path, rank: int) -> Path:
+    return dst.parent / f".{dst.name}.failed-rank-{rank}"
+
+
+def write_failure(dst: Path, rank: int, message: str, exit_code: int) -> None:
+    """Leave this rank's one-line error beside the output (best effort: the error itself matters more)."""
+    with contextlib.suppress(OSError):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.failed-rank-{rank}.{os.getpid()}"
+        tmp.write_text(json.dumps({"rank": rank, "message": message, "exit_code": exit_code}) + "\n")
+        os.replace(tmp, failure_marker(dst, rank))
+
+
+def read_failures(dst: Path) -> list[dict]:
+    """The failure markers of every rank, in rank order."""
+    pat = re.compile(rf"^\.{re.escape(dst.name)}\.failed-rank-(\d+)$")
+    out = []
+    try:
+        names = sorted(dst.parent.iterdir())
+    except OSError:
+        return out
+    for p in names:
+        m = pat.match(p.name)
+        if not m:
+            continue
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and "message" in rec:
+            out.append({"rank": int(m.group(1)), "message": str(rec["message"]), "exit_code": rec.get("exit_code", 1)})
+    return sorted(out, key=lambda r: r["rank"])
+
+
+def clear_failures(dst: Path) -> None:
+    pat = re.compile(rf"^\.{re.escape(dst.name)}\.failed-rank-\d+(\.\d+)?$")
+    try:
+        names = list(dst.parent.iterdir())
+    except OSError:
+        return
+    for p in names:
+        if pat.match(p.name):
+            with contextlib.suppress(OSError):
+                p.unlink()

@@ -118,7 +118,7 @@ def tool_info() -> dict[str, Any]:
     return info
 
 
-def environment(device: str = "cpu") -> dict[str, Any]:
+def environment(device: str = "cpu", world_size: int = 1) -> dict[str, Any]:
     import safetensors
     import torch
     import transformers
@@ -129,6 +129,9 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "transformers": transformers.__version__,
         "safetensors": safetensors.__version__,
         "device": device,
+        # processes that computed it (torchrun/accelerate launch); like the device, not part of
+        # freshness: outputs of other world sizes agree to fp tolerance (docs/distributed.md)
+        "world_size": int(world_size),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -168,6 +171,7 @@ def build_core(
     metrics: dict[str, Any] | None = None,
     seed: int | None = None,
     device: str = "cpu",
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Everything but the output hashes (the model card is rendered from this)."""
     return {
@@ -177,7 +181,7 @@ def build_core(
         "parameters": parameters,
         "inputs": inputs,
         "calibration": calibration,
-        "environment": environment(device),
+        "environment": environment(device, world_size),
         "seed": seed,
         "metrics": metrics or {},
         "chain": flatten_chain(input_manifests),

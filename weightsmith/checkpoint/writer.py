@@ -17,6 +17,14 @@ interrupted run never leaves an output that looks complete (a `kill -9` leaves t
 the next writer for that DST removes; see `destination`). DST is resolved once, and `force`
 replaces only an empty directory or a weightsmith output. Tensor order is natural-sorted by
 name (layers stay together), so equal inputs give byte-identical shards.
+
+Under a launcher (docs/distributed.md) rank 0 creates the writer with `shared = True`; every other
+rank opens the same staging directory with `CheckpointWriter.join(dst, tmp)`. `plan()` is then a
+collective (rank 0 lays out the files and broadcasts `layout()`), after which any rank may write
+any planned tensor (the same bytes twice across ranks is allowed). A joined writer never
+creates, truncates, renames or removes anything: config, auxiliary files, index and manifest are
+rank 0's. Before rank 0 finalizes, each rank calls `w.close_for_handoff()` (fsync + close) and
+rank 0 merges every rank's `written_ranges()` with `mark_written()`.
 """
 
 from __future__ import annotations
@@ -139,8 +147,80 @@ class CheckpointWriter:
         self._file_locks: dict[str, threading.Lock] = {}  # one writer at a time per shard file (see _pwrite)
         self._config_written = False
         self._done = False
+        self.follower = False  # a rank > 0 writing into rank 0's files (see join)
+        self.shared = False  # rank 0 of a distributed run: plan() broadcasts the layout
         self.shards: list[str] = []
         self.total_size = 0
+
+    # ---- several processes writing one output ----------------------------------------------
+    def layout(self) -> dict:
+        """What another rank needs to write into this plan's staging files (picklable)."""
+        return {
+            "shards": list(self.shards),
+            "total_size": self.total_size,
+            "slots": [(n, s.file, s.offset, s.spec) for n, s in self._slots.items()],
+        }
+
+    @classmethod
+    def join(cls, dst: str | os.PathLike, tmp: str | os.PathLike) -> "CheckpointWriter":
+        """Another rank's writer onto the staging directory rank 0 created (whose writer has
+        `shared = True`). `plan()` is then collective: rank 0 lays the files out and broadcasts the
+        layout, the others adopt it; after that any rank may pwrite any planned tensor."""
+        w = cls.__new__(cls)
+        w.dst, w.tmp = Path(dst), Path(tmp)
+        w.force, w.max_shard_size, w.metadata = False, 0, {}
+        w._slots, w._fds, w._file_locks = {}, {}, {}
+        w._lock = threading.Lock()
+        w._config_written, w._done, w.follower, w.shared = False, False, True, True
+        w.shards, w.total_size = [], 0
+        return w
+
+    def _adopt(self, layout: dict) -> None:
+        self._slots = {n: _Slot(f, off, spec) for n, f, off, spec in layout["slots"]}
+        self._file_locks = {f: threading.Lock() for f in layout["shards"]}
+        self.shards, self.total_size = list(layout["shards"]), int(layout["total_size"])
+        for f in self.shards:
+            try:
+                self._fds[f] = os.open(self.tmp / f, os.O_RDWR)
+            except OSError as e:
+                self._close_fds()
+                raise CheckpointError(
+                    f"{self.tmp / f}: cannot open rank 0's staging file ({e.strerror}); every rank needs the output "
+                    "directory on one shared filesystem, under the same path"
+                ) from None
+
+    def written_ranges(self) -> list[tuple[str, int, int]]:
+        """(name, start, end) of every byte range this process wrote."""
+        out = []
+        for n, s in self._slots.items():
+            if s.written:
+                out.append((n, 0, s.spec.nbytes))
+            elif s.parts:
+                out += [(n, b, e) for b, e in s.parts]
+        return out
+
+    def mark_written(self, ranges: Iterable[tuple[str, int, int]]) -> None:
+        """Count byte ranges written by other processes (overlaps allowed: they wrote the same bytes)."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for n, b, e in ranges:
+            spans.setdefault(n, []).append((b, e))
+        for n, s in self._slots.items():
+            if s.written:
+                continue
+            parts = sorted(spans.get(n, []) + list(s.parts or []))
+            covered = 0
+            for b, e in parts:
+                if b > covered:
+                    break
+                covered = max(covered, e)
+            if covered >= s.spec.nbytes:
+                s.written, s.parts = True, None
+
+    def close_for_handoff(self) -> None:
+        """fsync and close this process's file descriptors (another process reads the files next)."""
+        for fd in self._fds.values():
+            os.fsync(fd)
+        self._close_fds()
 
     # ---- context management ------------------------------------------------------------
     def __enter__(self) -> "CheckpointWriter":
@@ -152,7 +232,8 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         self._close_fds()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self.follower:  # the staging directory is rank 0's to remove
+            shutil.rmtree(self.tmp, ignore_errors=True)
         self._done = True
 
     def _close_fds(self) -> None:
@@ -170,6 +251,11 @@ class CheckpointWriter:
         are named (natural order); tensors it does not mention are packed greedily after them."""
         if self._slots:
             raise RuntimeError("CheckpointWriter.plan() called twice")
+        if self.follower:  # collective: rank 0's layout (its specs are the same: every rank runs the same plan)
+            from weightsmith import dist
+
+            self._adopt(dist.broadcast_object(None, 0))
+            return
         specs = sorted(specs, key=lambda s: natural_key(s.name))
         seen = set()
         for s in specs:
@@ -202,6 +288,10 @@ class CheckpointWriter:
                 self._slots[s.name] = _Slot(fname, len(header) + b, s)
             self.total_size += sum(s.nbytes for s in group)
         dest.check_free_space(self.dst, self.total_size)  # shards are sparse until written: check before data
+        if self.shared:
+            from weightsmith import dist
+
+            dist.broadcast_object(self.layout(), 0)
 
     @property
     def planned(self) -> list[TensorSpec]:
@@ -308,11 +398,15 @@ class CheckpointWriter:
     # ---- non-weight files ----------------------------------------------------------------
     def set_config(self, config) -> None:
         """Write config.json through the transformers config object (never raw JSON edits)."""
+        if self.follower:  # rank 0 writes the non-weight files
+            return
         config.save_pretrained(self.tmp)
         self._config_written = True
 
     def copy_aux_files(self, src_dir: str | os.PathLike, names: Iterable[str]) -> list[str]:
         copied = []
+        if self.follower:
+            return [str(n) for n in names]
         for n in names:
             src = Path(src_dir) / n
             shutil.copyfile(src, self.tmp / n)
@@ -320,6 +414,8 @@ class CheckpointWriter:
         return copied
 
     def add_file(self, name: str, content: str | bytes) -> None:
+        if self.follower:
+            return
         data = content.encode() if isinstance(content, str) else content
         (self.tmp / name).write_bytes(data)
 
@@ -329,6 +425,8 @@ class CheckpointWriter:
 
     def finalize(self, manifest_fn: Callable[[Path], dict] | None = None) -> Path:
         """Check completeness, write the index, then the manifest (last), then rename into place."""
+        if self.follower:
+            raise RuntimeError("a joined CheckpointWriter does not finalize; rank 0 does")
         missing = self.missing()
         if missing:
             raise WeightsmithError(

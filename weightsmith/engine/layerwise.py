@@ -51,6 +51,29 @@ def _trim_heap() -> None:
 
 _MALLOC_TRIM = None
 
+# Test hook (tests/test_distributed.py): WEIGHTSMITH_TEST_FAIL=RANK:LAYER[:kill] makes that rank
+# raise (or SIGKILL itself) when the engine reaches that layer, to exercise failure handling.
+FAIL_HOOK = "WEIGHTSMITH_TEST_FAIL"
+
+
+def _test_failure(index: int) -> None:
+    import os
+
+    spec = os.environ.get(FAIL_HOOK)
+    if not spec:
+        return
+    from weightsmith import dist
+    from weightsmith.errors import WeightsmithError
+
+    rank, layer, *how = spec.split(":")
+    if int(rank) != dist.world().rank or int(layer) != index:
+        return
+    if how == ["kill"]:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise WeightsmithError(f"layer {index}: failure injected by {FAIL_HOOK}={spec}")
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -321,6 +344,7 @@ class LayerwiseEngine:
         todo = list(range(self.view.num_layers)) if layers is None else list(layers)
         for i in self.report.track(todo, desc="layers"):
             t0 = time.perf_counter()
+            _test_failure(i)
             module = self.layers[i]
             materialize(module, lambda n, i=i: self.view.to_disk(i, n), self.ck, self.device, f"layer {i}")
             handle = LayerHandle(self, i, module, h)

@@ -2,15 +2,44 @@
 
 Each accumulator is an observer: `acc(module_input, module_output)`. Inputs of routed experts
 arrive as [tokens, features]; everything else as [batch, seq, features].
+
+Under a launcher each rank observes only its own calibration windows; `acc.reduce()` (called by
+the pass after `layer.run(...)`, on every rank, in the same order) sums the tensors and the row
+counts over ranks in rank order (`dist.sum_ordered`), so every rank then holds the statistics of
+all windows, bit-identical for a given world size. Without a launcher it is a no-op, and a second
+call is a no-op too.
 """
 
 from __future__ import annotations
 
 import torch
 
+from weightsmith import dist
 
-class Gram:
+
+class Reducible:
+    """Accumulators whose state is a few tensors and integer counts summed over ranks."""
+
+    _tensors: tuple[str, ...] = ()
+    _counts: tuple[str, ...] = ()
+    _reduced = False
+
+    def reduce(self):
+        if self._reduced or not dist.world().distributed:
+            self._reduced = True
+            return self
+        for name in self._tensors:
+            setattr(self, name, dist.sum_ordered(getattr(self, name)))
+        for name in self._counts:
+            setattr(self, name, dist.sum_int(getattr(self, name)))
+        self._reduced = True
+        return self
+
+
+class Gram(Reducible):
     """Σ xᵀx over all rows of the module input (or output): GPTQ Hessians, PCA covariances."""
+
+    _tensors, _counts = ("sum",), ("rows",)
 
     def __init__(
         self, dim: int, *, on: str = "input", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
@@ -30,8 +59,10 @@ class Gram:
         return self.sum / max(self.rows, 1)
 
 
-class ChannelImportance:
+class ChannelImportance(Reducible):
     """Minitron aggregation per channel: mean |x| over the sequence, then L2 over samples."""
+
+    _tensors, _counts = ("sq",), ("samples",)
 
     def __init__(self, dim: int, *, on: str = "input", device: str | torch.device = "cpu"):
         self.sq = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -49,8 +80,10 @@ class ChannelImportance:
         return self.sq.sqrt().float()
 
 
-class ChannelSquares:
+class ChannelSquares(Reducible):
     """Σ x² per channel (for Wanda-style ‖X_j‖₂ scores)."""
+
+    _tensors, _counts = ("sq",), ("rows",)
 
     def __init__(self, dim: int, *, on: str = "input", device: str | torch.device = "cpu"):
         self.sq = torch.zeros(dim, dtype=torch.float64, device=device)

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from weightsmith import dist
 from weightsmith.arch import arch_for
 from weightsmith.arch.spec import SCALE_SUFFIX
 from weightsmith.checkpoint import tokenizer
@@ -338,6 +339,29 @@ class _Stats:
         with self.lock:
             self.read[k] += nbytes
 
+    def combine(self, parts: list[tuple[dict, list[int]]]) -> None:
+        """Every rank's counts (in rank order): sums, and the max of the relative differences."""
+        groups: dict[str, dict] = {}
+        read = [0] * len(self.read)
+        for part_groups, part_read in parts:
+            read = [a + b for a, b in zip(read, part_read)]
+            for name, g in part_groups.items():
+                out = groups.setdefault(name, {"selected": {}, "interpolated": 0, "copied_below_delta": 0})
+                for p, c in g["selected"].items():
+                    out["selected"][p] = out["selected"].get(p, 0) + c
+                out["interpolated"] += g["interpolated"]
+                out["copied_below_delta"] += g["copied_below_delta"]
+                if "max_relative_difference" in g:
+                    out["max_relative_difference"] = max(
+                        out.get("max_relative_difference", 0.0), g["max_relative_difference"]
+                    )
+        self.groups, self.read = groups, read
+
+
+def _unit_bytes(cks, u: Unit) -> int:
+    """Bytes a unit reads (every parent that has it): the cost that balances ranks."""
+    return sum(cks[k].info(u.name).nbytes for k in u.have)
+
 
 def _delta(cfg: MergeConfig, u: Unit) -> float:
     return u.rule.delta if u.rule.delta is not None else cfg.delta
@@ -500,6 +524,9 @@ def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
     units: list[Unit] = plan.state.units
     by_name = {u.name: u for u in units}
     order = [nm for nm in cks[0].file_order() if nm in by_name] + [u.name for u in units if 0 not in u.have]
+    total = len(order)
+    if ctx.world.distributed:  # each rank reads and writes its share of the tensors, balanced by bytes read
+        order = [order[j] for j in ctx.mine([_unit_bytes(cks, by_name[nm]) for nm in order])]
     workers = cfg.workers or min(8, os.cpu_count() or 1)
     stats = _Stats(len(cks))
     threads = torch.get_num_threads()
@@ -519,9 +546,13 @@ def run(cfg: MergeConfig, ctx, plan: Plan) -> None:
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0
+    if ctx.world.distributed:
+        stats.combine(dist.gather_objects((stats.groups, stats.read)))
     # the streaming rate, startup and hashing excluded (reported, not stored: outputs stay byte-identical)
     ctx.notes.append(
-        f"merged {len(order)} tensors in {seconds:.2f} s: read {sum(stats.read) / 1e6:,.0f} MB "
+        f"merged {len(order)} tensors in {seconds:.2f} s"
+        + (f" (this rank's share of {total})" if ctx.world.distributed else "")
+        + f": read {sum(stats.read) / 1e6:,.0f} MB "
         f"({sum(stats.read) / 1e6 / max(seconds, 1e-9):,.0f} MB/s)"
     )
     # tokenizer & co.: from the chosen parent; other aux files (generation config...) from the base

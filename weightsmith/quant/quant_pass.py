@@ -6,6 +6,12 @@ layer quantized with inputs that already went through the quantized earlier laye
 hands the next layer the outputs computed after our weight changes), and, with
 `--true-sequential` (default), sub-modules in dependency order inside a layer (q/k/v, then o,
 then gate/up, then down) so each sees inputs produced by its already-quantized predecessors.
+
+Under a launcher (docs/distributed.md) each rank pushes its block of the calibration windows
+through the layer, the Hessians are summed over ranks in rank order, each module of a stage is
+solved by one owner chosen by cost (in_features³ + out_features·in_features²) which writes its
+packed tensors, and the dequantized weight and the module's record are broadcast so every rank
+continues with the same layer. RTN modules and the tensors copied through are split by cost too.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from weightsmith import dist
 from weightsmith.arch import arch_for
 from weightsmith.arch.coverage import require_complete
 from weightsmith.arch.spec import SCALE_SUFFIX
@@ -261,16 +268,19 @@ def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
         else torch.float16
     )
     out_dtypes = {s.name: s.dtype for s in ctx.writer.planned}
-    # everything that is not a quantized weight streams straight through
-    for name in ck.file_order():
-        if name in out_dtypes and name not in quant_weights:
-            if ck.info(name).dtype in FP8_DTYPES:
-                ctx.writer.write(name, ck.get(name, dequantize=True, dtype=out_dtypes[name]))
-            else:
-                ctx.copy_tensor(name, dtype=out_dtypes[name])
+    # everything that is not a quantized weight streams straight through (split by bytes over ranks)
+    through = [n for n in ck.file_order() if n in out_dtypes and n not in quant_weights]
+    for j in ctx.mine([ck.info(n).nbytes for n in through]):
+        name = through[j]
+        if ck.info(name).dtype in FP8_DTYPES:
+            ctx.writer.write(name, ck.get(name, dequantize=True, dtype=out_dtypes[name]))
+        else:
+            ctx.copy_tensor(name, dtype=out_dtypes[name])
     t0 = time.perf_counter()
     if cfg.method == "rtn":
-        for prefix in ctx.report.track(list(quantized), desc="rtn"):
+        prefixes = list(quantized)
+        mine = ctx.mine([ck.info(p + ".weight").numel for p in prefixes])
+        for prefix in ctx.report.track([prefixes[j] for j in mine], desc="rtn"):
             q = quantized[prefix].quant
             w = ck.get(prefix + ".weight", dequantize=True, dtype=torch.float32).to(ctx.device)  # --device
             _finite(prefix + ".weight", w)
@@ -280,6 +290,9 @@ def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
                 "method": "rtn",
                 "weight_rel_error": float((qw.dequantize() - w).norm() / w.norm().clamp_min(1e-12)),
             }
+        if ctx.world.distributed:  # every rank's records, in module order
+            merged = {k: v for part in dist.gather_objects(rec.layers) for k, v in part.items()}
+            rec.layers = {p: merged[p] for p in prefixes}
     else:
         _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype)
     _metrics(cfg, ctx, ck, quantized, rec, time.perf_counter() - t0)
@@ -319,13 +332,13 @@ def _input_key(lin) -> str:
 def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> None:
     from weightsmith.engine.stats import Gram
 
-    calib = ctx.calibrate(cfg, default="self")
+    calib = ctx.calibrate(cfg, default="self", shard=True)  # this rank's windows
     if cfg.calib is None:
         ctx.notes.append(
             "no --calib given: GPTQ calibrated on text the model generated itself (data-free); real text is usually "
             "better"
         )
-    tokens = int(calib.ids.numel())
+    tokens = int(calib.total * calib.ids.shape[1])
     widest = max((ctx.source.info(p + ".weight").shape[-1] for p in quantized), default=0)
     if widest and tokens < MIN_TOKENS_PER_INPUT * widest:
         ctx.notes.append(
@@ -361,21 +374,39 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
                 )
                 observe = {p: _both(g, cross.get(p)) for p, g in observe.items()}
             layer.run(observe=observe, keep_outputs=False)
+            for g in grams.values():  # Σ over ranks, in rank order (no-op in one process)
+                g.reduce()
+            for c in cross.values():
+                c.reduce()
             by_key = {_input_key(l): cross[l.prefix] for l in todo if l.prefix in cross}
-            for lin in todo:
-                key = _input_key(lin)
-                _gptq_one(
-                    cfg,
-                    ctx,
-                    fmt,
-                    layer,
-                    lin,
-                    quantized[lin.prefix].quant,
-                    grams[key],
-                    rec,
-                    scale_dtype,
-                    by_key.get(key),
-                )
+            # a stage's modules are independent (their Hessians are all known): each owner solves
+            # its share, then every rank takes each module's weight and record from its owner
+            owners = dist.assign_owners([_gptq_cost(layer, l) for l in todo]) if ctx.world.distributed else None
+            results = {}
+            for j, lin in enumerate(todo):
+                if owners is None or owners[j] == ctx.world.rank:
+                    key = _input_key(lin)
+                    results[lin.prefix] = _gptq_one(
+                        cfg,
+                        ctx,
+                        fmt,
+                        layer,
+                        lin,
+                        quantized[lin.prefix].quant,
+                        grams[key],
+                        scale_dtype,
+                        by_key.get(key),
+                    )
+            for j, lin in enumerate(todo):
+                if owners is not None:
+                    dist.broadcast_(layer.tensor(lin.prefix + ".weight").detach(), owners[j])
+                    results[lin.prefix] = dist.broadcast_object(results.get(lin.prefix), owners[j])
+                entry, fallback, damp = results[lin.prefix]
+                rec.layers[lin.prefix] = entry
+                if fallback:
+                    rec.rtn_fallbacks.append(lin.prefix)
+                if damp is not None:
+                    rec.damp_raised[lin.prefix] = damp
         if cfg.fp_target:  # advance the full-precision stream with the layer's original weights
             current = {n: t.clone() for n, t in layer.state_dict().items()}
             _load(layer, originals)
@@ -386,6 +417,8 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
             fp_stream["store"] = nxt
         tokens = layer.expert_tokens()
         if tokens is not None:
+            if ctx.world.distributed:
+                tokens = [int(x) for x in dist.sum_ordered(torch.tensor(tokens, dtype=torch.int64)).tolist()]
             rec.layers.setdefault(f"{layer.prefix}.<experts>", {})["tokens_per_expert"] = tokens
 
     # layers after the last one with modules to quantize change nothing: the engine stops there
@@ -394,6 +427,12 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> No
     if fp_stream["store"] is not None:
         fp_stream["store"].close()
     engine.close()
+
+
+def _gptq_cost(layer, lin) -> float:
+    """A module's GPTQ cost: the Cholesky inverse (k³) and the column sweep (n·k²)."""
+    n, k = layer.tensor(lin.prefix + ".weight").shape
+    return float(k) ** 3 + float(n) * float(k) ** 2
 
 
 class CrossGram:
@@ -415,6 +454,14 @@ class CrossGram:
             self.valid = False
             return
         self.sum = xt.T @ x if self.sum is None else self.sum.addmm_(xt.T, x)
+
+    def reduce(self) -> "CrossGram":
+        """Σ over ranks in rank order; invalid when any rank's is (no-op in one process)."""
+        if dist.world().distributed:
+            self.valid = dist.all_true(self.valid and self.sum is not None)
+            if self.valid:
+                self.sum = dist.sum_ordered(self.sum)
+        return self
 
 
 def _both(a, b):
@@ -445,13 +492,16 @@ def _cross_grams(layer, keys: dict[str, str], originals: dict, fp_in) -> dict[st
     return cross
 
 
-def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, rec, scale_dtype, cross=None) -> None:
+def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, scale_dtype, cross=None):
+    """Quantize one module, set its dequantized weight in the layer and write its packed tensors.
+    Returns (manifest entry, fell back to RTN, dampening raised to or None)."""
     name = lin.prefix + ".weight"
     w = layer.tensor(name).detach().float()
     _finite(name, w)
+    fallback, damp = False, None
     if lin.expert is not None and gram.rows < cfg.min_expert_tokens:
         qw = _rtn(w, q, cfg.mse, fmt)
-        rec.rtn_fallbacks.append(lin.prefix)
+        fallback = True
         entry = {"method": "rtn (expert saw too few tokens)", "tokens": gram.rows}
     else:
         spec = GPTQSpec(GridSpec(q.bits, q.sym, cfg.mse), q.group_size, cfg.act_order, cfg.block_size, cfg.damp)
@@ -462,15 +512,15 @@ def _gptq_one(cfg, ctx, fmt, layer, lin, q: LinearQuant, gram, rec, scale_dtype,
         qw = _respect_min_zero(QuantizedWeight(res.q, res.scales, res.zeros, res.g_idx, q), fmt)
         entry = {"method": "gptq" if target is w else "gptq (full-precision target)", "tokens": gram.rows}
         if res.damp != cfg.damp:
-            rec.damp_raised[lin.prefix] = res.damp
+            damp = res.damp
             entry["damp"] = res.damp
         if res.dead_columns:
             entry["dead_columns"] = res.dead_columns
     w_hat = qw.dequantize()
     entry["rel_output_error"] = output_error(w, w_hat, gram.sum)
-    rec.layers[lin.prefix] = entry
     layer.set_weight(name, w_hat)  # the next sub-modules and layers see the quantized weights
     _write_quantized(ctx, fmt, lin.prefix, qw, scale_dtype)
+    return entry, fallback, damp
 
 
 def _metrics(cfg, ctx, ck, quantized, rec: _Recorder, seconds: float) -> None:
