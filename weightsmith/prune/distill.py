@@ -307,7 +307,13 @@ def write_student(writer, student_ck, model) -> None:
     from weightsmith.checkpoint.reader import Checkpoint
 
     with tempfile.TemporaryDirectory(dir=writer.tmp.parent, prefix=".distill-save-") as td:
-        model.save_pretrained(td, safe_serialization=True)
+        # under torch.distributed transformers saves on rank 0 only; here the caller is the rank
+        # that holds this model (a Minitron candidate's owner may be any rank)
+        model.should_save_on_this_rank = lambda is_main_process: True
+        try:
+            model.save_pretrained(td, safe_serialization=True)
+        finally:
+            del model.should_save_on_this_rank
         saved = Checkpoint(td)
         for info in student_ck.infos():
             if info.name not in saved:
