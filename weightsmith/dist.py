@@ -125,6 +125,7 @@ def sum_ordered(t: torch.Tensor) -> torch.Tensor:
         return t
     parts = [torch.empty_like(t) for _ in range(w.size)]
     tdist.all_gather(parts, t.contiguous())
+    _count((w.size - 1) * t.numel() * t.element_size())
     out = parts[0].clone()
     for p in parts[1:]:
         out += p
@@ -144,6 +145,7 @@ def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
     if w.distributed:
         buf = t if t.is_contiguous() else t.contiguous()
         tdist.broadcast(buf, src)
+        _count(0 if w.rank == src else t.numel() * t.element_size())
         if buf is not t:
             t.copy_(buf)
     return t
@@ -155,6 +157,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
         return obj
     box = [obj if w.rank == src else None]
     tdist.broadcast_object_list(box, src)
+    _count(0 if w.rank == src else _pickled_size(box[0]))
     return box[0]
 
 
@@ -165,6 +168,7 @@ def gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * w.size
     tdist.all_gather_object(out, obj)
+    _count(sum(_pickled_size(o) for r, o in enumerate(out) if r != w.rank))
     return out
 
 
@@ -199,3 +203,29 @@ def assign_owners(costs: Sequence[float], size: int | None = None) -> list[int]:
         owner[j] = r
         load[r] += float(costs[j])
     return owner
+
+
+# ---- traffic accounting (bench/distributed.py reads it) ----------------------------------------
+_TRAFFIC = {"collectives": 0, "bytes_received": 0}
+
+
+def _count(nbytes: int) -> None:
+    _TRAFFIC["collectives"] += 1
+    _TRAFFIC["bytes_received"] += int(nbytes)
+
+
+def _pickled_size(obj: Any) -> int:
+    import pickle
+
+    return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def traffic(reset: bool = False) -> dict[str, int]:
+    """Collectives this process made through this module and the payload bytes it received from
+    its peers (an all-gather of n bytes receives (size-1)·n; the root of a broadcast receives
+    nothing; objects count as pickled). Collectives made elsewhere (DDP's gradient all-reduce)
+    are not counted."""
+    out = dict(_TRAFFIC)
+    if reset:
+        _TRAFFIC.update(collectives=0, bytes_received=0)
+    return out
