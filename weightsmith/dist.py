@@ -118,18 +118,40 @@ def shard(n: int, w: World | None = None) -> slice:
     return slice(start, start + base + (1 if w.rank < extra else 0))
 
 
+SMALL_SUM = 1 << 16  # elements x ranks up to which sum_ordered gathers whole tensors (one collective)
+
+
 def sum_ordered(t: torch.Tensor) -> torch.Tensor:
-    """Σ over ranks of `t`, added in rank order on every rank: deterministic for a world size."""
+    """Σ over ranks of `t`, added in rank order on every rank: deterministic for a world size.
+
+    Large tensors go as a reduce-scatter then an all-gather: rank r receives block r of every
+    rank's tensor (all_to_all), adds the blocks in rank order and shares its sum. Each element
+    is still p0 + p1 + ... in rank order (the same bits as gathering whole tensors), but a rank
+    receives 2·(P-1)/P of the tensor instead of (P-1) copies of it."""
     w = world()
     if not w.distributed:
         return t
-    parts = [torch.empty_like(t) for _ in range(w.size)]
-    tdist.all_gather(parts, t.contiguous())
-    _count((w.size - 1) * t.numel() * t.element_size())
-    out = parts[0].clone()
-    for p in parts[1:]:
-        out += p
-    return out
+    n = t.numel()
+    if n * w.size <= SMALL_SUM:
+        parts = [torch.empty_like(t) for _ in range(w.size)]
+        tdist.all_gather(parts, t.contiguous())
+        _count((w.size - 1) * n * t.element_size())
+        out = parts[0].clone()
+        for p in parts[1:]:
+            out += p
+        return out
+    block = -(-n // w.size)
+    send = torch.zeros(block * w.size, dtype=t.dtype, device=t.device)
+    send[:n] = t.reshape(-1)
+    recv = torch.empty_like(send)
+    tdist.all_to_all_single(recv, send)  # recv[r·block:(r+1)·block] = rank r's copy of my block
+    mine = recv[:block].clone()
+    for r in range(1, w.size):
+        mine += recv[r * block : (r + 1) * block]
+    blocks = [torch.empty_like(mine) for _ in range(w.size)]
+    tdist.all_gather(blocks, mine)
+    _count(2 * (w.size - 1) * block * t.element_size())
+    return torch.cat(blocks)[:n].reshape(t.shape)
 
 
 def sum_int(x: int) -> int:
