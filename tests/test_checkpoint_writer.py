@@ -197,3 +197,46 @@ def test_all_finite_catches_nan_and_inf(dtype):
         u = t.clone()
         u[517] = bad
         assert not all_finite(u), (dtype, bad)
+
+
+def test_a_joined_writer_fills_rank_0s_files_and_rank_0_counts_its_ranges(tmp_path):
+    """What ranks > 0 do under a launcher (tests/test_distributed.py runs it for real): write into
+    rank 0's staging files at the planned offsets; rank 0 counts their byte ranges; only rank 0
+    writes non-weight files, finalizes or removes the staging directory."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    a, b = torch.arange(6, dtype=torch.float32), torch.ones(2, 3, dtype=torch.bfloat16)
+    w0 = CheckpointWriter(tmp_path / "out", max_shard_size=16)
+    w0.plan([TensorSpec.of("a", a), TensorSpec.of("b", b)])
+    w1 = CheckpointWriter.join(w0.dst, w0.tmp)
+    w1._adopt(w0.layout())  # what the collective plan() hands a joined writer
+    assert w1.shards == w0.shards and len(w0.shards) == 2
+    w1.write("b", b)
+    w1.write_range("a", 0, a[:4])
+    w0.write_range("a", 8, a[2:])  # overlaps rank 1's range with the same bytes: allowed across ranks
+    w1.set_config(LlamaConfig())  # a no-op on a joined writer
+    assert not (w0.tmp / "config.json").exists()
+    with pytest.raises(RuntimeError):
+        w1.finalize()
+    w1.close_for_handoff()
+    w1.abort()  # rank 1 never removes rank 0's files
+    assert w0.tmp.exists()
+    assert w0.missing() == ["a", "b"]
+    w0.mark_written(w1.written_ranges())
+    assert w0.missing() == []
+    w0.set_config(LlamaConfig())
+    w0.finalize()
+    got = {**load_file(tmp_path / "out" / w0.shards[0]), **load_file(tmp_path / "out" / w0.shards[1])}
+    assert torch.equal(got["a"], a) and torch.equal(got["b"], b)
+
+
+def test_ranges_that_leave_a_gap_do_not_complete_a_tensor(tmp_path):
+    a = torch.arange(6, dtype=torch.float32)
+    w0 = CheckpointWriter(tmp_path / "out")
+    w0.plan([TensorSpec.of("a", a)])
+    w0.mark_written([("a", 0, 8), ("a", 12, 24)])
+    assert w0.missing() == ["a"]
+    w0.mark_written([("a", 4, 16)])
+    assert w0.missing() == []
+    w0.abort()

@@ -7,9 +7,10 @@ unconditionally and a plain run is unchanged.
 
 The rules every distributed pass follows:
 - calibration windows are split into contiguous blocks (`shard`), one per rank, in rank order;
-- statistics are summed with `sum_ordered`: every rank gathers every rank's partial sum and adds
-  them in rank order, so the same world size gives the same bits whatever the backend's reduction
-  tree does (a plain all_reduce does not promise that);
+- statistics are summed with `sum_ordered`: every element is added over the ranks in rank order
+  (small tensors: gathered whole; large ones: each rank sums its block of everyone's copy, then
+  the blocks are gathered), so the same world size gives the same bits whatever the backend's
+  reduction tree does (a plain all_reduce does not promise that);
 - expensive solves are spread by `assign_owners` (deterministic longest-job-first by cost) and
   their results shared with `broadcast_`/`broadcast_object`;
 - every rank makes the same collective calls in the same order (a pass loops over its modules in
@@ -88,7 +89,9 @@ def world(device: str | None = None) -> World:
     if use_cuda:
         torch.cuda.set_device(local)
     if not tdist.is_initialized():
-        timeout = datetime.timedelta(seconds=_env_int("WEIGHTSMITH_DIST_TIMEOUT", 1800))
+        # peers wait in a collective while rank 0 alone hashes inputs, prepares calibration data or
+        # hashes the output: generous by default for big checkpoints
+        timeout = datetime.timedelta(seconds=_env_int("WEIGHTSMITH_DIST_TIMEOUT", 4 * 3600))
         tdist.init_process_group(backend=backend, timeout=timeout)
     _WORLD = World(rank=tdist.get_rank(), size=tdist.get_world_size(), local_rank=local, backend=backend)
     return _WORLD
@@ -118,6 +121,14 @@ def shard(n: int, w: World | None = None) -> slice:
     return slice(start, start + base + (1 if w.rank < extra else 0))
 
 
+def _for_backend(t: torch.Tensor) -> torch.Tensor:
+    """NCCL moves only GPU tensors: a CPU tensor (a Gram kept on the host) travels via this rank's GPU."""
+    w = world()
+    if w.backend == "nccl" and t.device.type != "cuda":
+        return t.to(f"cuda:{w.local_rank}")
+    return t
+
+
 SMALL_SUM = 1 << 16  # elements x ranks up to which sum_ordered gathers whole tensors (one collective)
 
 
@@ -131,18 +142,19 @@ def sum_ordered(t: torch.Tensor) -> torch.Tensor:
     w = world()
     if not w.distributed:
         return t
-    n = t.numel()
+    x = _for_backend(t.contiguous())
+    n = x.numel()
     if n * w.size <= SMALL_SUM:
-        parts = [torch.empty_like(t) for _ in range(w.size)]
-        tdist.all_gather(parts, t.contiguous())
-        _count((w.size - 1) * n * t.element_size())
+        parts = [torch.empty_like(x) for _ in range(w.size)]
+        tdist.all_gather(parts, x)
+        _count((w.size - 1) * n * x.element_size())
         out = parts[0].clone()
         for p in parts[1:]:
             out += p
-        return out
+        return out.to(t.device)
     block = -(-n // w.size)
-    send = torch.zeros(block * w.size, dtype=t.dtype, device=t.device)
-    send[:n] = t.reshape(-1)
+    send = torch.zeros(block * w.size, dtype=x.dtype, device=x.device)
+    send[:n] = x.reshape(-1)
     recv = torch.empty_like(send)
     tdist.all_to_all_single(recv, send)  # recv[r·block:(r+1)·block] = rank r's copy of my block
     mine = recv[:block].clone()
@@ -150,8 +162,8 @@ def sum_ordered(t: torch.Tensor) -> torch.Tensor:
         mine += recv[r * block : (r + 1) * block]
     blocks = [torch.empty_like(mine) for _ in range(w.size)]
     tdist.all_gather(blocks, mine)
-    _count(2 * (w.size - 1) * block * t.element_size())
-    return torch.cat(blocks)[:n].reshape(t.shape)
+    _count(2 * (w.size - 1) * block * x.element_size())
+    return torch.cat(blocks)[:n].reshape(t.shape).to(t.device)
 
 
 def sum_int(x: int) -> int:
@@ -165,7 +177,7 @@ def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
     """Overwrite `t` in place on every rank with rank `src`'s value (shape and dtype must agree)."""
     w = world()
     if w.distributed:
-        buf = t if t.is_contiguous() else t.contiguous()
+        buf = _for_backend(t if t.is_contiguous() else t.contiguous())
         tdist.broadcast(buf, src)
         _count(0 if w.rank == src else t.numel() * t.element_size())
         if buf is not t:

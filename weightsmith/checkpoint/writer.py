@@ -207,14 +207,16 @@ class CheckpointWriter:
         for n, s in self._slots.items():
             if s.written:
                 continue
-            parts = sorted(spans.get(n, []) + list(s.parts or []))
-            covered = 0
-            for b, e in parts:
-                if b > covered:
-                    break
-                covered = max(covered, e)
-            if covered >= s.spec.nbytes:
+            union: list[tuple[int, int]] = []
+            for b, e in sorted(spans.get(n, []) + list(s.parts or [])):
+                if union and b <= union[-1][1]:
+                    union[-1] = (union[-1][0], max(union[-1][1], e))
+                else:
+                    union.append((b, e))
+            if union and union[0][0] <= 0 and union[0][1] >= s.spec.nbytes:
                 s.written, s.parts = True, None
+            elif union:
+                s.parts = union  # counted so far (a later call may complete it)
 
     def close_for_handoff(self) -> None:
         """fsync and close this process's file descriptors (another process reads the files next)."""
