@@ -123,6 +123,11 @@ def test_bit_exact_across_world_sizes(runs, job):
         m.pop("manifest_sha256", None)
         m["environment"].pop("world_size")
     assert m1 == m2
+    if job == "merge":  # and it loads with plain transformers
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(runs / "merge-2")
+        assert model.config.num_hidden_layers == 2
 
 
 def test_same_world_size_reruns_are_byte_identical(runs):

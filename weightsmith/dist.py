@@ -17,8 +17,8 @@ The rules every distributed pass follows:
   plan order on every rank, owner or not).
 
 The contract with the runner and the writer (docs/distributed.md):
-- rank 0 checks the inputs, decides freshness, takes the output lock, plans and creates the
-  staging directory; the decision, the plan and the staging layout are broadcast;
+- rank 0 hashes the inputs, takes the output lock and decides freshness, and broadcasts the
+  decision; every rank plans; rank 0 creates the staging directory and broadcasts its path;
 - every rank gets a `ctx.writer` that can write any planned tensor at its planned offset; every
   planned tensor is written by at least one rank (two ranks writing the same bytes is allowed);
 - at the end the written byte ranges of all ranks are gathered, rank 0 checks completeness,
@@ -129,41 +129,50 @@ def _for_backend(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-SMALL_SUM = 1 << 16  # elements x ranks up to which sum_ordered gathers whole tensors (one collective)
+SMALL_SUM = 1 << 16  # elements x ranks up to which sum_ordered broadcasts whole tensors (fewer steps)
 
 
 def sum_ordered(t: torch.Tensor) -> torch.Tensor:
     """Σ over ranks of `t`, added in rank order on every rank: deterministic for a world size.
 
-    Large tensors go as a reduce-scatter then an all-gather: rank r receives block r of every
-    rank's tensor (all_to_all), adds the blocks in rank order and shares its sum. Each element
-    is still p0 + p1 + ... in rank order (the same bits as gathering whole tensors), but a rank
-    receives 2·(P-1)/P of the tensor instead of (P-1) copies of it."""
+    Small tensors: every rank's copy is broadcast in turn. Large ones go as a reduce-scatter then
+    an all-gather: rank r receives block r of every rank's tensor (all_to_all), adds the blocks in
+    rank order and shares its sum. Each element is p0 + p1 + ... in rank order either way (the
+    same bits), but a rank receives 2·(P-1)/P of the tensor instead of (P-1) copies of it, and
+    holds about three copies whatever the world size."""
     w = world()
     if not w.distributed:
         return t
     x = _for_backend(t.contiguous())
     n = x.numel()
     if n * w.size <= SMALL_SUM:
-        parts = [torch.empty_like(x) for _ in range(w.size)]
-        tdist.all_gather(parts, x)
+        # one broadcast per rank, in rank order, into one buffer: two copies of `t` at a time
+        out = torch.empty_like(x)
+        buf = torch.empty_like(x)
+        for r in range(w.size):
+            src = x if r == w.rank else buf
+            tdist.broadcast(src, r)
+            if r == 0:
+                out.copy_(src)
+            else:
+                out += src
         _count((w.size - 1) * n * x.element_size())
-        out = parts[0].clone()
-        for p in parts[1:]:
-            out += p
         return out.to(t.device)
+    # reduce-scatter then all-gather: about three copies of `t` at a time whatever the world size,
+    # 2(P-1)/P of it received
     block = -(-n // w.size)
-    send = torch.zeros(block * w.size, dtype=x.dtype, device=x.device)
-    send[:n] = x.reshape(-1)
+    flat = x.reshape(-1)
+    send = flat if block * w.size == n else torch.cat([flat, flat.new_zeros(block * w.size - n)])
     recv = torch.empty_like(send)
     tdist.all_to_all_single(recv, send)  # recv[r·block:(r+1)·block] = rank r's copy of my block
+    del send
     mine = recv[:block].clone()
     for r in range(1, w.size):
         mine += recv[r * block : (r + 1) * block]
-    blocks = [torch.empty_like(mine) for _ in range(w.size)]
-    tdist.all_gather(blocks, mine)
+    out = recv  # reused: block r of the sum goes to out[r·block:(r+1)·block]
+    tdist.all_gather(list(out.view(w.size, block).unbind(0)), mine)
     _count(2 * (w.size - 1) * block * x.element_size())
-    return torch.cat(blocks)[:n].reshape(t.shape).to(t.device)
+    return out[:n].view(t.shape).to(t.device)
 
 
 def sum_int(x: int) -> int:

@@ -430,14 +430,14 @@ def _locked_run(
 def _run_distributed(
     spec, config, ctx, params, dst: Path, *, force, replace_stale, max_shard_size, report, evaluate
 ) -> RunResult:
-    """Rank 0 checks, decides freshness, locks, plans and creates the staging directory, and
-    broadcasts the decision; every rank then runs the pass into the shared staging files; rank 0
-    finalizes (completeness over all ranks, manifest, one rename) and every rank returns the same
-    result."""
+    """Rank 0 checks, decides freshness and takes the lock, and broadcasts the decision; every rank
+    plans (plans are deterministic, and a plan may itself make collective calls); rank 0 creates
+    the staging directory and broadcasts its path; every rank runs the pass into the shared
+    staging files; rank 0 finalizes (completeness over all ranks, manifest, one rename) and every
+    rank returns the same result."""
     w = dist.world()
     with contextlib.ExitStack() as stack:
         decision: dict[str, Any] | None = None
-        writer = None
         inputs = None
         if w.is_main:
             dest.refuse_overlap(dst, ctx.sources)
@@ -445,22 +445,21 @@ def _run_distributed(
                 inputs = [input_record(ck, dst) for ck in ctx.sources]
             stack.enter_context(dest.output_lock(dst, report))
             state, force = _decide(spec, params, inputs, dst, force=force, replace_stale=replace_stale)
-            if state == "fresh":
-                decision = {"status": "up-to-date"}
-            else:
-                plan = spec.plan(config, ctx)
-                try:
-                    writer = stack.enter_context(CheckpointWriter(dst, force=force, max_shard_size=max_shard_size))
-                except OSError as e:
-                    raise dest.os_error(e, dst) from None
-                writer.shared = True
-                decision = {"status": "run", "plan": plan, "tmp": str(writer.tmp)}
+            decision = {"status": "up-to-date" if state == "fresh" else "run"}
         decision = dist.broadcast_object(decision, 0)
         if decision["status"] == "up-to-date":
             return _up_to_date(dst, report)
-        plan = decision["plan"]
+        plan = spec.plan(config, ctx)
+        writer = None
+        if w.is_main:
+            try:
+                writer = stack.enter_context(CheckpointWriter(dst, force=force, max_shard_size=max_shard_size))
+            except OSError as e:
+                raise dest.os_error(e, dst) from None
+            writer.shared = True
+        tmp = dist.broadcast_object(str(writer.tmp) if writer is not None else None, 0)
         if writer is None:
-            writer = stack.enter_context(CheckpointWriter.join(dst, decision["tmp"]))
+            writer = stack.enter_context(CheckpointWriter.join(dst, tmp))
         try:
             _write(spec, config, ctx, plan, params, inputs, writer, report=report, evaluate=evaluate)
         except OSError as e:
