@@ -7,9 +7,10 @@ unconditionally and a plain run is unchanged.
 
 The rules every distributed pass follows:
 - calibration windows are split into contiguous blocks (`shard`), one per rank, in rank order;
-- statistics are summed with `sum_ordered`: every rank gathers every rank's partial sum and adds
-  them in rank order, so the same world size gives the same bits whatever the backend's reduction
-  tree does (a plain all_reduce does not promise that);
+- statistics are summed with `sum_ordered`: every element is added over the ranks in rank order
+  (small tensors: gathered whole; large ones: each rank sums its block of everyone's copy, then
+  the blocks are gathered), so the same world size gives the same bits whatever the backend's
+  reduction tree does (a plain all_reduce does not promise that);
 - expensive solves are spread by `assign_owners` (deterministic longest-job-first by cost) and
   their results shared with `broadcast_`/`broadcast_object`;
 - every rank makes the same collective calls in the same order (a pass loops over its modules in
@@ -128,24 +129,50 @@ def _for_backend(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+SMALL_SUM = 1 << 16  # elements x ranks up to which sum_ordered broadcasts whole tensors (fewer steps)
+
+
 def sum_ordered(t: torch.Tensor) -> torch.Tensor:
-    """Σ over ranks of `t`, added in rank order on every rank: deterministic for a world size."""
+    """Σ over ranks of `t`, added in rank order on every rank: deterministic for a world size.
+
+    Small tensors: every rank's copy is broadcast in turn. Large ones go as a reduce-scatter then
+    an all-gather: rank r receives block r of every rank's tensor (all_to_all), adds the blocks in
+    rank order and shares its sum. Each element is p0 + p1 + ... in rank order either way (the
+    same bits), but a rank receives 2·(P-1)/P of the tensor instead of (P-1) copies of it, and
+    holds about three copies whatever the world size."""
     w = world()
     if not w.distributed:
         return t
-    # one broadcast per rank, in rank order, into one buffer: two copies of `t` at a time whatever
-    # the world size (an all_gather would hold world-size copies of a Hessian)
     x = _for_backend(t.contiguous())
-    out = torch.empty_like(x)
-    buf = torch.empty_like(x)
-    for r in range(w.size):
-        src = x if r == w.rank else buf
-        tdist.broadcast(src, r)
-        if r == 0:
-            out.copy_(src)
-        else:
-            out += src
-    return out.to(t.device)
+    n = x.numel()
+    if n * w.size <= SMALL_SUM:
+        # one broadcast per rank, in rank order, into one buffer: two copies of `t` at a time
+        out = torch.empty_like(x)
+        buf = torch.empty_like(x)
+        for r in range(w.size):
+            src = x if r == w.rank else buf
+            tdist.broadcast(src, r)
+            if r == 0:
+                out.copy_(src)
+            else:
+                out += src
+        _count((w.size - 1) * n * x.element_size())
+        return out.to(t.device)
+    # reduce-scatter then all-gather: about three copies of `t` at a time whatever the world size,
+    # 2(P-1)/P of it received
+    block = -(-n // w.size)
+    flat = x.reshape(-1)
+    send = flat if block * w.size == n else torch.cat([flat, flat.new_zeros(block * w.size - n)])
+    recv = torch.empty_like(send)
+    tdist.all_to_all_single(recv, send)  # recv[r·block:(r+1)·block] = rank r's copy of my block
+    del send
+    mine = recv[:block].clone()
+    for r in range(1, w.size):
+        mine += recv[r * block : (r + 1) * block]
+    out = recv  # reused: block r of the sum goes to out[r·block:(r+1)·block]
+    tdist.all_gather(list(out.view(w.size, block).unbind(0)), mine)
+    _count(2 * (w.size - 1) * block * x.element_size())
+    return out[:n].view(t.shape).to(t.device)
 
 
 def sum_int(x: int) -> int:
@@ -161,6 +188,7 @@ def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
     if w.distributed:
         buf = _for_backend(t if t.is_contiguous() else t.contiguous())
         tdist.broadcast(buf, src)
+        _count(0 if w.rank == src else t.numel() * t.element_size())
         if buf is not t:
             t.copy_(buf)
     return t
@@ -172,6 +200,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
         return obj
     box = [obj if w.rank == src else None]
     tdist.broadcast_object_list(box, src)
+    _count(0 if w.rank == src else _pickled_size(box[0]))
     return box[0]
 
 
@@ -182,6 +211,7 @@ def gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * w.size
     tdist.all_gather_object(out, obj)
+    _count(sum(_pickled_size(o) for r, o in enumerate(out) if r != w.rank))
     return out
 
 
@@ -216,3 +246,29 @@ def assign_owners(costs: Sequence[float], size: int | None = None) -> list[int]:
         owner[j] = r
         load[r] += float(costs[j])
     return owner
+
+
+# ---- traffic accounting (bench/distributed.py reads it) ----------------------------------------
+_TRAFFIC = {"collectives": 0, "bytes_received": 0}
+
+
+def _count(nbytes: int) -> None:
+    _TRAFFIC["collectives"] += 1
+    _TRAFFIC["bytes_received"] += int(nbytes)
+
+
+def _pickled_size(obj: Any) -> int:
+    import pickle
+
+    return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def traffic(reset: bool = False) -> dict[str, int]:
+    """Collectives this process made through this module and the payload bytes it received from
+    its peers (an all-gather of n bytes receives (size-1)·n; the root of a broadcast receives
+    nothing; objects count as pickled). Collectives made elsewhere (DDP's gradient all-reduce)
+    are not counted."""
+    out = dict(_TRAFFIC)
+    if reset:
+        _TRAFFIC.update(collectives=0, bytes_received=0)
+    return out

@@ -7,6 +7,13 @@ Device placement and mixed precision through accelerate. Every `--save-every` st
 training state (student, optimizer, scheduler, step, RNG) is saved atomically next to DST; a run
 interrupted for any reason resumes from it and finishes with the same bytes as an uninterrupted
 run. The student is written in its own dtypes and tensor names.
+
+Under a launcher (torchrun / accelerate launch) training is data-parallel with torch DDP through
+accelerate (gloo on CPUs, NCCL on GPUs): every rank holds the student and the teacher, takes its
+contiguous block of each step's windows, and DDP averages the gradients (each rank's loss weighted
+by its share of the windows, so any split gives the one-process gradient); the step order, seed and
+schedule are the one-process ones. Rank 0 saves the training state and writes the student; every
+rank resumes from the same state.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Literal
 
 import torch
 
+from weightsmith import dist
 from weightsmith.calib.config import CalibConfig
 from weightsmith.checkpoint import tokenizer
 from weightsmith.checkpoint.writer import TensorSpec
@@ -76,7 +84,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 class KDTrainer:
     """The one logit-distillation loop (used by `distill` and by the Minitron search's round):
     AdamW (β 0.9/0.95), linear warm-up then linear decay to lr/10 over `steps`, clipping at 1,
-    the teacher's logits under inference mode, accelerate for device and mixed precision."""
+    the teacher's logits under inference mode, accelerate for device and mixed precision.
+
+    `data_parallel` (under a launcher): the student is wrapped in DDP and each `step(batch)` trains
+    on this rank's block of the batch; otherwise (and for a rank training alone, such as a Minitron
+    candidate's owner) the whole batch, with no collective."""
 
     def __init__(
         self,
@@ -90,17 +102,29 @@ class KDTrainer:
         temperature: float = 1.0,
         device: str = "cpu",
         mixed_precision: str = "no",
+        data_parallel: bool = True,
     ):
         from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration
 
         self.steps, self.warmup, self.temperature = steps, warmup, temperature
-        self.accel = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+        self.world = dist.world(device) if data_parallel else dist.World()
+        # split_batches: each step's windows are split over the ranks (the scheduler steps once per step)
+        self.accel = Accelerator(
+            cpu=device == "cpu",
+            mixed_precision=mixed_precision,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+        )
         for p in teacher.parameters():
             p.requires_grad_(False)
         student.train()
         opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_at)
-        self.student, self.opt, self.sched = self.accel.prepare(student, opt, sched)
+        if dist.world(device).distributed and not data_parallel:  # under a launcher, training alone: no DDP
+            self.opt, self.sched = self.accel.prepare(opt, sched)
+            self.student = student.to(self.accel.device)
+        else:
+            self.student, self.opt, self.sched = self.accel.prepare(student, opt, sched)
         self.teacher = teacher.eval().to(self.accel.device)
 
     def _lr_at(self, step: int) -> float:
@@ -109,17 +133,27 @@ class KDTrainer:
         return 1.0 - 0.9 * (step - self.warmup) / max(1, self.steps - self.warmup)
 
     def step(self, batch: torch.Tensor) -> float:
+        """One optimizer step on `batch` (the whole step's windows, the same on every rank); returns
+        the step's KL over all of them."""
+        n, w = batch.shape[0], self.world
+        if w.distributed:
+            if n < w.size:
+                raise UsageError(f"--batch-size {n} cannot be split over {w.size} ranks: give at least {w.size}")
+            batch = batch[dist.shard(n, w)]
         batch = batch.to(self.accel.device)
         with torch.inference_mode():
             t_logits = self.teacher(batch).logits
         with self.accel.autocast():
             s_logits = self.student(batch).logits
         loss = kd_loss(s_logits, t_logits.clone(), self.temperature)
-        self.accel.backward(loss)
+        share = batch.shape[0] / n  # this rank's part of the step's windows (DDP averages over ranks)
+        self.accel.backward(loss * (share * w.size) if w.distributed else loss)
         self.accel.clip_grad_norm_(self.student.parameters(), 1.0)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        if w.distributed:
+            return float(dist.sum_ordered(torch.tensor([loss.item() * share], dtype=torch.float64)))
         return loss.item()
 
     def model(self):
@@ -219,7 +253,8 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
             default=str,
         ).encode()
     ).hexdigest()
-    state_dir = _state_dir(ctx.writer.dst)
+    state_dir = _state_dir(ctx.writer.dst)  # the same path on every rank (a shared filesystem)
+    main = dist.world().is_main
     start, losses = 0, []
     if cfg.resume and (state_dir / "state.pt").is_file():
         st = torch.load(state_dir / "state.pt", weights_only=False)
@@ -230,6 +265,7 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
             ctx.notes.append(f"resumed from the saved training state at step {start}/{steps}")
         else:
             ctx.notes.append(f"{state_dir}: a saved state of another job (other options or inputs) was ignored")
+    dist.barrier()  # every rank has read the state before rank 0 may replace it
     t0 = time.perf_counter()
     # a bar on a terminal; KL and tokens/s in the log lines
     for step in ctx.report.track(range(start, steps), desc="distilling"):
@@ -238,7 +274,7 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
         if done % max(1, steps // 10) == 0 or done == steps:
             rate = (done - start) * cfg.batch_size * cfg.calib_length / max(time.perf_counter() - t0, 1e-9)
             ctx.report.log(f"distill step {done}/{steps}: KL {losses[-1]:.4f}, {rate:,.0f} tokens/s")
-        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+        if cfg.save_every and done % cfg.save_every == 0 and done < steps and main:  # every rank holds the same
             _save_state(
                 state_dir,
                 {"job": job, "step": done, "losses": losses, **trainer.state_dict(), "rng": torch.get_rng_state()},
@@ -249,8 +285,9 @@ def run(cfg: DistillConfig, ctx, plan: Plan) -> None:
         f"({(steps - start) * cfg.batch_size * cfg.calib_length / max(train_seconds, 1e-9):,.1f} tokens/s; timings "
         "stay out of the manifest)"
     )
-    write_student(ctx.writer, student_ck, trainer.model())
-    shutil.rmtree(state_dir, ignore_errors=True)
+    if main:  # every rank holds the same student; rank 0 writes it
+        write_student(ctx.writer, student_ck, trainer.model())
+        shutil.rmtree(state_dir, ignore_errors=True)
     first = sum(losses[: max(1, len(losses) // 10)]) / max(1, len(losses[: max(1, len(losses) // 10)]))
     last = sum(losses[-max(1, len(losses) // 10) :]) / max(1, len(losses[-max(1, len(losses) // 10) :]))
     ctx.metrics.update(
@@ -270,7 +307,13 @@ def write_student(writer, student_ck, model) -> None:
     from weightsmith.checkpoint.reader import Checkpoint
 
     with tempfile.TemporaryDirectory(dir=writer.tmp.parent, prefix=".distill-save-") as td:
-        model.save_pretrained(td, safe_serialization=True)
+        # under torch.distributed transformers saves on rank 0 only; here the caller is the rank
+        # that holds this model (a Minitron candidate's owner may be any rank)
+        model.should_save_on_this_rank = lambda is_main_process: True
+        try:
+            model.save_pretrained(td, safe_serialization=True)
+        finally:
+            del model.should_save_on_this_rank
         saved = Checkpoint(td)
         for info in student_ck.infos():
             if info.name not in saved:

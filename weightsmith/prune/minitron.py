@@ -180,7 +180,12 @@ def _score(model, teacher, held: torch.Tensor, batch: int) -> dict:
 
 
 def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
-    from weightsmith import loading
+    """Under a launcher the importance statistics are collected on every rank's windows and
+    reduced (as in prune); the source's score and the candidates are spread over the ranks by
+    parameter count, each rank pruning and scoring its own on all held-out windows (so every
+    score is the one-process number), and the scores are gathered so every rank ranks them the
+    same way; a distillation round trains each top-k candidate on its owner alone."""
+    from weightsmith import dist, loading
     from weightsmith.checkpoint.writer import CheckpointWriter
     from weightsmith.prune import scores as sc
 
@@ -192,13 +197,19 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     calib = ctx.calibrate(cfg, default="self")
     held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]) :]
     teacher = loading.load(ck.root).eval()
-    src_score = _score(teacher, teacher, held, cfg.score_batch)
-    rows = []
+    keeps = [decide_keep(view, scores, t, depth_scores=scores.block_influence, contiguous=False) for t in cands]
+    out_cfgs = [pruned_config(ck.config, keep, widths(t)) for keep, t in zip(keeps, cands)]
+    # job 0 scores the source, job k+1 candidate k; a forward costs about its parameter count
+    mine = ctx.mine([src_params] + [count_params(c) for c in out_cfgs])
+    me = dist.world().rank
+    found: dict[int, dict] = {}
+    src_score = None
     scratch = Path(tempfile.mkdtemp(prefix=".minitron-", dir=ctx.writer.tmp.parent))
     try:
-        for k, t in enumerate(ctx.report.track(cands, desc="candidates")):
-            keep = decide_keep(view, scores, t, depth_scores=scores.block_influence, contiguous=False)
-            out_cfg = pruned_config(ck.config, keep, widths(t))
+        if 0 in mine:
+            src_score = _score(teacher, teacher, held, cfg.score_batch)
+        for k in ctx.report.track([j - 1 for j in mine if j > 0], desc="candidates"):
+            t, keep, out_cfg = cands[k], keeps[k], out_cfgs[k]
             path = scratch / f"c{k}"
             with CheckpointWriter(path) as w:
                 w.plan(output_specs(ck, view, roles, keep))
@@ -210,40 +221,45 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
             sc_ = _score(cand, teacher, held, cfg.score_batch)
             del cand
             gc.collect()
-            rows.append(
-                {
-                    "candidate": _label(t),
-                    "params": count_params(out_cfg),
-                    **sc_,
-                    "path": path,
-                    "targets": t,
-                    "keep": keep,
-                }
-            )
+            found[k] = {"candidate": _label(t), "params": count_params(out_cfg), **sc_, "owner": me}
             ctx.report.log(
-                f"candidate {_label(t)}: {rows[-1]['params']:,} params, KL {sc_['kl']:.4f}, loss {sc_['loss']:.4f}"
+                f"candidate {_label(t)}: {found[k]['params']:,} params, KL {sc_['kl']:.4f}, loss {sc_['loss']:.4f}"
             )
+        for part_score, part in dist.gather_objects((src_score, found)):
+            src_score = src_score or part_score
+            found.update(part)
+        rows = [
+            {**found[k], "path": scratch / f"c{k}", "targets": cands[k], "keep": keeps[k]} for k in range(len(cands))
+        ]
         key = cfg.rank_by
         rows.sort(key=lambda r: r[key])
         best = rows[0]
         if cfg.distill_tokens > 0:
             train = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
+            after: dict[str, float] = {}
             for r in rows[: cfg.top_k]:
+                if r["owner"] != me:  # trained by the rank that pruned it, alone
+                    continue
                 model = _quick_distill(cfg, teacher, loading.load(r["path"], dtype=torch.float32), train, ctx.device)
-                after = _score(model, teacher, held, cfg.score_batch)
-                r[f"{key}_after_distill"] = after[key]
+                after[r["candidate"]] = _score(model, teacher, held, cfg.score_batch)[key]
                 r["model"] = model
-                if after[key] >= r[key]:  # the short round did not help: keep the pruned weights
+                if after[r["candidate"]] >= r[key]:  # the short round did not help: keep the pruned weights
                     del r["model"]
+            for part in dist.gather_objects(after):
+                after.update(part)
+            for r in rows[: cfg.top_k]:
+                r[f"{key}_after_distill"] = after[r["candidate"]]
             best = min(rows[: cfg.top_k], key=lambda r: min(r[key], r[f"{key}_after_distill"]))
         chosen_cfg = pruned_config(ck.config, best["keep"], widths(best["targets"]))
         ctx.writer.plan(output_specs(ck, view, roles, best["keep"]))
         ctx.writer.set_config(chosen_cfg)
-        if "model" in best:
-            from weightsmith.checkpoint.reader import Checkpoint
-            from weightsmith.prune.distill import write_student
+        distilled = dist.broadcast_object("model" in best, best["owner"])
+        if distilled:
+            if "model" in best:  # on its owner only: it writes the whole student
+                from weightsmith.checkpoint.reader import Checkpoint
+                from weightsmith.prune.distill import write_student
 
-            write_student(ctx.writer, Checkpoint(best["path"]), best["model"])
+                write_student(ctx.writer, Checkpoint(best["path"]), best["model"])
         else:
             fitted = {}
             if cfg.refit != "none":
@@ -252,7 +268,7 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
                 del teacher
                 gc.collect()
                 fitted, _ = reconstruct(ctx, cfg, view, best["keep"], target=cfg.refit)
-            write_pruned(ctx.writer, ck, view, roles, best["keep"], fitted, ctx.report)
+            write_pruned(ctx.writer, ck, view, roles, best["keep"], fitted, ctx.report, mine=ctx.mine)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     table = [
@@ -283,12 +299,13 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
 
 
 def _quick_distill(cfg: MinitronConfig, teacher, student, ids: torch.Tensor, device: str):
-    """The distillation round: the distill pass's trainer on random batches of 4 windows."""
+    """The distillation round: the distill pass's trainer on random batches of 4 windows (on the
+    candidate's owner alone under a launcher)."""
     from weightsmith.prune.distill import KDTrainer
 
     torch.manual_seed(0)
     steps = max(1, cfg.distill_tokens // (4 * ids.shape[1]))
-    trainer = KDTrainer(student, teacher, steps=steps, lr=cfg.lr, warmup=0, device=device)
+    trainer = KDTrainer(student, teacher, steps=steps, lr=cfg.lr, warmup=0, device=device, data_parallel=False)
     for step in range(steps):
         trainer.step(ids[torch.randint(0, ids.shape[0], (4,), generator=torch.Generator().manual_seed(step))])
     return trainer.model()

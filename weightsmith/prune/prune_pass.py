@@ -245,7 +245,7 @@ def run(cfg: PruneConfig, ctx, plan: Plan) -> None:
         from weightsmith.prune.reconstruct import reconstruct
 
         fitted, errors = reconstruct(ctx, cfg, view, keep, target=cfg.refit)
-    write_pruned(ctx.writer, ck, view, roles, keep, fitted, ctx.report)
+    write_pruned(ctx.writer, ck, view, roles, keep, fitted, ctx.report, mine=ctx.mine)
     ctx.metrics.update(
         {
             **plan.summary,
@@ -272,13 +272,23 @@ def _error_summary(errors: dict[str, dict]) -> dict | None:
 
 
 def write_pruned(
-    writer, ck, view, roles: TensorRoles, keep: Keep, fitted: dict[str, torch.Tensor] | None = None, report=None
+    writer,
+    ck,
+    view,
+    roles: TensorRoles,
+    keep: Keep,
+    fitted: dict[str, torch.Tensor] | None = None,
+    report=None,
+    mine=None,
 ) -> None:
     """Slice every tensor to the kept sets; `fitted` holds repaired consumers whose input axis is
-    already the kept one (the other axes are sliced here)."""
+    already the kept one (the other axes are sliced here). With `mine` (ctx.mine: every rank holds
+    the same kept sets and repairs) each rank reads and writes only its share of the tensors, by bytes."""
     new_index = {old: new for new, old in enumerate(keep.layers)}
     fitted = fitted or {}
     names = ck.file_order()
+    if mine is not None:
+        names = [names[j] for j in mine([ck.info(n).nbytes for n in names])]
     for name in report.track(names, desc="slicing") if report is not None else names:
         i, e, axes = roles.axes(name)
         if i is not None and i not in new_index:

@@ -9,12 +9,18 @@ closed form (`refit.refit_columns`) and the layer runs on with the removed colum
 exactly the pruned layer. Returns the repaired kept columns by tensor name (full output rows; the
 writer slices the other axes as usual) and the per-projection relative output errors before and
 after the repair.
+
+Under a launcher each rank pushes its own block of the windows (both streams, so the source
+targets pair with the pruned inputs row by row on the rank that holds them); the Grams and cross
+products are summed in rank order, one owner rank (layers dealt round-robin) solves each repair and
+broadcasts it, so every rank continues with the same repaired layer.
 """
 
 from __future__ import annotations
 
 import torch
 
+from weightsmith import dist
 from weightsmith.prune import refit
 from weightsmith.prune.structure import LINEAR_AXES, Keep
 
@@ -62,6 +68,12 @@ class _Cross:
         self.y_sq += float(y.double().pow(2).sum())
         self.rows += x.shape[0]
 
+    def reduce(self) -> None:
+        """Sum the partial statistics of every rank, in rank order."""
+        if dist.world().distributed:
+            self.gram, self.cross = dist.sum_ordered(self.gram), dist.sum_ordered(self.cross)
+            self.y_sq, self.rows = dist.sum_ordered(torch.tensor([self.y_sq, self.rows], dtype=torch.float64)).tolist()
+
 
 def reconstruct(
     ctx, cfg, view, keep: Keep, damp: float = 1e-3, target: str = "layer"
@@ -72,8 +84,9 @@ def reconstruct(
     pruned model's inputs."""
     from weightsmith.engine.stats import Gram
 
-    calib = ctx.calibrate(cfg, default="self")
+    calib = ctx.calibrate(cfg, default="self", shard=True)  # this rank's windows
     engine = ctx.engine(batch_size=getattr(cfg, "batch_size", 8))
+    size = dist.world().size
     fitted: dict[str, torch.Tensor] = {}
     errors: dict[str, dict] = {}
     kept = set(keep.layers)
@@ -105,7 +118,10 @@ def reconstruct(
             if mode == "source":
                 obs = _Cross(idx, rows[name].parts)
                 layer.run(observe={prefix: obs}, keep_outputs=False)
-                new = refit.refit_to_target(obs.gram, obs.cross, damp)
+                obs.reduce()
+                new = _solved(
+                    i % size, lambda: refit.refit_to_target(obs.gram, obs.cross, damp), (w.shape[0], idx.numel())
+                )
                 before = refit.target_error(obs.y_sq, obs.cross, obs.gram, w[:, idx])
                 after = refit.target_error(obs.y_sq, obs.cross, obs.gram, new)
                 total = max(obs.y_sq, 1e-30)
@@ -113,7 +129,8 @@ def reconstruct(
             else:
                 g = Gram(w.shape[1])
                 layer.run(observe={prefix: g}, keep_outputs=False)
-                new = refit.refit_columns(w, g.sum, idx, damp)
+                g.reduce()
+                new = _solved(i % size, lambda: refit.refit_columns(w, g.sum, idx, damp), (w.shape[0], idx.numel()))
                 before = refit.output_error(w, g.sum, idx, w[:, idx])
                 after = refit.output_error(w, g.sum, idx, new)
                 total = max(refit.output_error(w, g.sum, torch.arange(0), w[:, :0]), 1e-30)
@@ -127,3 +144,13 @@ def reconstruct(
         src["h"].close()
     engine.close()
     return fitted, errors
+
+
+def _solved(owner: int, solve, shape: tuple[int, int]) -> torch.Tensor:
+    """A repair (fp32 kept columns) solved on its owner rank and broadcast: every rank continues
+    with the owner's bits, whatever its own LAPACK would have returned."""
+    w = dist.world()
+    if not w.distributed:
+        return solve()
+    new = solve() if w.rank == owner else torch.empty(shape, dtype=torch.float32)
+    return dist.broadcast_(new.contiguous(), owner)

@@ -4,6 +4,11 @@ One pass of the layer-wise engine over the calibration windows gathers, per laye
 channel scores at the o_proj input (heads), the down_proj inputs (dense, expert and shared-expert
 neurons), both norm outputs (hidden channels), input L2 norms for Wanda, and Block Influence from
 the layer's input and output hidden states. Magnitude scores need no calibration.
+
+Under a launcher each rank pushes its own block of the calibration windows through the layer
+(its activations never leave it) and the statistics are summed in rank order (`dist.sum_ordered`),
+so every rank ends each layer with the same scores; the loss-based depth metric instead gives each
+rank whole layers to evaluate on every window (bit-exact against one process).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from weightsmith import dist
 from weightsmith.prune import importance as imp
 
 
@@ -77,13 +83,13 @@ def activation_scores(ctx, cfg, view, kind: str = "activation") -> Scores:
     """Minitron activation scores (or Wanda with kind='wanda') and Block Influence per layer."""
     from weightsmith.engine.stats import ChannelImportance, ChannelSquares
 
-    calib = ctx.calibrate(cfg, default="self")
+    calib = ctx.calibrate(cfg, default="self", shard=True)  # this rank's windows
     engine = ctx.engine(batch_size=getattr(cfg, "batch_size", 8))
     H = view.hidden
     hidden = torch.zeros(H, dtype=torch.float64)
     layers: dict[int, LayerScores] = {}
     bi = torch.zeros(view.num_layers, dtype=torch.float64)
-    tokens = int(calib.ids.numel())
+    tokens = int(calib.total * calib.ids.shape[1])
 
     def process(layer):
         i = layer.index
@@ -97,11 +103,14 @@ def activation_scores(ctx, cfg, view, kind: str = "activation") -> Scores:
         for mods in ffns.values():
             obs[mods["down"]] = Stat(layer.in_features(mods["down"]))
         out = layer.run(observe=obs)
+        for stat in obs.values():
+            stat.reduce()
         # Block Influence from this layer's input and output hidden states
         total, count = 0.0, 0
         for (_, a), (_, b) in zip(layer.inputs.batches(64), out.batches(64)):
             s, c = imp.block_influence(a, b)
             total, count = total + s, count + c
+        total, count = dist.sum_ordered(torch.tensor([total, count], dtype=torch.float64)).tolist()
         bi[i] = total / max(count, 1)
         layer.next_inputs = out
 
@@ -129,7 +138,8 @@ def activation_scores(ctx, cfg, view, kind: str = "activation") -> Scores:
 
 def loss_depth_scores(ctx, cfg, view) -> torch.Tensor:
     """Calibration loss increase when each single layer is removed (the model is held in memory:
-    meant for models that fit; Block Influence is the bounded-memory default)."""
+    meant for models that fit; Block Influence is the bounded-memory default). Under a launcher the
+    layers are spread over the ranks, each evaluated on every window as in one process."""
     from weightsmith import loading
 
     calib = ctx.calibrate(cfg, default="self")
@@ -145,9 +155,13 @@ def loss_depth_scores(ctx, cfg, view) -> torch.Tensor:
         return total / calib.ids.shape[0]
 
     base = loss()
-    out = torch.zeros(view.num_layers)
-    for i in range(view.num_layers):
+    mine = {}
+    for i in ctx.mine([1.0] * view.num_layers):
         model.model.layers = torch.nn.ModuleList([m for j, m in enumerate(layers) if j != i])
-        out[i] = loss() - base
+        mine[i] = loss() - base
         model.model.layers = layers
+    out = torch.zeros(view.num_layers)
+    for part in dist.gather_objects(mine):
+        for i, v in part.items():
+            out[i] = v
     return out

@@ -11,11 +11,13 @@ every layer is built again at the chosen setting and written with the DeepSeek n
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from weightsmith import dist
 from weightsmith.arch import arch_for
 from weightsmith.calib import CalibConfig
 from weightsmith.checkpoint.writer import TensorSpec
@@ -402,7 +404,8 @@ def plan(cfg: MlaConfig, ctx) -> Plan:
         "rope_dim_candidates": budget.rope_candidates,
     }
     # the output's shapes depend on the calibration (RoPE frequencies kept): run() plans the writer
-    return Plan(tensors=None, config=None, summary=summary, state=(view, budget, inv))  # state: what _validate found
+    # state: what _validate found (picklable: under a launcher rank 0 plans and broadcasts the plan)
+    return Plan(tensors=None, config=None, summary=summary, state=(budget, inv))
 
 
 def _out_config(
@@ -499,66 +502,98 @@ class _Sources:
 
 class _LayerStats:
     """Second moment of [x; 1] (the attention input with a constant, so biases ride along) via the
-    engine's Gram accumulator, plus the first `keep` windows of x to score candidates on."""
+    engine's Gram accumulator, plus the first `keep` windows of x (of the whole calibration set:
+    `first` is the index of this rank's first window) to score candidates on."""
 
-    def __init__(self, hidden: int, keep: int):
+    def __init__(self, hidden: int, keep: int, first: int = 0):
         self.gram = Gram(hidden + 1, dtype=torch.float64)
         self.samples: list[torch.Tensor] = []
-        self.keep = keep
+        self.keep, self.seen = keep, first
 
     def __call__(self, inp, out):
         x = inp.detach().to("cpu", torch.float64)
         self.gram(torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=torch.float64)], -1), out)
         for b in range(x.shape[0]):
-            if len(self.samples) < self.keep:
+            if self.seen < self.keep:
                 self.samples.append(x[b].clone())
+            self.seen += 1
 
     def finish(self):
         return self.gram.mean, torch.stack(self.samples)
 
 
+def _to_owner(samples: list[torch.Tensor], owner: int) -> list[torch.Tensor] | None:
+    """The scoring windows of a layer, from the ranks that computed them to the layer's owner
+    (rank order is window order). Sent as float32, the engine's activation dtype: lossless."""
+    w = dist.world()
+    if not w.distributed:
+        return samples
+    parts = dist.gather_objects([s.float() for s in samples])  # a few windows per layer
+    return [s.double() for part in parts for s in part] if w.rank == owner else None
+
+
 def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
+    """Under a launcher: each rank pushes its block of the windows; the second moments are summed in
+    rank order; each layer is then converted by one owner rank (the layers dealt by cost, equal for a
+    dense model), which alone keeps that layer's scoring windows, scores its candidates and writes its
+    tensors; the candidate losses are gathered so every rank picks the same RoPE width and FreqFold."""
     ck = ctx.source
-    view, budget, inv = plan.state
+    view = arch_for(ck.config)
+    budget, inv = plan.state
     out_dtype = ck.info(view.family.embed).dtype if cfg.dtype == "keep" else dtype_from_name(cfg.dtype)
     constant = constant_for(out_dtype) if cfg.target == "exact" else None
     pseudo = constant_for(out_dtype) if cfg.target == "engine" else None
-    calib = ctx.calibrate(cfg)
+    calib = ctx.calibrate(cfg, shard=True)  # this rank's windows
+    first = dist.shard(calib.total).start
     engine = ctx.engine()
-    stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: second moment, scoring windows
-    fit_windows: list[torch.Tensor] = []  # per layer: the windows --refit fits on
+    n_layers = view.num_layers
+    owner = dist.assign_owners([1.0] * n_layers)  # every layer costs the same to convert
+    me = dist.world().rank
+    mine = [i for i in range(n_layers) if owner[i] == me]
+    moments: list[torch.Tensor] = []  # per layer: second moment (every rank)
+    windows: dict[int, torch.Tensor] = {}  # per owned layer: the first windows (scoring and --refit)
+    keep = max(cfg.loss_windows, cfg.refit_windows if cfg.refit != "none" else 0)
 
     def process(layer):
-        st = _LayerStats(view.hidden, max(cfg.loss_windows, cfg.refit_windows if cfg.refit != "none" else 0))
+        st = _LayerStats(view.hidden, keep, first)
         layer.run(observe={view.attention(layer.index)["k"]: st}, keep_outputs=False)
-        C, x = st.finish()
-        stats.append((C, x[: cfg.loss_windows]))
-        fit_windows.append(x)
+        st.gram.reduce()
+        moments.append(st.gram.mean)
+        got = _to_owner(st.samples, owner[layer.index])
+        if got is not None:
+            windows[layer.index] = torch.stack(got)
 
     engine.run(calib.ids, process)
     engine.close()
+    # stats[i] = (second moment, scoring windows); the windows only on the layer's owner
+    stats = [(C, windows[i][: cfg.loss_windows] if i in windows else None) for i, C in enumerate(moments)]
     with _one_thread():
         sources = _Sources(ck, view, inv)
-        refs = [gqa_attention(x.float(), cast_source(s, torch.float32)) for s, (_, x) in zip(sources, stats)]
-        # choose the RoPE width and family (one config) on the summed calibration loss, FreqFold per layer
-        setups = {
-            (d_r, fam): folds
-            for d_r in budget.rope_candidates
-            for fam, folds in rope_setups(cfg, view, sources, stats, d_r).items()
-        }
+        refs = {i: gqa_attention(stats[i][1].float(), cast_source(sources[i], torch.float32)) for i in mine}
+        # choose the RoPE width and family (one config) on the summed calibration loss, FreqFold per layer;
+        # the setups come from the second moments alone (rank 0's, so every rank uses the same blocks)
+        setups = None
+        if dist.world().is_main:
+            setups = {
+                (d_r, fam): folds
+                for d_r in budget.rope_candidates
+                for fam, folds in rope_setups(cfg, view, sources, stats, d_r).items()
+            }
+        setups = dist.broadcast_object(setups, 0)
         losses: dict[tuple, list[float]] = {}
         if sum(len(v) for v in setups.values()) > 1:
+            part: dict[tuple, dict[int, float]] = {}
             for (d_r, fam), by_fold in ctx.report.track(list(setups.items()), desc="scoring RoPE widths"):
                 for f, (blocks, basis) in by_fold.items():
-                    losses[(d_r, fam, f)] = [
-                        relative_error(
-                            x,
-                            s,
+                    part[(d_r, fam, f)] = {
+                        i: relative_error(
+                            stats[i][1],
+                            sources[i],
                             convert_layer(
                                 cfg,
-                                s,
-                                C,
-                                x,
+                                sources[i],
+                                stats[i][0],
+                                stats[i][1],
                                 blocks=blocks,
                                 basis=basis,
                                 rank=_latent_rank(budget, d_r),
@@ -566,20 +601,23 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
                                 pseudo=pseudo,
                             )[0],
                             eps=NORM_EPS,
-                            ref=ref,
+                            ref=refs[i],
                         )
-                        for s, (C, x), ref in zip(sources, stats, refs)
-                    ]
-            totals = {
-                k: sum(min(losses[(*k, f)][i] for f in setups[k]) for i in range(view.num_layers)) for k in setups
-            }
+                        for i in mine
+                    }
+            for got in dist.gather_objects(part):
+                for k, by_layer in got.items():
+                    losses.setdefault(k, [0.0] * n_layers)
+                    for i, v in by_layer.items():
+                        losses[k][i] = v
+            totals = {k: sum(min(losses[(*k, f)][i] for f in setups[k]) for i in range(n_layers)) for k in setups}
             key = min(totals, key=lambda k: (totals[k], -k[0], k[1]))
             ctx.metrics["rope_dim_search"] = {
-                f"{k[0]} {k[1]}": round(v / view.num_layers, 8) for k, v in sorted(totals.items())
+                f"{k[0]} {k[1]}": round(v / n_layers, 8) for k, v in sorted(totals.items())
             }
             if len(setups[key]) > 1:
                 ctx.metrics["freqfold_search"] = {
-                    str(f): round(sum(losses[(*key, f)]) / view.num_layers, 8) for f in setups[key]
+                    str(f): round(sum(losses[(*key, f)]) / n_layers, 8) for f in setups[key]
                 }
         else:
             key = next(iter(setups))
@@ -587,10 +625,11 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
         rank = _latent_rank(budget, d_r)
         folds = [
             min(setups[key], key=lambda f: losses[(*key, f)][i]) if len(setups[key]) > 1 else next(iter(setups[key]))
-            for i in range(view.num_layers)
+            for i in range(n_layers)
         ]
-        built, layer_metrics = [], []
-        for i in ctx.report.track(range(view.num_layers), desc="building MLA layers"):
+        built: dict[int, object] = {}
+        layer_metrics: dict[int, dict] = {}
+        for i in ctx.report.track(mine, desc="building MLA layers"):
             (C, x), src = stats[i], sources[i]
             blocks, basis = setups[key][folds[i]]
             metrics = ["bkv", "attention"] if cfg.method == "transmla" and cfg.pca_metric == "auto" else [None]
@@ -614,80 +653,99 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
             err, L, split, lat, metric = best
             refit = {}
             if cfg.refit == "values" and err > 1e-9:  # (nothing to fix at full cache: keep it exact)
-                L = refit_values(src, L, fit_windows[i], ridge=cfg.refit_ridge, eps=NORM_EPS)
+                L = refit_values(src, L, windows[i], ridge=cfg.refit_ridge, eps=NORM_EPS)
                 refit = {"attention_output_error_before_refit": round(err, 8)}
                 err = relative_error(x, src, L, eps=NORM_EPS, ref=refs[i])  # on windows inside the fit set: optimistic
-            layer_metrics.append(
-                {
-                    **refit,
-                    "layer": i,
-                    "attention_output_error": round(err, 8),
-                    "latent_error": round(lat.error, 8),
-                    "key_nope_error": round(lat.key_error, 8),
-                    "value_error": round(lat.value_error, 8),
-                    "rope_key_energy_kept": round(split.kept_energy, 6),
-                    "rope_family": key[1],
-                    "freqfold": folds[i],
-                    "kv_balance": round(lat.ratio, 6),
-                    **({"pca_metric": metric} if metric else {}),
-                }
-            )
-            built.append(L)
+            layer_metrics[i] = {
+                **refit,
+                "layer": i,
+                "attention_output_error": round(err, 8),
+                "latent_error": round(lat.error, 8),
+                "key_nope_error": round(lat.key_error, 8),
+                "value_error": round(lat.value_error, 8),
+                "rope_key_energy_kept": round(split.kept_energy, 6),
+                "rope_family": key[1],
+                "freqfold": folds[i],
+                "kv_balance": round(lat.ratio, 6),
+                **({"pca_metric": metric} if metric else {}),
+            }
+            built[i] = L
         del sources, refs
         stats.clear()
-        fit_windows.clear()
-    L0 = built[0]
-    q_lora = view.hidden + 1 if "q_a" in L0.tensors else None
+        moments.clear()
+        windows.clear()
+    # what every rank needs of the layers it did not build: their tensor shapes and metrics
+    shapes: dict[int, dict[str, tuple]] = {}
+    metrics_by_layer: dict[int, dict] = {}
+    for got in dist.gather_objects(
+        ({i: {k: tuple(t.shape) for k, t in L.tensors.items()} for i, L in built.items()}, layer_metrics)
+    ):
+        shapes.update(got[0])
+        metrics_by_layer.update(got[1])
+    first_layer = dist.broadcast_object(
+        {"d_n": built[0].d_n, "rank": built[0].rank, "rope_freq": built[0].rope_freq} if 0 in built else None,
+        owner[0],
+    )
+    q_lora = view.hidden + 1 if "q_a" in shapes[0] else None
     out_cfg = _out_config(
-        ck, view, cfg, d_n=L0.d_n, d_r=d_r, rank=L0.rank, q_lora=q_lora, freqs=L0.rope_freq, dtype=out_dtype
+        ck,
+        view,
+        cfg,
+        d_n=first_layer["d_n"],
+        d_r=d_r,
+        rank=first_layer["rank"],
+        q_lora=q_lora,
+        freqs=first_layer["rope_freq"],
+        dtype=out_dtype,
     )
     target_view = arch_for(out_cfg)
     names = {"q": "q", "q_a": "q_a", "q_b": "q_b", "kv_a": "kv_a", "kv_b": "kv_b", "o": "o"}
-    specs, writes = [], []
+    specs, copies, own = [], [], []  # own: this rank's converted tensors
     for g in view.global_tensors():
         specs.append(TensorSpec(g, ck.info(g).shape, out_dtype))
-        writes.append((g, None))
-    for i, L in enumerate(built):
+        copies.append((g, None))
+    for i in range(n_layers):
         ta = target_view.attention(i)
         tn = target_view.attention_norms(i)
-        t = L.tensors
         out = {}
-        for role, key in names.items():
-            if key in t and role in ta:
-                out[ta[role] + ".weight"] = t[key]
-        if "kv_a_bias" in t:
-            out[ta["kv_a"] + ".bias"] = t["kv_a_bias"]
-        if "o_bias" in t:
-            out[ta["o"] + ".bias"] = t["o_bias"]
-        if "q_a_bias" in t:
-            out[ta["q_a"] + ".bias"] = t["q_a_bias"]
-        out[tn["kv_a_norm"] + ".weight"] = t["kv_a_norm"]
-        if "q_a_norm" in t:
-            out[tn["q_a_norm"] + ".weight"] = t["q_a_norm"]
-        for name, tensor in out.items():
-            specs.append(TensorSpec(name, tuple(tensor.shape), out_dtype))
-            writes.append((name, tensor))
+        for role, k in names.items():
+            if k in shapes[i] and role in ta:
+                out[ta[role] + ".weight"] = k
+        for k, role in (("kv_a_bias", "kv_a"), ("o_bias", "o"), ("q_a_bias", "q_a")):
+            if k in shapes[i]:
+                out[ta[role] + ".bias"] = k
+        out[tn["kv_a_norm"] + ".weight"] = "kv_a_norm"
+        if "q_a_norm" in shapes[i]:
+            out[tn["q_a_norm"] + ".weight"] = "q_a_norm"
+        for name, k in out.items():
+            specs.append(TensorSpec(name, shapes[i][k], out_dtype))
+            if i in built:
+                own.append((name, built[i].tensors[k]))
         src_mlp, dst_mlp = view.mlp(i), target_view.mlp(i)
         for role in src_mlp:
             specs.append(TensorSpec(dst_mlp[role] + ".weight", ck.info(src_mlp[role] + ".weight").shape, out_dtype))
-            writes.append((dst_mlp[role] + ".weight", src_mlp[role] + ".weight"))
+            copies.append((dst_mlp[role] + ".weight", src_mlp[role] + ".weight"))
         for role, p in view.layer_norms(i).items():
             dst = target_view.layer_norms(i)[role]
             specs.append(TensorSpec(dst + ".weight", ck.info(p + ".weight").shape, out_dtype))
-            writes.append((dst + ".weight", p + ".weight"))
+            copies.append((dst + ".weight", p + ".weight"))
     ctx.writer.plan(specs)
     ctx.writer.set_config(out_cfg)
-    for name, what in writes:
+    for j in ctx.mine([ck.info(what or name).nbytes for name, what in copies]):  # copies split by bytes
+        name, what = copies[j]
         if what is None:
             ctx.copy_tensor(name, dtype=out_dtype)
-        elif isinstance(what, str):
-            if ck.info(what).dtype == out_dtype:
-                ctx.writer.write_bytes(name, ck.read_raw(what))
-            else:
-                ctx.writer.write(name, ck.get(what, dtype=out_dtype))
+        elif ck.info(what).dtype == out_dtype:
+            ctx.writer.write_bytes(name, ck.read_raw(what))
         else:
-            ctx.writer.write(name, what.to(out_dtype).contiguous())
-    _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, rank, budget)
+            ctx.writer.write(name, ck.get(what, dtype=out_dtype))
+    for name, tensor in own:
+        ctx.writer.write(name, tensor.to(out_dtype).contiguous())
+    layer_metrics = [metrics_by_layer[i] for i in range(n_layers)]
+    unabs = sum(math.prod(s) for by_role in shapes.values() for s in by_role.values())
+    _record(
+        ctx, cfg, view, target_view, out_cfg, first_layer["rank"], first_layer["d_n"], unabs, layer_metrics, d_r, rank
+    )
 
 
 def _kv_cache(view, dtype: torch.dtype) -> dict:
@@ -701,24 +759,22 @@ def _kv_cache(view, dtype: torch.dtype) -> dict:
     }
 
 
-def _record(ctx, cfg, view, target_view, out_cfg, built, layer_metrics, d_r, rank, budget):
+def _record(ctx, cfg, view, target_view, out_cfg, kv_lora_rank, d_n, unabs, layer_metrics, d_r, rank):
     before = _kv_cache(view, ctx.source.info(view.family.embed).dtype)
     after = _kv_cache(target_view, out_cfg.dtype)
     n_h, H, d = view.heads, view.hidden, view.head_dim
-    L0 = built[0]
-    unabs = sum(int(t.numel()) for L in built for t in L.tensors.values())
     src_attn = view.num_layers * (H * n_h * d * 2 + H * view.kv_heads * d * 2)
     # absorbed: q → n_h·(r + d_r)·H, kv_a, o → H·n_h·r (W_O·W_UV), no kv_b
-    absorbed = view.num_layers * (n_h * (L0.rank + d_r) * H + (L0.rank + d_r) * H + H * n_h * L0.rank)
+    absorbed = view.num_layers * (n_h * (kv_lora_rank + d_r) * H + (kv_lora_rank + d_r) * H + H * n_h * kv_lora_rank)
     ctx.metrics.update(
         {
             "method": cfg.method,
             "target": cfg.target,
-            "kv_lora_rank": L0.rank,
+            "kv_lora_rank": kv_lora_rank,
             "data_latent_rank": rank,
             "constant_latent_channel": cfg.target == "exact",
             "qk_rope_head_dim": d_r,
-            "qk_nope_head_dim": L0.d_n,
+            "qk_nope_head_dim": d_n,
             "v_head_dim": d,
             "q_lora_rank": out_cfg.q_lora_rank,
             "rope_type": out_cfg.rope_parameters.get("rope_type"),
