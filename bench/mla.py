@@ -4,7 +4,7 @@
                                   [--targets exact engine] [--windows 16] [--length 512]
                                   [--extra=--pca-metric=auto --name mla-auto]
                                   [--anchor [--anchor-ratios 1 0.5 0.25] [--anchor-freqfolds 1 2 4]]
-                                  [--jobs 2] [--anchor-rows-from mla-anchor]
+                                  [--jobs 2] [--anchor-rows-from mla-anchor ...]
 
 Calibration: political_data.json ("speeches" field), evaluation: hamlet.txt (non-overlapping
 windows). Each conversion runs as its own `weightsmith mla` process, so its wall time and peak RSS
@@ -65,9 +65,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--anchor-rows-from",
-        default=None,
-        help="print (and keep) the TransMLA rows of an earlier --anchor-only run, bench/results/NAME.json, beside "
-        "this run's; its commit and date are recorded with them",
+        nargs="*",
+        default=[],
+        help="print (and keep) the TransMLA rows of earlier --anchor-only runs, bench/results/NAME.json, beside "
+        "this run's; their commits and dates are recorded with them",
     )
     ap.add_argument(
         "--anchor", action="store_true", help="also run TransMLA's own code (see --anchor-python, --anchor-src)"
@@ -206,8 +207,8 @@ def main() -> None:
         pool.shutdown()
         if args.anchor or args.anchor_only:
             rows += anchor_rows(args, base, tok, wins, p0, Path(td))
-        elif args.anchor_rows_from:
-            rows += earlier_anchor_rows(args.anchor_rows_from, p0)
+        for name in args.anchor_rows_from:
+            rows += earlier_anchor_rows(name, p0)
         for row in rows:
             if row.get("ppl") is not None:
                 row["ppl ÷ source"] = row["ppl"] / p0
