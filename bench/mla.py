@@ -157,17 +157,16 @@ def main() -> None:
             r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
             return out, r, time.perf_counter() - t
 
-        todo = [job for job in runs if (job[0], job[2], 100 * job[3]) not in done]
+        todo = [n for n, job in enumerate(runs) if (job[0], job[2], 100 * job[3]) not in done]
         # conversions run --jobs at a time (each its own process: its time and RSS are its own);
         # perplexities are measured here, one model at a time, in the order of `runs`
         pool = ThreadPoolExecutor(max(1, args.jobs))
-        futures = {job: pool.submit(convert, job) for job in todo}
-        for job in runs:
-            label, method, target, ratio, extra = job
-            if job not in futures:
+        futures = {n: pool.submit(convert, runs[n]) for n in todo}
+        for n, (label, method, target, ratio, extra) in enumerate(runs):
+            if n not in futures:
                 rows.append(done[(label, target, 100 * ratio)])
                 continue
-            out, r, secs = futures[job].result()
+            out, r, secs = futures[n].result()
             row = {"method": label, "target": target, "KV %": 100 * ratio}
             if r.returncode != 0:
                 lines = [
