@@ -4,6 +4,7 @@
                                   [--targets exact engine] [--windows 16] [--length 512]
                                   [--extra=--pca-metric=auto --name mla-auto]
                                   [--anchor [--anchor-ratios 1 0.5 0.25] [--anchor-freqfolds 1 2 4]]
+                                  [--jobs 2] [--anchor-rows-from mla-anchor ...]
 
 Calibration: political_data.json ("speeches" field), evaluation: hamlet.txt (non-overlapping
 windows). Each conversion runs as its own `weightsmith mla` process, so its wall time and peak RSS
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -58,6 +60,16 @@ def main() -> None:
         "--extra", nargs="*", default=[], help="more `weightsmith mla` options, e.g. --extra=--pca-metric=auto"
     )
     ap.add_argument("--name", default="mla", help="results file bench/results/NAME.json")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="conversions run at once (each its own process; wall times then overlap)"
+    )
+    ap.add_argument(
+        "--anchor-rows-from",
+        nargs="*",
+        default=[],
+        help="print (and keep) the TransMLA rows of earlier --anchor-only runs, bench/results/NAME.json, beside "
+        "this run's; their commits and dates are recorded with them",
+    )
     ap.add_argument(
         "--anchor", action="store_true", help="also run TransMLA's own code (see --anchor-python, --anchor-src)"
     )
@@ -116,10 +128,9 @@ def main() -> None:
         rows.append(
             {"method": "original (llama GQA)", "target": "—", "KV %": 100.0, "KV values/token": 30 * 384, "ppl": p0}
         )
-        for label, method, target, ratio, extra in runs:
-            if (label, target, 100 * ratio) in done:
-                rows.append(done[(label, target, 100 * ratio)])
-                continue
+
+        def convert(job):
+            label, method, target, ratio, extra = job
             out = Path(td) / f"{label.replace(' ', '-')}-{target}-{ratio}"
             cmd = [
                 ws,
@@ -144,7 +155,18 @@ def main() -> None:
             ]
             t = time.perf_counter()
             r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
-            secs = time.perf_counter() - t
+            return out, r, time.perf_counter() - t
+
+        todo = [n for n, job in enumerate(runs) if (job[0], job[2], 100 * job[3]) not in done]
+        # conversions run --jobs at a time (each its own process: its time and RSS are its own);
+        # perplexities are measured here, one model at a time, in the order of `runs`
+        pool = ThreadPoolExecutor(max(1, args.jobs))
+        futures = {n: pool.submit(convert, runs[n]) for n in todo}
+        for n, (label, method, target, ratio, extra) in enumerate(runs):
+            if n not in futures:
+                rows.append(done[(label, target, 100 * ratio)])
+                continue
+            out, r, secs = futures[n].result()
             row = {"method": label, "target": target, "KV %": 100 * ratio}
             if r.returncode != 0:
                 lines = [
@@ -181,8 +203,11 @@ def main() -> None:
             save(args.name, {"rows": rows, "args": vars(args), "partial": True})  # survives an interrupted run
             print({k: row[k] for k in ("method", "target", "KV %", "rope dim", "ppl", "convert s")}, flush=True)
             subprocess.run(["rm", "-rf", str(out)])
+        pool.shutdown()
         if args.anchor or args.anchor_only:
             rows += anchor_rows(args, base, tok, wins, p0, Path(td))
+        for name in args.anchor_rows_from:
+            rows += earlier_anchor_rows(name, p0)
         for row in rows:
             if row.get("ppl") is not None:
                 row["ppl ÷ source"] = row["ppl"] / p0
@@ -204,6 +229,16 @@ def main() -> None:
         rows, cols, f"SmolLM2-135M → MLA, training-free, hamlet ppl ({args.windows} × {args.length} tokens, fp32, CPU)"
     )
     save(args.name, {"rows": rows, "args": vars(args), **provenance()})
+
+
+def earlier_anchor_rows(name: str, p0: float) -> list[dict]:
+    """The TransMLA rows of an earlier run on the same protocol (its source ppl must match this run's)."""
+    prev = json.loads((RESULTS / f"{name}.json").read_text())
+    src = next(r for r in prev["rows"] if r["method"].startswith("original"))
+    if abs(src["ppl"] - p0) > 1e-6 * p0:
+        raise SystemExit(f"bench/results/{name}.json: source ppl {src['ppl']} ≠ this run's {p0}: not the same protocol")
+    at = {"anchor run": f"{name}.json", "anchor commit": prev.get("git_commit"), "anchor date": prev.get("date")}
+    return [{**r, **at} for r in prev["rows"] if r["method"].startswith("TransMLA")]
 
 
 def anchor_rows(args, base: Path, tok, wins, p0: float, td: Path) -> list[dict]:

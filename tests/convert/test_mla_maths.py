@@ -310,7 +310,7 @@ def test_pseudo_constant_channel_makes_the_engine_target_nearly_exact_at_full_ca
 
 
 def test_value_refit_keeps_exact_layers_and_lowers_held_out_error_at_reduced_rank():
-    from weightsmith.convert.mla.refit import refit_values
+    from weightsmith.convert.mla.refit import refit_output, refit_values
 
     s, _, _ = source(True, seed=7)
     g = torch.Generator().manual_seed(2)
@@ -350,3 +350,11 @@ def test_value_refit_keeps_exact_layers_and_lowers_held_out_error_at_reduced_ran
         relative_error(x_test, s, refit_values(s, low, x_fit), dtype=F64),
     )
     assert after < 0.97 * before, (before, after)  # measured 0.311 -> 0.289 on held-out windows
+    # o_proj refit after the value refit: an exact layer stays exact; on the fit windows (where it is
+    # the least-squares optimum over o_proj, up to the ridge) the error goes down further
+    assert relative_error(x_test, s, refit_output(s, exact, x_fit), dtype=F64) < 1e-20
+    vr = refit_values(s, low, x_fit)
+    both = refit_output(s, vr, x_fit)
+    fit_v, fit_o = relative_error(x_fit, s, vr, dtype=F64), relative_error(x_fit, s, both, dtype=F64)
+    assert fit_o < fit_v, (fit_v, fit_o)
+    print("o_proj refit held-out", after, "->", relative_error(x_test, s, both, dtype=F64), "fit", fit_v, "->", fit_o)

@@ -278,15 +278,18 @@ def test_engine_target_serves_both_methods_at_reduced_cache(tiny_model, tmp_path
 
 
 # Ceiling for the 50 % quality floor: the issue's bar (TransMLA's own code measured 2.2× on the
-# bench protocol). This test's protocol measured 1.533 (ppl 58.85 vs 38.39) at commit f52c4fc.
+# bench protocol), for both targets. This test's protocol measured 1.533 (ppl 58.85 vs 38.39) on the
+# exact target at commit f52c4fc; the engine target is measured by the same test (see its print).
 HALF_CACHE_CEILING = 2.2
 
 
 @pytest.mark.slow
-def test_smollm2_half_cache_quality_floor(smollm2, tmp_path, cli):
-    """50 % of the KV cache (RoPE 64 + latent 128 per layer), training-free: the converted model's
-    perplexity on held-out prose stays within HALF_CACHE_CEILING × the source's (TransMLA's own code
-    measured 2.2× on bench/mla.py's protocol)."""
+@pytest.mark.parametrize("target", ["exact", "engine"])
+def test_smollm2_half_cache_quality_floor(smollm2, tmp_path, cli, target):
+    """50 % of the KV cache (RoPE 64 + latent 128 per layer), training-free, on the exact target and
+    on the engine target vLLM/SGLang serve: the converted model's perplexity on held-out prose stays
+    within HALF_CACHE_CEILING × the source's (TransMLA's own code measured 2.2× on bench/mla.py's
+    protocol)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from weightsmith.assets import hamlet, political_speeches
@@ -298,6 +301,8 @@ def test_smollm2_half_cache_quality_floor(smollm2, tmp_path, cli):
         "mla",
         str(smollm2),
         str(dst),
+        "--target",
+        target,
         "--kv-ratio",
         "0.5",
         "--calib",
@@ -313,11 +318,10 @@ def test_smollm2_half_cache_quality_floor(smollm2, tmp_path, cli):
     )
     assert r.code == 0, r
     m = json.loads((dst / "manifest.json").read_text())["metrics"]
-    assert (
-        m["kv_cache_after"]["values_per_token"] <= 0.5 * m["kv_cache_before"]["values_per_token"] + 30
-    )  # + the constant channel
+    extra = 30 if target == "exact" else 0  # the exact target's constant channel, one per layer
+    assert m["kv_cache_after"]["values_per_token"] <= 0.5 * m["kv_cache_before"]["values_per_token"] + extra
     wins = token_windows(AutoTokenizer.from_pretrained(smollm2), read_text(hamlet()), 512, 4, source="hamlet.txt")
     p0 = perplexity(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32), wins)["perplexity"]
     p = perplexity(AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32), wins)["perplexity"]
-    print(f"50 % cache: ppl {p:.3f} vs source {p0:.3f}: ratio {p / p0:.4f}")
+    print(f"50 % cache, {target} target: ppl {p:.3f} vs source {p0:.3f}: ratio {p / p0:.4f}")
     assert p / p0 <= HALF_CACHE_CEILING, (p, p0)

@@ -25,7 +25,7 @@ from weightsmith.convert.mla import components as comp
 from weightsmith.convert.mla.latent import constant_for, pseudo_constant_direction
 from weightsmith.convert.mla.layer import SourceAttention, attention_metric, build_layer
 from weightsmith.convert.mla.lowrank import pca_latent, svd_latent, weighted_pca_latent
-from weightsmith.convert.mla.refit import refit_values
+from weightsmith.convert.mla.refit import refit_output, refit_values
 from weightsmith.convert.mla.rope import longrope_factors, source_inv_freq
 from weightsmith.convert.mla.simulate import cast_source, gqa_attention, relative_error
 from weightsmith.engine.stats import Gram
@@ -93,12 +93,13 @@ class MlaConfig(CalibConfig):
         default=1.0, metadata={"help": "transmla: BKV-PCA balance multiplier (keys scaled to the values' norm / this)"}
     )
     loss_windows: int = field(default=2, metadata={"help": "calibration windows kept per layer to score candidates"})
-    refit: Literal["values", "none"] = field(
-        default="values",
+    refit: Literal["values+output", "values", "none"] = field(
+        default="values+output",
         metadata={
             "help": "values: after the latent and keys are fixed, refit kv_b_proj's value rows by ridge least "
-            "squares against the source layer's per-head attention output on calibration windows; none: keep the "
-            "PCA decoder"
+            "squares against the source layer's per-head attention output on calibration windows; values+output: "
+            "then refit o_proj the same way against the source layer's attention output (heads compensate each "
+            "other); none: keep the PCA decoder and the source's o_proj"
         },
     )
     refit_windows: int = field(default=8, metadata={"help": "calibration windows per layer for --refit values"})
@@ -652,8 +653,10 @@ def run(cfg: MlaConfig, ctx, plan: Plan) -> None:
                     best = (err, L, split, lat, metric)
             err, L, split, lat, metric = best
             refit = {}
-            if cfg.refit == "values" and err > 1e-9:  # (nothing to fix at full cache: keep it exact)
+            if cfg.refit != "none" and err > 1e-9:  # (nothing to fix at full cache: keep it exact)
                 L = refit_values(src, L, windows[i], ridge=cfg.refit_ridge, eps=NORM_EPS)
+                if cfg.refit == "values+output":
+                    L = refit_output(src, L, windows[i], ridge=cfg.refit_ridge, eps=NORM_EPS)
                 refit = {"attention_output_error_before_refit": round(err, 8)}
                 err = relative_error(x, src, L, eps=NORM_EPS, ref=refs[i])  # on windows inside the fit set: optimistic
             layer_metrics[i] = {

@@ -70,3 +70,28 @@ def refit_values(
     t = dict(L.tensors)
     t["kv_b"] = kv_b.reshape(-1, r).to(L.tensors["kv_b"].dtype)
     return MlaLayer(t, L.d_n, L.d_r, L.rank, L.rope_freq)
+
+
+def refit_output(
+    src: SourceAttention, L: MlaLayer, x: torch.Tensor, *, ridge: float = 1e-2, eps: float = 1e-6
+) -> MlaLayer:
+    """A copy of L whose o_proj is refitted by ridge least squares (towards the current o_proj) so that
+    o_proj applied to the converted heads' outputs matches the source layer's attention output: unlike
+    the per-head value refit, one head's error can be compensated through the others.
+
+    x: [B, T, H] calibration inputs of this layer (float64 recommended)."""
+    x = x.to(torch.float64)
+    Lf = MlaLayer({k: v.to(torch.float64) for k, v in L.tensors.items()}, L.d_n, L.d_r, L.rank, L.rope_freq)
+    n_h, d = src.n_h, src.d
+    z = _mla_features(x, Lf, n_h, eps)  # [B, n_h, T, r]
+    r = z.shape[-1]
+    wuv = Lf.tensors["kv_b"].view(n_h, L.d_n + d, r)[:, L.d_n :]  # [n_h, d, r]
+    heads = torch.einsum("bhtr,hdr->bthd", z, wuv).reshape(-1, n_h * d)  # [N, n_h·d]
+    target = gqa_head_outputs(x, src).transpose(1, 2).reshape(-1, n_h * d) @ src.wo.T  # [N, H] (no bias)
+    G = heads.T @ heads
+    lam = ridge * float(G.diagonal().mean().clamp_min(1e-30))
+    W0 = Lf.tensors["o"]  # [H, n_h·d]
+    W = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), heads.T @ target + lam * W0.T).T
+    t = dict(L.tensors)
+    t["o"] = W.to(L.tensors["o"].dtype)
+    return MlaLayer(t, L.d_n, L.d_r, L.rank, L.rope_freq)
