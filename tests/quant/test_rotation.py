@@ -199,7 +199,32 @@ def test_smollm2_w3g64_quality_floor(smollm2, cli, tmp_path, hamlet):
         "8",
         "--calib-length",
         "256",
+        "--rotate",
+        "--mse",
     )
     assert r.code == 0, r
     ppl = json.loads(cli("eval", out, "--text", hamlet, "--windows", "4", "--json").out)["perplexity"]
     assert ppl <= W3G64_CEILING, ppl
+
+
+def test_rotate_refuses_sublayer_output_norms(tiny_model, cli, tmp_path, monkeypatch):
+    """A family with norms on each sublayer's output (Gemma's sandwich norms) cannot be rotated
+    exactly: one-line refusal naming the norm, for `rotate` and `quant --rotate`."""
+    import dataclasses
+
+    import weightsmith.arch as arch
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("llama"), src)
+    t = load_file(src / "model.safetensors")
+    for n in [n for n in t if n.endswith("input_layernorm.weight")]:  # the sandwich norm's tensors
+        t[n.replace("input_layernorm", "post_attention_norm")] = t[n].clone()
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    llama = arch._BY_TYPE["llama"]
+    norms = {**llama.layer_norms, "attn_out": "post_attention_norm"}
+    monkeypatch.setitem(arch._BY_TYPE, "llama", dataclasses.replace(llama, layer_norms=norms))
+    for args in (("rotate", src, tmp_path / "r"), ("quant", src, tmp_path / "q", "--method", "rtn", "--rotate")):
+        r = cli(*args)
+        err = r.err.replace("hashing inputs...", "").strip()
+        assert r.code != 0 and "model.layers.0.post_attention_norm normalises a sublayer's output" in err, r
+        assert "quantize without --rotate" in err and len(err.splitlines()) == 1, err
