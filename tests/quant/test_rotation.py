@@ -172,10 +172,12 @@ def test_rotated_quantized_output_loads_in_compressed_tensors(tiny_model, cli, t
     assert torch.allclose(theirs, ours, atol=1e-4)
 
 
-# The W3 g64 quality floor on SmolLM2 (bounded protocol: 8x256 calibration tokens, 4 hamlet windows).
-# Measured with exactly this protocol: GPTQ 263.1 (fp32: 43.65 over 8 windows). A regression in the
-# grid, GPTQ or the packing pushes the perplexity far above the ceiling.
-W3G64_CEILING = 300.0
+# The W3 g64 quality floor on SmolLM2 (bounded protocol: 8x256 calibration tokens, 4 hamlet windows)
+# for the best method measured (bench/quant.py, docs/quantization.md): GPTQ on the rotated model with the
+# importance-weighted `--mse` grid search. Measured with exactly this protocol at commit time: 70.45
+# (plain GPTQ without --rotate/--mse: 263.1). The ceiling is that measurement + ~20 %: losing the
+# rotation, the grid search or the weighting of the search, or a packing error, lands above it.
+W3G64_CEILING = 85.0
 
 
 @pytest.mark.slow
