@@ -59,6 +59,7 @@ VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
     "gptq+rotate+mse": ("gptq", ["--rotate", "--mse"]),
     "gptq+fp-target": ("gptq", ["--fp-target"]),
     "gptq+rotate+fp-target": ("gptq", ["--rotate", "--fp-target"]),
+    "gptq+rotate+mse+fp-target": ("gptq", ["--rotate", "--mse", "--fp-target"]),
 }
 DEFAULT_VARIANTS = ("rtn", "gptq", "gptq+mse", "gptq+rotate")
 
@@ -227,6 +228,9 @@ def main() -> None:
         "sym": not args.asym,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "jobs": args.jobs,
+        "protocol": f"calibration {args.calib_samples}x{args.calib_length} speeches tokens, perplexity over "
+        f"{args.eval_windows}x512 hamlet tokens (fp32)",
+        "load_average_at_start": os.getloadavg()[0],
         "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -241,6 +245,7 @@ def main() -> None:
             ]
             payload["anchor"] = [r for r in done if "tool" in r]
             payload["complete"] = len(done) == len(jobs)
+            payload["load_average_now"] = os.getloadavg()[0]  # the shared machine's load: seconds depend on it
             save("quant", payload)
     rows = payload["smollm2"]
     cols = ["setting", "method", "calib", "ppl", "ppl/fp", "bits/weight", "seconds", "peak_rss_mb"]

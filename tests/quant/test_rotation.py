@@ -172,10 +172,13 @@ def test_rotated_quantized_output_loads_in_compressed_tensors(tiny_model, cli, t
     assert torch.allclose(theirs, ours, atol=1e-4)
 
 
-# The W3 g64 quality floor on SmolLM2 (bounded protocol: 8x256 calibration tokens, 4 hamlet windows).
-# Measured with exactly this protocol: GPTQ 263.1 (fp32: 43.65 over 8 windows). A regression in the
-# grid, GPTQ or the packing pushes the perplexity far above the ceiling.
-W3G64_CEILING = 300.0
+# The W3 g64 quality floor on SmolLM2 (bounded protocol: 8x256 calibration tokens, 4 hamlet windows)
+# for the best method measured (bench/quant.py, docs/quantization.md): GPTQ on the rotated model with the
+# importance-weighted `--mse` grid search. Measured with exactly this protocol at commit time: 70.45
+# (plain GPTQ: 263.1). The ceiling is that measurement + ~20 %; on the bench protocol GPTQ --rotate
+# without --mse measured 1.6x the --mse perplexity, so losing the grid search fails it, as do losing
+# the rotation or a packing error.
+W3G64_CEILING = 85.0
 
 
 @pytest.mark.slow
@@ -199,7 +202,32 @@ def test_smollm2_w3g64_quality_floor(smollm2, cli, tmp_path, hamlet):
         "8",
         "--calib-length",
         "256",
+        "--rotate",
+        "--mse",
     )
     assert r.code == 0, r
     ppl = json.loads(cli("eval", out, "--text", hamlet, "--windows", "4", "--json").out)["perplexity"]
     assert ppl <= W3G64_CEILING, ppl
+
+
+def test_rotate_refuses_sublayer_output_norms(tiny_model, cli, tmp_path, monkeypatch):
+    """A family with norms on each sublayer's output (Gemma's sandwich norms) cannot be rotated
+    exactly: one-line refusal naming the norm, for `rotate` and `quant --rotate`."""
+    import dataclasses
+
+    import weightsmith.arch as arch
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("llama"), src)
+    t = load_file(src / "model.safetensors")
+    for n in [n for n in t if n.endswith("input_layernorm.weight")]:  # the sandwich norm's tensors
+        t[n.replace("input_layernorm", "post_attention_norm")] = t[n].clone()
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    llama = arch._BY_TYPE["llama"]
+    norms = {**llama.layer_norms, "attn_out": "post_attention_norm"}
+    monkeypatch.setitem(arch._BY_TYPE, "llama", dataclasses.replace(llama, layer_norms=norms))
+    for args in (("rotate", src, tmp_path / "r"), ("quant", src, tmp_path / "q", "--method", "rtn", "--rotate")):
+        r = cli(*args)
+        err = r.err.replace("hashing inputs...", "").strip()
+        assert r.code != 0 and "model.layers.0.post_attention_norm normalises a sublayer's output" in err, r
+        assert "quantize without --rotate" in err and len(err.splitlines()) == 1, err

@@ -11,6 +11,7 @@ updates, in fp32. Activation order never needs an inference-time permutation her
   group, parameters fitted when a group starts (GPTQModel's group-aware act order).
 
 In all three, g_idx = column // group_size, so servers read groups contiguously (desc_act false).
+With `grid.mse`, each group's clipping search weighs its columns by sqrt(diag H) (grid.find_params).
 Dampening starts at `damp · mean(diag H)` and grows until Cholesky succeeds; the value used is
 returned.
 """
@@ -94,9 +95,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: GPTQSpec) -> GPTQResul
     fitted = torch.zeros(n_groups, dtype=torch.bool)
     diag = torch.diag(h)
 
+    importance = diag.clamp_min(0).sqrt()  # column weights of the `mse` clipping search
+
     if spec.act_order == "static":
         for gi in range(n_groups):
-            scales[gi], zeros[gi] = find_params(w[:, gi * g : (gi + 1) * g], spec.grid)
+            cols = slice(gi * g, (gi + 1) * g)
+            scales[gi], zeros[gi] = find_params(w[:, cols], spec.grid, importance=importance[cols])
         fitted[:] = True
     if spec.act_order == "none":
         perm = torch.arange(k)
@@ -111,6 +115,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: GPTQSpec) -> GPTQResul
     w = w[:, perm]
     h = h[perm][:, perm]
     gp = g_idx[perm]
+    importance = importance[perm]
     hinv, damp_used = _inverse_cholesky(h, spec)
 
     q_out = torch.zeros(n, k, dtype=torch.int32)
@@ -126,7 +131,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: GPTQSpec) -> GPTQResul
                 # the group's columns are contiguous in this order and start here
                 span = int((gp[col:] == gi).sum()) if spec.act_order == "group" else min(g, k - col)
                 cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :span]
-                scales[gi], zeros[gi] = find_params(cur, spec.grid)
+                scales[gi], zeros[gi] = find_params(cur, spec.grid, importance=importance[col : col + span])
                 fitted[gi] = True
             s, z = scales[gi], zeros[gi]
             wc = w1[:, i]

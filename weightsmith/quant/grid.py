@@ -3,8 +3,10 @@
 Convention (GPTQ's): codes q ∈ [0, 2^b − 1], w ≈ scale · (q − zero). Symmetric grids use the
 fixed zero 2^(b−1) and scale = 2·max|w| / (2^b − 1); asymmetric grids fit [min, max] with an
 integer zero. Parameters are per output row, per group of input columns. `mse=True` searches
-shrunken ranges (GPTQ's `mse` option: Lp norm 2.4 over 100 shrink steps down to 20%) and keeps
-the best per row.
+shrunken ranges (100 shrink steps down to 20%) and keeps the best per row: without column
+importances, by GPTQ's `mse` criterion (Lp norm 2.4 of the weight error); with them (GPTQ passes
+sqrt(diag H) of the group's columns), by the importance-weighted squared error, so the clipping
+range follows what the layer's inputs make matter (docs/quantization.md has the measurement).
 """
 
 from __future__ import annotations
@@ -43,25 +45,34 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec) -
 
 
 def find_params(
-    w: torch.Tensor, spec: GridSpec, *, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
+    w: torch.Tensor,
+    spec: GridSpec,
+    *,
+    importance: torch.Tensor | None = None,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) for w [rows, cols] (one group). Returns fp32 [rows] each."""
+    """Per-row (scale, zero) for w [rows, cols] (one group). Returns fp32 [rows] each.
+
+    importance: optional non-negative weight per column [cols] for the `mse` search; the error is
+    then Σ_j importance_j·(w_j − ŵ_j)² (squared, whatever `norm` says)."""
     w = w.float()
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
     scale, zero = _params_from_range(xmin, xmax, spec)
     if not spec.mse:
         return scale, zero
+    if importance is not None:
+        if importance.shape != (w.shape[1],):
+            raise ValueError(f"importance has shape {tuple(importance.shape)}; expected ({w.shape[1]},)")
+        importance = importance.float().clamp_min(0)[None, :]
     best = torch.full_like(scale, float("inf"))
     for i in range(int(max_shrink * grid) + 1):
         p = 1 - i / grid
         s, z = _params_from_range(p * xmin, p * xmax, spec)
-        err = (
-            (dequantize(quantize(w, s[:, None], z[:, None], spec.maxq), s[:, None], z[:, None]) - w)
-            .abs()
-            .pow(norm)
-            .sum(1)
-        )
+        d = dequantize(quantize(w, s[:, None], z[:, None], spec.maxq), s[:, None], z[:, None]) - w
+        err = d.abs().pow(norm).sum(1) if importance is None else (d.square() * importance).sum(1)
         better = err < best
         if better.any():
             best = torch.where(better, err, best)

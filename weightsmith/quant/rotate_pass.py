@@ -93,6 +93,13 @@ class RotatedCheckpoint:
         self.head_rotations = 0
         for i in range(view.num_layers):
             norms = view.layer_norms(i)
+            other = sorted(set(norms) - set(READ_ROLES.values()))
+            if other:  # e.g. Gemma's sandwich norms on each sublayer's output, before the residual add
+                raise UnsupportedError(
+                    f"{ck.root}: {norms[other[0]]} normalises a sublayer's output before the residual add "
+                    f"({other[0]!r} norm of family {f.name}); a per-channel scale after that norm does not commute "
+                    "with a residual rotation, so rotate cannot keep the model exact: quantize without --rotate"
+                )
             for n in norms.values():
                 self._rules[n + ".weight"] = ("ones",)
             r = None
