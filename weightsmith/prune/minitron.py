@@ -79,9 +79,13 @@ class MinitronConfig(CalibConfig):
     refit: Literal["layer", "source", "none"] = field(
         default="layer",
         metadata={
-            "help": "least-squares repair of o_proj / down_proj of the "
-            "chosen candidate, as in prune --refit (candidates are ranked as sliced)"
+            "help": "least-squares repair of o_proj / down_proj, as in prune --refit: every candidate is repaired "
+            "(on the windows not held out) before it is scored, and the chosen one is written as scored"
         },
+    )
+    select: Literal["importance", "obs"] = field(
+        default="importance",
+        metadata={"help": "with a repair: how MLP neurons / query heads are chosen, as in prune --select"},
     )
     score_batch: int = field(
         default=2,
@@ -200,10 +204,16 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
             keep = decide_keep(view, scores, t, depth_scores=scores.block_influence, contiguous=False)
             out_cfg = pruned_config(ck.config, keep, widths(t))
             path = scratch / f"c{k}"
+            fitted = {}
+            if cfg.refit != "none":  # rank candidates as they will be written: repaired
+                from weightsmith.prune.reconstruct import reconstruct
+
+                fit_ids = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
+                fitted, _ = reconstruct(ctx, cfg, view, keep, target=cfg.refit, select=cfg.select, ids=fit_ids)
             with CheckpointWriter(path) as w:
                 w.plan(output_specs(ck, view, roles, keep))
                 w.set_config(out_cfg)
-                write_pruned(w, ck, view, roles, keep)
+                write_pruned(w, ck, view, roles, keep, fitted)
                 w.copy_aux_files(ck.root, ck.aux_files())
                 w.finalize()
             cand = loading.load(path).eval()
@@ -218,11 +228,14 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
                     "path": path,
                     "targets": t,
                     "keep": keep,
+                    "fitted": fitted,
                 }
             )
             ctx.report.log(
                 f"candidate {_label(t)}: {rows[-1]['params']:,} params, KL {sc_['kl']:.4f}, loss {sc_['loss']:.4f}"
             )
+            for r in sorted(rows, key=lambda r: r[cfg.rank_by])[cfg.top_k :]:
+                r["fitted"] = {}  # only the leaders' repaired weights are kept (~0.1 GB each on SmolLM2)
         key = cfg.rank_by
         rows.sort(key=lambda r: r[key])
         best = rows[0]
@@ -245,13 +258,8 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
 
             write_student(ctx.writer, Checkpoint(best["path"]), best["model"])
         else:
-            fitted = {}
-            if cfg.refit != "none":
-                from weightsmith.prune.reconstruct import reconstruct
-
-                del teacher
-                gc.collect()
-                fitted, _ = reconstruct(ctx, cfg, view, best["keep"], target=cfg.refit)
+            # the chosen candidate is written as it was scored (repaired on the windows not held out)
+            fitted = best["fitted"]
             write_pruned(ctx.writer, ck, view, roles, best["keep"], fitted, ctx.report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
