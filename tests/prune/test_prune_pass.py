@@ -166,7 +166,8 @@ def test_smollm2_activation_beats_magnitude(smollm2, cli, tmp_path, hamlet):
     ppl = {}
     for imp in ("activation", "magnitude"):
         out = tmp_path / imp
-        assert cli("prune", smollm2, out, "--ffn", "1024", "--importance", imp, *calib).code == 0
+        # the importance ranking alone (the repair, tested on its own below, would double the cost)
+        assert cli("prune", smollm2, out, "--ffn", "1024", "--importance", imp, "--refit", "none", *calib).code == 0
         ppl[imp] = json.loads(cli("eval", out, "--text", hamlet, "--windows", "4", "--json").out)["perplexity"]
     assert ppl["activation"] < ppl["magnitude"], ppl
     # the pruned SmolLM2 (tied embeddings, 9 heads / 3 KV) loads in stock transformers and generates

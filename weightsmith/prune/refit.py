@@ -153,7 +153,7 @@ def obs_select(
     return alive.nonzero().flatten()
 
 
-DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DAMP_GRID = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
 
 
 def choose_damp(w: torch.Tensor, folds: list[torch.Tensor], keep: torch.Tensor, grid=DAMP_GRID) -> float | None:
