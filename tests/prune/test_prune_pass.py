@@ -17,9 +17,9 @@ def _logits(path, ids):
 
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-# bench/prune.py --calib-samples 32 --eval-windows 16 (git 6965500): `prune --params 0.8 --axis mlp`
-# measured 98.2 (source 42.9); +5 % margin
-PPL_CEILING_MINUS_20 = 103.0
+# bench/prune.py --calib-samples 32 --eval-windows 16 (git 1795cbe): `prune --params 0.8 --axis mlp`
+# (cross-validated repair) measured 90.2 (source 42.9; 98.2 with the fixed-ridge repair); +5 % margin
+PPL_CEILING_MINUS_20 = 95.0
 
 
 @pytest.mark.parametrize("fam", ["llama", "qwen2", "qwen3", "gemma3_text"])
