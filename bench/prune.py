@@ -59,6 +59,10 @@ def main() -> None:
     ap.add_argument("--distill-tokens", type=int, default=8192)
     ap.add_argument("--distill-at", type=float, default=0.25)
     ap.add_argument("--minitron-at", type=float, default=None)
+    ap.add_argument("--source-ppl", type=float, default=None, help="the source's perplexity (skips measuring it)")
+    ap.add_argument(
+        "--tag", default="", help="results go to bench/results/prune[-TAG].json (runs split over processes)"
+    )
     ap.add_argument(
         "--methods", default=",".join(str(i) for i in range(len(METHODS))), help="indices into the method list"
     )
@@ -92,7 +96,7 @@ def main() -> None:
         "eval_windows": args.eval_windows,
         "calib_samples": args.calib_samples,
     }
-    fp = perplexity(src, text, args.eval_windows)
+    fp = args.source_ppl or perplexity(src, text, args.eval_windows)
     rows = [{"model": "SmolLM2-135M (source)", "params": param_count(Checkpoint(src)), "ppl": fp, "x_source": 1.0}]
     print(rows[0], flush=True)
     labels = list(METHODS)
@@ -149,7 +153,9 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
             shutil.rmtree(out, ignore_errors=True)
-            save("prune", {**meta, "rows": rows, "partial": True})  # survives an interrupted run
+            save(
+                "prune" + (f"-{args.tag}" if args.tag else ""), {**meta, "rows": rows, "partial": True}
+            )  # survives an interrupted run
     cols = [
         "model",
         "params",
@@ -164,7 +170,7 @@ def main() -> None:
         "arch",
     ]
     print_table(rows, cols, f"SmolLM2-135M pruned: hamlet perplexity over {args.eval_windows}x512 tokens")
-    save("prune", {**meta, "rows": rows})
+    save("prune" + (f"-{args.tag}" if args.tag else ""), {**meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ The contract with the runner and the writer (docs/distributed.md):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -71,8 +72,29 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
+_SOLO = 0
+
+
+@contextlib.contextmanager
+def solo() -> Iterator[None]:
+    """Work this rank does alone, while the others do other work (a minitron candidate repaired and
+    scored by its owner): inside, `world()` is a one-process world, so every reduction and
+    broadcast here is the identity and nothing waits for a peer that is not coming."""
+    global _SOLO
+    _SOLO += 1
+    try:
+        yield
+    finally:
+        _SOLO -= 1
+
+
 def world(device: str | None = None) -> World:
     """This process's place in the run; joins the process group on first use under a launcher."""
+    real = _joined(device)
+    return World(local_rank=real.local_rank) if _SOLO else real
+
+
+def _joined(device: str | None) -> World:
     global _WORLD
     if _WORLD is not None:
         return _WORLD

@@ -17,9 +17,9 @@ def _logits(path, ids):
 
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-# bench/prune.py --calib-samples 32 --eval-windows 16 (git 6965500): `prune --params 0.8 --axis mlp`
-# measured 98.2 (source 42.9); +5 % margin
-PPL_CEILING_MINUS_20 = 103.0
+# bench/prune.py --calib-samples 32 --eval-windows 16 (git 1795cbe): `prune --params 0.8 --axis mlp`
+# (cross-validated repair) measured 90.2 (source 42.9; 98.2 with the fixed-ridge repair); +5 % margin
+PPL_CEILING_MINUS_20 = 95.0
 
 
 @pytest.mark.parametrize("fam", ["llama", "qwen2", "qwen3", "gemma3_text"])
@@ -166,7 +166,8 @@ def test_smollm2_activation_beats_magnitude(smollm2, cli, tmp_path, hamlet):
     ppl = {}
     for imp in ("activation", "magnitude"):
         out = tmp_path / imp
-        assert cli("prune", smollm2, out, "--ffn", "1024", "--importance", imp, *calib).code == 0
+        # the importance ranking alone (the repair, tested on its own below, would double the cost)
+        assert cli("prune", smollm2, out, "--ffn", "1024", "--importance", imp, "--refit", "none", *calib).code == 0
         ppl[imp] = json.loads(cli("eval", out, "--text", hamlet, "--windows", "4", "--json").out)["perplexity"]
     assert ppl["activation"] < ppl["magnitude"], ppl
     # the pruned SmolLM2 (tied embeddings, 9 heads / 3 KV) loads in stock transformers and generates

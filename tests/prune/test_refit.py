@@ -78,3 +78,48 @@ def test_target_refit_corrects_input_drift():
     direct = float(((y - xp[:, keep] @ fit.T) ** 2).sum())
     assert abs(direct - errs["target"]) / errs["target"] < 1e-3
     assert errs["target"] < errs["own"] < errs["sliced"]
+
+
+def test_obs_selection_loses_less_than_activation_ranking():
+    # channels with large activations but well predicted by others should go before small
+    # unpredictable ones: greedy OBS picks the set whose repaired error is lower
+    w, x, gram = _data(n=96, rows=2000, out=32, seed=0)
+    x[:, :10] *= 5
+    gram = x.T @ x
+    top = torch.sort(torch.topk(x.abs().mean(0), 48).indices).values
+    obs = refit.obs_select(w, gram, 48)
+    err = {
+        k: refit.output_error(w, gram, keep, refit.refit_columns(w, gram, keep))
+        for k, keep in (("act", top), ("obs", obs))
+    }
+    assert obs.numel() == 48 and torch.equal(obs, torch.sort(obs).values)
+    assert err["obs"] < 0.9 * err["act"], err
+    # one round removes by the initial costs only: re-scoring after each round is what helps
+    one = refit.obs_select(w, gram, 48, steps=1)
+    assert err["obs"] < refit.output_error(w, gram, one, refit.refit_columns(w, gram, one))
+
+
+def test_obs_selection_of_head_groups_and_keeping_everything():
+    w, _, gram = _data(n=48, out=16, seed=2)
+    kept = refit.obs_select(w, gram, 4, group=8)  # 6 heads of 8 channels -> keep 4
+    assert kept.numel() == 4 and kept.max() < 6
+    assert torch.equal(refit.obs_select(w, gram, 6, group=8), torch.arange(6))
+
+
+def test_guard_refuses_a_repair_that_is_worse_on_held_out_windows():
+    # independent channels and few rows: predicting the removed channels from the kept ones is
+    # pure overfitting; the fixed-ridge repair is worse than slicing on the other fold, the
+    # cross-validated choice keeps the slicing
+    g = torch.Generator().manual_seed(4)
+    n, rows = 64, 48
+    w = torch.randn(8, n, generator=g)
+    xa, xb = torch.randn(rows, n, generator=g), torch.randn(rows, n, generator=g)
+    fa, fb = xa.T @ xa, xb.T @ xb
+    keep = torch.arange(0, n, 2)
+    fit = refit.refit_columns(w, fa, keep)
+    assert refit.output_error(w, fb, keep, fit) > refit.output_error(w, fb, keep, w[:, keep])
+    assert refit.choose_damp(w, [fa, fb], keep) is None
+    # correlated channels: the repair generalises and is kept
+    w, x, _ = _data(rows=800, seed=6)
+    folds = [x[::2].T @ x[::2], x[1::2].T @ x[1::2]]
+    assert refit.choose_damp(w, folds, keep[:24]) is not None

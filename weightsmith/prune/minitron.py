@@ -79,9 +79,13 @@ class MinitronConfig(CalibConfig):
     refit: Literal["layer", "source", "none"] = field(
         default="layer",
         metadata={
-            "help": "least-squares repair of o_proj / down_proj of the "
-            "chosen candidate, as in prune --refit (candidates are ranked as sliced)"
+            "help": "least-squares repair of o_proj / down_proj, as in prune --refit: every candidate is repaired "
+            "(on the windows not held out) before it is scored, and the chosen one is written as scored"
         },
+    )
+    select: Literal["importance", "obs"] = field(
+        default="importance",
+        metadata={"help": "with a repair: how MLP neurons / query heads are chosen, as in prune --select"},
     )
     score_batch: int = field(
         default=2,
@@ -203,6 +207,7 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     mine = ctx.mine([src_params] + [count_params(c) for c in out_cfgs])
     me = dist.world().rank
     found: dict[int, dict] = {}
+    fitted_by_k: dict[int, dict] = {}
     src_score = None
     scratch = Path(tempfile.mkdtemp(prefix=".minitron-", dir=ctx.writer.tmp.parent))
     try:
@@ -211,17 +216,28 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
         for k in ctx.report.track([j - 1 for j in mine if j > 0], desc="candidates"):
             t, keep, out_cfg = cands[k], keeps[k], out_cfgs[k]
             path = scratch / f"c{k}"
+            fitted = {}
+            if cfg.refit != "none":  # rank candidates as they will be written: repaired
+                from weightsmith.prune.reconstruct import reconstruct
+
+                fit_ids = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
+                with dist.solo():  # this candidate is this rank's alone: no collectives inside
+                    fitted, _ = reconstruct(ctx, cfg, view, keep, target=cfg.refit, select=cfg.select, ids=fit_ids)
             with CheckpointWriter(path) as w:
                 w.plan(output_specs(ck, view, roles, keep))
                 w.set_config(out_cfg)
-                write_pruned(w, ck, view, roles, keep)
+                write_pruned(w, ck, view, roles, keep, fitted)
                 w.copy_aux_files(ck.root, ck.aux_files())
                 w.finalize()
             cand = loading.load(path).eval()
             sc_ = _score(cand, teacher, held, cfg.score_batch)
             del cand
             gc.collect()
-            found[k] = {"candidate": _label(t), "params": count_params(out_cfg), **sc_, "owner": me}
+            found[k] = {"candidate": _label(t), "params": count_params(out_cfg), **sc_, "owner": me, "index": k}
+            fitted_by_k[k] = fitted
+            # only the leaders' repaired weights are kept (~0.1 GB each on SmolLM2)
+            for j in sorted(fitted_by_k, key=lambda j: found[j][cfg.rank_by])[cfg.top_k :]:
+                fitted_by_k[j] = {}
             ctx.report.log(
                 f"candidate {_label(t)}: {found[k]['params']:,} params, KL {sc_['kl']:.4f}, loss {sc_['loss']:.4f}"
             )
@@ -261,13 +277,9 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
 
                 write_student(ctx.writer, Checkpoint(best["path"]), best["model"])
         else:
-            fitted = {}
-            if cfg.refit != "none":
-                from weightsmith.prune.reconstruct import reconstruct
-
-                del teacher
-                gc.collect()
-                fitted, _ = reconstruct(ctx, cfg, view, best["keep"], target=cfg.refit)
+            # the chosen candidate is written as it was scored (repaired on the windows not held out),
+            # its repair sent by the rank that made it to every rank (each writes its share)
+            fitted = dist.broadcast_object(fitted_by_k.get(best["index"], {}), best["owner"])
             write_pruned(ctx.writer, ck, view, roles, best["keep"], fitted, ctx.report, mine=ctx.mine)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -90,6 +90,14 @@ class PruneConfig(CalibConfig):
         },
     )
 
+    select: Literal["importance", "obs"] = field(
+        default="importance",
+        metadata={
+            "help": "with a repair: keep the MLP neurons / query heads chosen by --importance, or re-choose them per "
+            "layer by greedy structured OBS (the channels whose removal the least-squares repair absorbs best)"
+        },
+    )
+
     def __post_init__(self):
         if (
             all(
@@ -244,7 +252,7 @@ def run(cfg: PruneConfig, ctx, plan: Plan) -> None:
     if cfg.refit != "none":
         from weightsmith.prune.reconstruct import reconstruct
 
-        fitted, errors = reconstruct(ctx, cfg, view, keep, target=cfg.refit)
+        fitted, errors = reconstruct(ctx, cfg, view, keep, target=cfg.refit, select=cfg.select)
     write_pruned(ctx.writer, ck, view, roles, keep, fitted, ctx.report, mine=ctx.mine)
     ctx.metrics.update(
         {
@@ -268,6 +276,11 @@ def _error_summary(errors: dict[str, dict]) -> dict | None:
         "projections": n,
         "sliced": sum(e["sliced"] for e in errors.values()) / n,
         "refit": sum(e["refit"] for e in errors.values()) / n,
+        "unrepaired": sum(e.get("damp", 0) is None for e in errors.values()),
+        "ridge": {
+            str(d): sum(e.get("damp", 0) == d for e in errors.values())
+            for d in {e.get("damp") for e in errors.values()}
+        },
     }
 
 

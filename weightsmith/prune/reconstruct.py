@@ -48,6 +48,34 @@ class _Rows:
         self.parts.append(out.detach().float().reshape(-1, out.shape[-1]).cpu())
 
 
+class FoldGram:
+    """Grams of a projection's input over `k` disjoint folds of calibration windows (window j goes
+    to fold j mod k; rows of 2-D inputs such as routed experts' go by call), for cross-validation.
+    `offset`: the global index of this rank's first window, so the folds are those of one process;
+    `reduce()` sums each fold over ranks in rank order."""
+
+    def __init__(self, dim: int, k: int = 2, offset: int = 0):
+        self.folds = [torch.zeros(dim, dim) for _ in range(k)]
+        self.windows = offset
+
+    def reduce(self) -> None:
+        if dist.world().distributed:
+            self.folds = [dist.sum_ordered(f) for f in self.folds]
+
+    def __call__(self, inp, out):
+        x = inp.detach().float().cpu()
+        if x.dim() < 3:
+            x = x.reshape(1, -1, x.shape[-1])
+        for b in range(x.shape[0]):
+            xb = x[b].reshape(-1, x.shape[-1])
+            self.folds[self.windows % len(self.folds)].addmm_(xb.T, xb)
+            self.windows += 1
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return sum(self.folds)
+
+
 class _Cross:
     """Observer in the pruned model: Gram of the kept inputs and Σ y xᵀ against stored targets."""
 
@@ -75,20 +103,54 @@ class _Cross:
             self.y_sq, self.rows = dist.sum_ordered(torch.tensor([self.y_sq, self.rows], dtype=torch.float64)).tolist()
 
 
+def _obs_keep(view, keep: Keep, kind: str, i: int, w, gram, idx, damp) -> torch.Tensor:
+    """Re-choose the kept MLP neurons (or query heads, the same count per KV group) of layer i by
+    greedy structured OBS on the projection's Gram; updates `keep` and returns the kept input
+    channels of the projection."""
+    lk = keep.per_layer[i]
+    if kind == "ffn":
+        lk.ffn = refit.obs_select(w, gram, idx.numel(), damp)
+        return lk.ffn
+    hd = keep.head_dim
+    q_per_kv = view.heads // view.kv_heads
+    per_group = lk.q_heads.numel() // lk.kv_groups.numel()
+    heads = []
+    for gi in lk.kv_groups.tolist():
+        rows = torch.arange(gi * q_per_kv * hd, (gi + 1) * q_per_kv * hd)
+        sub = refit.obs_select(w[:, rows], gram[rows][:, rows], per_group, damp, group=hd)
+        heads += (sub + gi * q_per_kv).tolist()
+    lk.q_heads = torch.tensor(sorted(heads), dtype=torch.long)
+    return keep.index("q_rows", i, None)
+
+
 def reconstruct(
-    ctx, cfg, view, keep: Keep, damp: float = 1e-3, target: str = "layer"
+    ctx,
+    cfg,
+    view,
+    keep: Keep,
+    damp: float = 1e-3,
+    target: str = "layer",
+    select: str = "importance",
+    guard: bool = True,
+    ids: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """target "source": each repaired projection reproduces the *source* model's output of that
     projection from the pruned model's inputs (corrects drift from earlier layers; the source
     activations run alongside, one more stream); "layer": it reproduces its own full output on the
-    pruned model's inputs."""
-    from weightsmith.engine.stats import Gram
-
-    calib = ctx.calibrate(cfg, default="self", shard=True)  # this rank's windows
+    pruned model's inputs. `select` "obs" re-chooses MLP neurons / query heads per layer (greedy
+    structured OBS, `keep` is updated); `guard` picks the ridge on held-out windows and skips a
+    repair that does not generalise; `ids`: calibration windows (default: the config's, this rank's
+    share of them under a launcher)."""
+    offset = 0
+    if ids is None:
+        calib = ctx.calibrate(cfg, default="self", shard=True)  # this rank's windows
+        ids = calib.ids
+        offset = dist.shard(calib.total).start
     engine = ctx.engine(batch_size=getattr(cfg, "batch_size", 8))
     size = dist.world().size
     fitted: dict[str, torch.Tensor] = {}
     errors: dict[str, dict] = {}
+    damps: dict[str, float | None] = {}
     kept = set(keep.layers)
     src = {"h": None}
 
@@ -127,19 +189,30 @@ def reconstruct(
                 total = max(obs.y_sq, 1e-30)
                 rows[name].parts.clear()
             else:
-                g = Gram(w.shape[1])
+                g = FoldGram(w.shape[1], offset=offset)
                 layer.run(observe={prefix: g}, keep_outputs=False)
                 g.reduce()
-                new = _solved(i % size, lambda: refit.refit_columns(w, g.sum, idx, damp), (w.shape[0], idx.numel()))
-                before = refit.output_error(w, g.sum, idx, w[:, idx])
-                after = refit.output_error(w, g.sum, idx, new)
-                total = max(refit.output_error(w, g.sum, torch.arange(0), w[:, :0]), 1e-30)
-            errors[name] = {"sliced": before / total, "refit": after / total}
+                gsum = g.sum
+                if select == "obs" and kind in ("ffn", "q_rows"):
+                    idx = _obs_keep(view, keep, kind, i, w, gsum, idx, damp)
+                # the guard: the ridge is chosen on held-out windows, and no repair when slicing
+                # is better there (short calibration sets overfit the least squares)
+                lam = refit.choose_damp(w, g.folds, idx) if guard else damp
+                new = _solved(
+                    i % size,
+                    lambda: refit.refit_columns(w, gsum, idx, lam) if lam is not None else w[:, idx].clone(),
+                    (w.shape[0], idx.numel()),
+                )
+                before = refit.output_error(w, gsum, idx, w[:, idx])
+                after = refit.output_error(w, gsum, idx, new)
+                total = max(refit.output_error(w, gsum, torch.arange(0), w[:, :0]), 1e-30)
+                damps[name] = lam
+            errors[name] = {"sliced": before / total, "refit": after / total, "damp": damps.get(name, damp)}
             fitted[name] = new
             layer.set_weight(name, refit.scatter_columns(new, idx, w.shape[1]))
         layer.next_inputs = layer.run()
 
-    engine.run(calib.ids, process, layers=None if target == "source" else keep.layers)
+    engine.run(ids, process, layers=None if target == "source" else keep.layers)
     if src["h"] is not None:
         src["h"].close()
     engine.close()

@@ -108,3 +108,90 @@ def target_error(y_sq: float, cross: torch.Tensor, gram_kk: torch.Tensor, w_kept
     """Σ ‖y - W'_K x_K‖² = Σ‖y‖² - 2 tr(W'_K Bᵀ) + tr(W'_K G_KK W'_Kᵀ)."""
     w = w_kept.double()
     return float(y_sq - 2 * (w * cross.double()).sum() + ((w @ gram_kk.double()) * w).sum())
+
+
+def obs_select(
+    w: torch.Tensor, gram: torch.Tensor, n_keep: int, damp: float = 1e-3, group: int = 1, steps: int = 64
+) -> torch.Tensor:
+    """Which input channels (or groups of `group` consecutive channels) to keep so that the
+    least-squares repair loses least: greedy structured OBS (ZipLM / SlimGPT style). With
+    H⁻¹ = (G + λI)⁻¹ over the channels still present, removing the set r and re-solving the rest
+    optimally costs  tr(W_r [H⁻¹_rr]⁻¹ W_rᵀ); the cheapest groups go, W takes the OBS update
+    W -= W_r [H⁻¹_rr]⁻¹ H⁻¹_r·  and H⁻¹ its Schur downdate. Removal runs in at most `steps` rounds
+    (each removes the cheapest share of what is left to remove, costs re-scored after every
+    round: one at a time for few groups). Returns the kept group indices, ascending."""
+    n = w.shape[1]
+    if n % group or gram.shape != (n, n):
+        raise ValueError(f"Gram {tuple(gram.shape)} / group {group} do not match the {n} input channels")
+    groups = n // group
+    if not 0 < n_keep <= groups:
+        raise ValueError(f"cannot keep {n_keep} of {groups} groups")
+    g = gram.double()
+    lam = damp * float(torch.diagonal(g).mean().clamp_min(1e-12))
+    hinv = torch.linalg.inv(g + lam * torch.eye(n, dtype=g.dtype))
+    wk = w.double().clone()
+    alive = torch.ones(groups, dtype=torch.bool)
+    left = groups - n_keep
+    rounds = min(steps, left)
+    for k in range(rounds):
+        m = -(-left // (rounds - k))  # ceil: spread what is left over the remaining rounds
+        if group == 1:
+            cost = wk.pow(2).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)
+        else:
+            cost = torch.empty(groups, dtype=g.dtype)
+            for j in range(groups):
+                r = slice(j * group, (j + 1) * group)
+                cost[j] = (torch.linalg.solve(hinv[r, r], wk[:, r].T) * wk[:, r].T).sum() if alive[j] else 0
+        cost[~alive] = float("inf")
+        drop = torch.topk(cost, m, largest=False).indices
+        alive[drop] = False
+        cols = (drop[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
+        upd = torch.linalg.solve(hinv[cols][:, cols], hinv[cols])  # [|r|, n]
+        wk -= wk[:, cols] @ upd
+        hinv -= hinv[:, cols] @ upd
+        left -= m
+    return alive.nonzero().flatten()
+
+
+DAMP_GRID = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
+
+
+def choose_damp(w: torch.Tensor, folds: list[torch.Tensor], keep: torch.Tensor, grid=DAMP_GRID) -> float | None:
+    """The ridge of the repair chosen by cross-validation over calibration folds (Grams of disjoint
+    windows): for every λ in `grid`, fit on all folds but one and measure the output error on the
+    one left out; None when plain slicing is better on held-out windows than every λ (the guard:
+    a repair is only kept when it lowers the error on windows it was not fitted to)."""
+    if len(folds) < 2:
+        return grid[len(grid) // 2] if grid else None
+    gain = torch.zeros(len(grid), dtype=torch.float64)  # held-out error minus slicing's, per λ
+    for f in folds:
+        gain += cv_gain(w, sum(folds) - f, f, keep, grid)
+    j = int(torch.argmin(gain))
+    return grid[j] if float(gain[j]) < 0 else None
+
+
+def cv_gain(w: torch.Tensor, train: torch.Tensor, held: torch.Tensor, keep: torch.Tensor, grid) -> torch.Tensor:
+    """For each relative ridge in `grid`: the output error on the `held` Gram of the repair fitted
+    on the `train` Gram, minus plain slicing's error there. One eigendecomposition of the kept
+    training block serves every λ: with T_KK = Q Λ Qᵀ, s = 1/(Λ + λ), C = W_R T_RK Q, the
+    repair's weight change is C diag(s) Qᵀ and the difference is  sᵀ P s - 2 sᵀ u  with
+    P = (Qᵀ F_KK Q) ∘ (CᵀC) and u = diag(Qᵀ F_KR W_Rᵀ C) (F the held-out Gram)."""
+    n = w.shape[1]
+    keep = keep.to(torch.long)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[keep] = False
+    removed = mask.nonzero().flatten()
+    if removed.numel() == 0:
+        return torch.zeros(len(grid), dtype=torch.float64)
+    t, f, w64 = train.double(), held.double(), w.double()
+    t_kk = t[keep][:, keep]
+    evals, q = torch.linalg.eigh(t_kk)
+    c = (w64[:, removed] @ t[removed][:, keep]) @ q  # [out, |K|]
+    p = (q.T @ f[keep][:, keep] @ q) * (c.T @ c)
+    u = ((q.T @ (f[keep][:, removed] @ w64[:, removed].T)) * c.T).sum(1)
+    scale = float(torch.diagonal(t_kk).mean().clamp_min(1e-12))
+    out = torch.empty(len(grid), dtype=torch.float64)
+    for k, damp in enumerate(grid):
+        s = 1.0 / (evals + damp * scale).clamp_min(1e-30)
+        out[k] = s @ p @ s - 2 * (s @ u)
+    return out
