@@ -13,7 +13,11 @@ accelerate (gloo on CPUs, NCCL on GPUs): every rank holds the student and the te
 contiguous block of each step's windows, and DDP averages the gradients (each rank's loss weighted
 by its share of the windows, so any split gives the one-process gradient); the step order, seed and
 schedule are the one-process ones. Rank 0 saves the training state and writes the student; every
-rank resumes from the same state.
+rank resumes from the same state. `--fsdp student|both` shards the student's parameters, gradients
+and AdamW state (and the teacher's parameters) over the ranks with torch FSDP2 instead
+(weightsmith/fsdp.py): the whole state is gathered onto rank 0 for the resume file and the output.
+The saved state is in the format of an unsharded model and optimizer and the data order is by global
+windows, so a run resumes at another world size, sharded or not (agreeing to fp tolerance).
 """
 
 from __future__ import annotations
