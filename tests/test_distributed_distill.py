@@ -6,8 +6,9 @@ this process. Checked:
   fp tolerance (gradients are averaged over the ranks in another order), and each rank holds half of
   the student's parameter elements;
 - an FSDP run interrupted at step 3 (state saved at step 2) and resumed writes the bytes of the
-  uninterrupted FSDP run; `accelerate launch --use_fsdp`'s ACCELERATE_USE_FSDP=true means
-  `--fsdp student` (the same bytes);
+  uninterrupted FSDP run; `accelerate launch --use_fsdp`'s environment (ACCELERATE_USE_FSDP=true,
+  FSDP_CPU_RAM_EFFICIENT_LOADING=true) means `--fsdp student` (the same bytes: the teacher, loaded on
+  every rank, gets its real weights everywhere);
 - the saved state does not depend on the world size or the sharding: a DDP run interrupted at world
   size 2 and resumed in one process, and a one-process run interrupted and resumed under FSDP at
   world size 2, both finish, from the saved step, within the same tolerance of the one-process run.
@@ -56,7 +57,8 @@ def runs(tmp_path_factory, tiny_model, hamlet):
         {"argv": argv("fsdp", "plain", "--fsdp", "student")},
         {"argv": argv("fsdp-r", "plain", "--fsdp", "student"), "interrupt": ["distilling", 3]},
         {"argv": argv("fsdp-r", "plain", "--fsdp", "student")},  # resumes at step 2
-        {"argv": argv("fsdp-env"), "env": {"ACCELERATE_USE_FSDP": "true"}},
+        # what `accelerate launch --use_fsdp` sets (transformers then loads zeros on ranks > 0 unless told not to)
+        {"argv": argv("fsdp-env"), "env": {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}},
         {"argv": argv("tied-both", "tied", "--fsdp", "both")},
         {"argv": argv("two-to-one"), "interrupt": ["distilling", 3]},  # DDP, resumed below in one process
         {"argv": argv("one-to-two", "plain", "--fsdp", "student")},  # resumes the one-process state under FSDP
