@@ -1,13 +1,17 @@
 """Memory of `distill` per rank on SmolLM2-135M: one process, DDP and FSDP (--fsdp student|both) at world size 2.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/distributed_fsdp.py [--tokens 512] [--calib-length 128] [--batch-size 2]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/distributed_fsdp.py [--tokens 768] [--calib-length 128] [--batch-size 2]
 
 Each job runs the CLI once per rank (world size 2 under `python -m torch.distributed.run
 --nproc-per-node 2`, gloo); every rank reports its peak RSS over the whole run (ru_maxrss: includes
 loading, where rank 0 holds the whole model before sharding it) and the largest RSS it had after an
 optimizer step (VmRSS, the training phase), and rank 0's log gives the student parameter elements each
-rank holds (FSDP: its rows; otherwise the whole student). The student is SmolLM2 itself and so is the
-teacher (the KL starts at 0: this measures memory, not healing). The machine has 2 CPU cores shared
+rank holds (FSDP: its rows; otherwise the whole student). Every rank runs with
+MALLOC_MMAP_THRESHOLD_=1 MiB (--malloc-mmap-threshold): with glibc's default, the tensors freed
+after FSDP's all-gathers stay in the heap and RSS climbs step after step (rank 1 of --fsdp both:
+3.8 GB after 2 steps; with the threshold 2.0 GB after 3 steps, flat from step 2: measured with a
+probe of this run), so RSS would not show what is live. The student is SmolLM2 itself and so is
+the teacher (the KL starts at 0: this measures memory, not healing). The machine has 2 CPU cores shared
 with other jobs; wall times are upper bounds and not the point.
 """
 
@@ -66,7 +70,7 @@ def worker(argv: list[str], out_dir: Path) -> int:
     return rc
 
 
-def launch(argv: list[str], size: int, out_dir: Path) -> dict:
+def launch(argv: list[str], size: int, out_dir: Path, mmap_threshold: int = 0) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     me = [str(Path(__file__).resolve()), "--worker", json.dumps(argv), str(out_dir)]
     cmd = [sys.executable, *me] if size == 1 else [
@@ -74,6 +78,8 @@ def launch(argv: list[str], size: int, out_dir: Path) -> dict:
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", *me,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if mmap_threshold:  # glibc: allocations from this size up are mmapped, so freed tensors leave RSS
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     load_before = os.getloadavg()
@@ -96,9 +102,15 @@ def launch(argv: list[str], size: int, out_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", nargs=2, metavar=("ARGV_JSON", "OUT_DIR"), help=argparse.SUPPRESS)
-    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--calib-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=1 << 20,
+        help="MALLOC_MMAP_THRESHOLD_ for every rank (0: glibc's default, under which freed heap stays in RSS)",
+    )
     ap.add_argument("--scratch", default="/tmp/weightsmith-bench-fsdp")
     args = ap.parse_args()
     if args.worker:
@@ -119,10 +131,13 @@ def main() -> None:
     for name, size, extra in jobs:
         out = scratch / f"out-{len(results)}"
         res = launch(
-            ["distill", str(src), str(src), str(out), *opts, *extra, "--force"], size, scratch / f"ranks-{len(results)}"
+            ["distill", str(src), str(src), str(out), *opts, *extra, "--force"],
+            size,
+            scratch / f"ranks-{len(results)}",
+            args.malloc_mmap_threshold,
         )
         held = res["student_elements_per_rank"] or [n] * size
-        res.update(job=name, world_size=size, student_elements=n)
+        res.update(job=name, world_size=size, student_elements=n, malloc_mmap_threshold=args.malloc_mmap_threshold)
         results.append(res)
         rows.append(
             {

@@ -115,7 +115,12 @@ def shard_model(
 
 
 def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers (the units FSDP gathers one at a time): the largest ModuleList of the model."""
+    """The units FSDP gathers one at a time: the modules transformers itself keeps whole
+    (`_no_split_modules`: the decoder layer classes), else the longest ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if found:
+        return found[::-1]  # innermost first: fully_shard goes bottom-up
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
 
