@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "calib": 3,
     "loading": 3,
     "eval": 3,
+    "fsdp": 3,
     # the pass contract, then the passes (which never import each other)
     "passes": 4,
     "importer": 5,

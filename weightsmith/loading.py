@@ -8,6 +8,8 @@ Plain checkpoints load with `AutoModelForCausalLM.from_pretrained`. Checkpoints 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -55,5 +57,24 @@ def load(
                 f"{', '.join(sorted(RUNTIMES)) or 'none'}" + (f" ({why})" if why else "")
             )
         return runtime.load(ck, dtype=dtype, device=device)
-    model = AutoModelForCausalLM.from_pretrained(ck.root, dtype=dtype, use_safetensors=not ck.is_pickle)
+    with _whole_weights():
+        model = AutoModelForCausalLM.from_pretrained(ck.root, dtype=dtype, use_safetensors=not ck.is_pickle)
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def _whole_weights():
+    """Real weights on every rank that loads. `accelerate launch --use_fsdp` sets
+    FSDP_CPU_RAM_EFFICIENT_LOADING=true, and transformers then fills the model with zeros on every
+    rank but local rank 0 (expecting FSDP to broadcast them later): weightsmith loads a model where
+    it is needed (`distill --fsdp` scatters rank 0's itself), so that shortcut is turned off here."""
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    saved = os.environ.get(key)
+    if saved is None:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ[key] = saved
