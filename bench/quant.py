@@ -222,6 +222,9 @@ def main() -> None:
             "bits/weight": m["bits_per_quantized_weight"],
             "linear_bytes": m.get("quantized_linear_bytes"),
             "bits_used": (m.get("mixed_precision") or {}).get("modules_per_bits"),
+            "mixed_precision": {
+                k: v for k, v in (m.get("mixed_precision") or {}).items() if k not in ("errors", "units")
+            },
             "seconds": r["seconds"],
             "peak_rss_mb": r["peak_rss_mb"],
         }

@@ -12,10 +12,12 @@ so that the bytes stay within the budget and the summed error is small:
    error reduction per byte first, ties by unit order then width — taking each that fits in the
    remaining bytes (a unit's later upgrade only after its earlier one).
 
+3. keep the better of that and every uniform width that fits.
+
 Deterministic (no randomness, total order on ties); never over budget; more budget never gives a
-larger total error (an upgrade taken with less budget is either taken again or displaced by one
-with at least its reduction per byte, over at least its bytes). Greedy on hulls is within one
-upgrade's error reduction of the optimum of the multiple-choice knapsack.
+larger total error (an upgrade taken with less budget is either taken again or displaced by ones
+with at least its reduction per byte, over at least its bytes; and more uniform widths fit). Greedy
+on hulls is within one upgrade's error reduction of the optimum of the multiple-choice knapsack.
 
 `budget_bytes` turns `--avg-bits` into bytes: the stored size of the same modules quantized
 uniformly at that width, interpolated linearly between the two nearest supported widths when it is
@@ -90,10 +92,21 @@ def allocate(units: list[Unit], budget: int) -> Allocation:
         if at[i] == j - 1 and cost <= left:
             at[i], chosen[i] = j, to
             left -= cost
-    total = sum(u.options[c][0] for u, c in zip(units, chosen))
+    best = _result(units, chosen, budget)
+    # the greedy can end up to one upgrade short of the optimum; never return worse than a uniform
+    # width that fits (this keeps the monotonicity: a larger budget only adds candidates)
+    for b in sorted({b for u in units for b in u.options}):
+        if all(b in u.options for u in units):
+            uni = _result(units, [b] * len(units), budget)
+            if uni.bytes <= budget and uni.error < best.error:
+                best = uni
+    return best
+
+
+def _result(units: list[Unit], chosen: list[int], budget: int) -> Allocation:
     return Allocation(
         {u.name: c for u, c in zip(units, chosen)},
-        total,
+        sum(u.options[c][0] for u, c in zip(units, chosen)),
         int(budget),
         math.fsum(u.options[c][1] for u, c in zip(units, chosen)),
     )
