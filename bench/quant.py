@@ -66,6 +66,9 @@ VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
     "gptq+mixed": ("gptq", ["--avg-bits", "{bits}"]),
     "gptq+rotate+mixed": ("gptq", ["--rotate", "--avg-bits", "{bits}"]),
     "gptq+rotate+mse+mixed": ("gptq", ["--rotate", "--mse", "--avg-bits", "{bits}"]),
+    "gptq+mixed-layer": ("gptq", ["--avg-bits", "{bits}", "--sensitivity", "layer"]),
+    "gptq+rotate+mixed-layer": ("gptq", ["--rotate", "--avg-bits", "{bits}", "--sensitivity", "layer"]),
+    "gptq+rotate+mse+mixed-layer": ("gptq", ["--rotate", "--mse", "--avg-bits", "{bits}", "--sensitivity", "layer"]),
 }
 DEFAULT_VARIANTS = ("rtn", "gptq", "gptq+mse", "gptq+rotate")
 

@@ -52,7 +52,7 @@ from weightsmith.quant.gptq import (
 )
 from weightsmith.quant.grid import GridSpec, rtn
 from weightsmith.quant.rotate_pass import RotateConfig, RotatedCheckpoint
-from weightsmith.quant.sensitivity import rtn_output_error
+from weightsmith.quant.sensitivity import rtn_output_error, rtn_weight
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name
 from weightsmith.version import __version__
 
@@ -137,6 +137,14 @@ class QuantConfig(CalibConfig):
         },
     )
     rotate_seed: int = field(default=0, metadata={"help": "seed of --rotate's random signs"})
+    sensitivity: Literal["output", "layer"] = field(
+        default="output",
+        metadata={
+            "help": "--avg-bits' measure of a module's damage at a width: output = its own output error "
+            "tr((W-Q)H(W-Q)^T) from the Hessian (no extra forwards); layer = the decoder layer's output error with "
+            "only it rounded (one layer forward per fused unit and width)"
+        },
+    )
     avg_bits: float | None = field(
         default=None,
         metadata={
@@ -321,16 +329,15 @@ def _mixed_precision(cfg, ctx, ck, view, fmt, state: _PlanState, scale_dtype, *,
 
     def units(errors) -> list[Unit]:
         return [
-            Unit(u, {b: (sum(nbytes(p, b) for p in ps), math.fsum(errors(p, b) for p in ps)) for b in widths[u]})
-            for u, ps in members.items()
+            Unit(u, {b: (sum(nbytes(p, b) for p in ps), errors(u, b)) for b in widths[u]}) for u, ps in members.items()
         ]
 
-    alloc = allocate_avg_bits(cfg.avg_bits, units(lambda p, b: 0.0), uniform)  # infeasible: fail before any work
+    alloc = allocate_avg_bits(cfg.avg_bits, units(lambda u, b: 0.0), uniform)  # infeasible: fail before any work
     if not measure:
         return
     state.calib = ctx.calibrate(cfg, default="self", shard=True)
-    errs = _sensitivities(cfg, ctx, view, free, state.calib)
-    alloc = allocate_avg_bits(cfg.avg_bits, units(lambda p, b: errs[p][b]), uniform)
+    errs = _sensitivities(cfg, ctx, view, free, members, state.calib)
+    alloc = allocate_avg_bits(cfg.avg_bits, units(lambda u, b: errs[u][b]), uniform)
     for u, ps in members.items():
         for p in ps:
             d, lin = decisions[p]
@@ -340,28 +347,39 @@ def _mixed_precision(cfg, ctx, ck, view, fmt, state: _PlanState, scale_dtype, *,
         by_bits[alloc.bits[u]] = by_bits.get(alloc.bits[u], 0) + len(ps)
     floor = max((b for b in BIT_CHOICES if b <= cfg.avg_bits), default=None)
     uniform_ok = floor is not None and all(floor in w for w in widths.values())
-    uniform_error = math.fsum(errs[p][floor] for p in free) if uniform_ok else None
+    uniform_error = math.fsum(errs[u][floor] for u in members) if uniform_ok else None
     state.mixed = {
         "avg_bits": cfg.avg_bits,
         "budget_bytes": alloc.budget,
         "bytes": alloc.bytes,
         "uniform_bytes": {str(b): n for b, n in uniform.items()},
         "modules_per_bits": {str(b): by_bits[b] for b in sorted(by_bits)},
-        "sensitivity": "RTN output error tr((W-Q)H(W-Q)^T) on the calibration inputs, full-precision model",
+        "sensitivity": SENSITIVITY_NOTE[cfg.sensitivity],
         "estimated_error": alloc.error,
         f"estimated_error_uniform_{floor}_bits": uniform_error,
-        "units": {u: {"bits": alloc.bits[u], "modules": ps} for u, ps in members.items()},
-        "errors": {p: {str(b): errs[p][b] for b in BIT_CHOICES} for p in free},
+        "units": {
+            u: {"bits": alloc.bits[u], "modules": ps, "errors": {str(b): errs[u][b] for b in BIT_CHOICES}}
+            for u, ps in members.items()
+        },
     }
 
 
-def _sensitivities(cfg, ctx, view, free, calib) -> dict[str, dict[int, float]]:
-    """Per free module and width, its RTN output error under its layer's Hessian; the layers see the
-    full-precision model's hidden states (nothing is quantized during this sweep)."""
+SENSITIVITY_NOTE = {
+    "output": "per unit, the sum of its modules' RTN output errors tr((W-Q)H(W-Q)^T) on the calibration inputs of "
+    "the full-precision model",
+    "layer": "per unit, the squared error of its decoder layer's output on the calibration inputs of the "
+    "full-precision model with only that unit RTN-rounded",
+}
+
+
+def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, float]]:
+    """Per unit and width, its error estimate (--sensitivity); the layers see the full-precision
+    model's hidden states (nothing is quantized during this sweep)."""
     from weightsmith.engine.stats import Gram
 
     engine = ctx.engine(batch_size=cfg.batch_size)
     errs: dict[str, dict[int, float]] = {}
+    unit_of = {p: u for u, ps in members.items() for p in ps}
 
     def process(layer):
         lins = [lin for p, (_, lin) in free.items() if view.layer_of(p) == layer.index]
@@ -372,20 +390,56 @@ def _sensitivities(cfg, ctx, view, free, calib) -> dict[str, dict[int, float]]:
             if key not in grams:
                 grams[key] = Gram(layer.in_features(lin.prefix), dtype=torch.float64)
                 observe[lin.prefix] = grams[key]
-        layer.next_inputs = layer.run(observe=observe)  # one forward: statistics and the next layer's inputs
+        fp_out = layer.run(observe=observe)  # one forward: statistics and the next layer's inputs
+        layer.next_inputs = fp_out
         for g in grams.values():
             g.reduce()
-        for lin in lins:
+
+        def rounded(lin, b):
             q = free[lin.prefix][0].quant
             w = layer.tensor(lin.prefix + ".weight").detach().float()
-            h = grams[_input_key(lin)].sum
-            errs[lin.prefix] = {b: rtn_output_error(w, h, b, q.group_size, q.sym, cfg.mse) for b in BIT_CHOICES}
+            return w, grams[_input_key(lin)].sum, q
+
+        units = list(dict.fromkeys(unit_of[lin.prefix] for lin in lins))
+        if cfg.sensitivity == "output":
+            for u in units:
+                errs[u] = {}
+                for b in BIT_CHOICES:
+                    terms = []
+                    for lin in (x for x in lins if unit_of[x.prefix] == u):
+                        w, h, q = rounded(lin, b)
+                        terms.append(rtn_output_error(w, h, b, q.group_size, q.sym, cfg.mse))
+                    errs[u][b] = math.fsum(terms)
+            return
+        for u in units:  # "layer": the layer's output with only this unit rounded
+            mine = [x for x in lins if unit_of[x.prefix] == u]
+            originals = {x.prefix: layer.tensor(x.prefix + ".weight").detach().clone() for x in mine}
+            errs[u] = {}
+            for b in BIT_CHOICES:
+                for x in mine:
+                    w, h, q = rounded(x, b)
+                    layer.set_weight(x.prefix + ".weight", rtn_weight(w, h, b, q.group_size, q.sym, cfg.mse))
+                out = layer.run()
+                sq = sum(
+                    float((out.data[sl].double() - fp_out.data[sl].double()).square().sum())
+                    for sl in _slices(out.data.shape[0], cfg.batch_size)
+                )
+                errs[u][b] = (
+                    dist.sum_ordered(torch.tensor(sq, dtype=torch.float64)).item() if ctx.world.distributed else sq
+                )
+                out.close()
+                for x in mine:
+                    layer.set_weight(x.prefix + ".weight", originals[x.prefix])
 
     last = max(view.layer_of(p) for p in free)
     with ctx.report.status("measuring sensitivities for --avg-bits"):
         engine.run(calib.ids, process, layers=range(last + 1))
     engine.close()
     return errs
+
+
+def _slices(n: int, step: int):
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 class _Recorder:

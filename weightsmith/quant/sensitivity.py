@@ -5,6 +5,11 @@ H = XᵀX, the Hessian GPTQ collects anyway. Here Q is round-to-nearest on the s
 would use (group size, symmetry; with `mse`, the clipping search weighted by sqrt(diag H) that GPTQ
 uses, on a coarser 20-step grid to keep the sweep cheap). RTN needs no further forward passes;
 GPTQ's own error is lower by a module-dependent factor, which this estimate ignores.
+
+The errors of different linears are in different units (a q_proj's output feeds a softmax, an
+o_proj's is added to the residual stream), so the pass can instead measure each unit's effect where
+they all meet: the decoder layer's output with only that unit rounded (`--sensitivity layer`, one
+layer forward per unit and width).
 """
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ MSE_GRID = 20  # shrink steps of the sensitivity's clipping search (the quantize
 
 def rtn_output_error(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool) -> float:
     """tr((W−Q)H(W−Q)ᵀ) for Q = RTN(W) at `bits` (W [N, K] fp32, H [K, K])."""
+    d = (w.float() - rtn_weight(w, h, bits, group_size, sym, mse)).double()
+    return float(torch.einsum("nk,kl,nl->", d, h.double(), d))
+
+
+def rtn_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool) -> torch.Tensor:
+    """The dequantized RTN weight Q at `bits` on the pass's grid (H only weighs `mse`'s clipping search)."""
     w = w.float()
     n, k = w.shape
     spec = GridSpec(bits, sym, mse)
@@ -30,5 +41,4 @@ def rtn_output_error(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: in
         kw = {"importance": imp[cols], "grid": MSE_GRID} if mse else {}
         s, z = find_params(w[:, cols], spec, **kw)
         q[:, cols] = dequantize(quantize(w[:, cols], s[:, None], z[:, None], spec.maxq), s[:, None], z[:, None])
-    d = (w - q).double()
-    return float(torch.einsum("nk,kl,nl->", d, h.double(), d))
+    return q
