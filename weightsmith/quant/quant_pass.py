@@ -142,7 +142,7 @@ class QuantConfig(CalibConfig):
         metadata={
             "help": "--avg-bits' measure of a module's damage at a width: output = its own output error "
             "tr((W-Q)H(W-Q)^T) from the Hessian (no extra forwards); layer = the decoder layer's output error with "
-            "only it rounded (one layer forward per fused unit and width)"
+            "only it rounded (one layer forward of ~1024 calibration tokens per fused unit and width)"
         },
     )
     avg_bits: float | None = field(
@@ -367,14 +367,15 @@ def _mixed_precision(cfg, ctx, ck, view, fmt, state: _PlanState, scale_dtype, *,
 SENSITIVITY_NOTE = {
     "output": "per unit, the sum of its modules' RTN output errors tr((W-Q)H(W-Q)^T) on the calibration inputs of "
     "the full-precision model",
-    "layer": "per unit, the squared error of its decoder layer's output on the calibration inputs of the "
-    "full-precision model with only that unit RTN-rounded",
+    "layer": "per unit, the squared error of its decoder layer's output with only that unit RTN-rounded, on the "
+    "first calibration windows (LAYER_TOKENS tokens per rank) of the full-precision model",
 }
 
 
 def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, float]]:
     """Per unit and width, its error estimate (--sensitivity); the layers see the full-precision
     model's hidden states (nothing is quantized during this sweep)."""
+    from weightsmith.engine.activations import ActivationStore
     from weightsmith.engine.stats import Gram
 
     engine = ctx.engine(batch_size=cfg.batch_size)
@@ -411,7 +412,11 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
                         terms.append(rtn_output_error(w, h, b, q.group_size, q.sym, cfg.mse))
                     errs[u][b] = math.fsum(terms)
             return
-        for u in units:  # "layer": the layer's output with only this unit rounded
+        # "layer": the layer's output with only this unit rounded, on the first LAYER_TOKENS tokens' windows
+        m = min(-(-LAYER_TOKENS // fp_out.shape[1]), fp_out.shape[0])
+        sub = ActivationStore(m, *layer.inputs.shape[1:], dtype=layer.inputs.dtype)
+        sub.data.copy_(layer.inputs.data[:m])
+        for u in units:
             mine = [x for x in lins if unit_of[x.prefix] == u]
             originals = {x.prefix: layer.tensor(x.prefix + ".weight").detach().clone() for x in mine}
             errs[u] = {}
@@ -419,10 +424,10 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
                 for x in mine:
                     w, h, q = rounded(x, b)
                     layer.set_weight(x.prefix + ".weight", rtn_weight(w, h, b, q.group_size, q.sym, cfg.mse))
-                out = layer.run()
+                out = layer.run(inputs=sub)
                 sq = sum(
                     float((out.data[sl].double() - fp_out.data[sl].double()).square().sum())
-                    for sl in _slices(out.data.shape[0], cfg.batch_size)
+                    for sl in _slices(m, cfg.batch_size)
                 )
                 errs[u][b] = (
                     dist.sum_ordered(torch.tensor(sq, dtype=torch.float64)).item() if ctx.world.distributed else sq
@@ -430,12 +435,18 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
                 out.close()
                 for x in mine:
                     layer.set_weight(x.prefix + ".weight", originals[x.prefix])
+        sub.close()
 
     last = max(view.layer_of(p) for p in free)
     with ctx.report.status("measuring sensitivities for --avg-bits"):
         engine.run(calib.ids, process, layers=range(last + 1))
     engine.close()
     return errs
+
+
+# calibration tokens (whole windows, per rank) the "layer" sensitivity pushes through each layer once
+# per unit and width: its cost is 4 widths x (units per layer) forwards of these windows
+LAYER_TOKENS = 1024
 
 
 def _slices(n: int, step: int):
