@@ -228,6 +228,7 @@ def main() -> None:
             "mixed_precision": {
                 k: v for k, v in (m.get("mixed_precision") or {}).items() if k not in ("errors", "units")
             },
+            "unit_bits": {u: v["bits"] for u, v in ((m.get("mixed_precision") or {}).get("units") or {}).items()},
             "seconds": r["seconds"],
             "peak_rss_mb": r["peak_rss_mb"],
         }

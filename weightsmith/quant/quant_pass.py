@@ -141,8 +141,8 @@ class QuantConfig(CalibConfig):
         default="output",
         metadata={
             "help": "--avg-bits' measure of a module's damage at a width: output = its own output error "
-            "tr((W-Q)H(W-Q)^T) from the Hessian (no extra forwards); layer = the decoder layer's output error with "
-            "only it rounded (one layer forward of ~1024 calibration tokens per fused unit and width)"
+            "tr((W-Q)H(W-Q)^T) from the Hessian (no extra forwards); layer = the decoder layer's relative output error "
+            "with only it rounded (one layer forward of ~1024 calibration tokens per fused unit and width)"
         },
     )
     avg_bits: float | None = field(
@@ -367,8 +367,9 @@ def _mixed_precision(cfg, ctx, ck, view, fmt, state: _PlanState, scale_dtype, *,
 SENSITIVITY_NOTE = {
     "output": "per unit, the sum of its modules' RTN output errors tr((W-Q)H(W-Q)^T) on the calibration inputs of "
     "the full-precision model",
-    "layer": "per unit, the squared error of its decoder layer's output with only that unit RTN-rounded, on the "
-    "first calibration windows (LAYER_TOKENS tokens per rank) of the full-precision model",
+    "layer": "per unit, the squared error of its decoder layer's output with only that unit RTN-rounded, relative to "
+    "that output's energy, on the first calibration windows (LAYER_TOKENS tokens per rank) of the full-precision "
+    "model",
 }
 
 
@@ -413,9 +414,14 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
                     errs[u][b] = math.fsum(terms)
             return
         # "layer": the layer's output with only this unit rounded, on the first LAYER_TOKENS tokens' windows
+        # relative to the layer output's energy: the residual stream's scale differs between layers
+        # (massive activations), and what reads it next divides by its RMS
         m = min(-(-LAYER_TOKENS // fp_out.shape[1]), fp_out.shape[0])
         sub = ActivationStore(m, *layer.inputs.shape[1:], dtype=layer.inputs.dtype)
         sub.data.copy_(layer.inputs.data[:m])
+        energy = sum(float(fp_out.data[sl].double().square().sum()) for sl in _slices(m, cfg.batch_size))
+        if ctx.world.distributed:
+            energy = dist.sum_ordered(torch.tensor(energy, dtype=torch.float64)).item()
         for u in units:
             mine = [x for x in lins if unit_of[x.prefix] == u]
             originals = {x.prefix: layer.tensor(x.prefix + ".weight").detach().clone() for x in mine}
@@ -429,9 +435,9 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
                     float((out.data[sl].double() - fp_out.data[sl].double()).square().sum())
                     for sl in _slices(m, cfg.batch_size)
                 )
-                errs[u][b] = (
-                    dist.sum_ordered(torch.tensor(sq, dtype=torch.float64)).item() if ctx.world.distributed else sq
-                )
+                if ctx.world.distributed:
+                    sq = dist.sum_ordered(torch.tensor(sq, dtype=torch.float64)).item()
+                errs[u][b] = sq / max(energy, 1e-30)
                 out.close()
                 for x in mine:
                     layer.set_weight(x.prefix + ".weight", originals[x.prefix])
