@@ -246,7 +246,8 @@ def test_mixed_precision_output_reads_back_independently(tiny_model, cli, tmp_pa
     import weightsmith
 
     src = tiny_model("llama")
-    args = ["--avg-bits", "3", "--group-size", "32", "--calib", hamlet, "--calib-samples", "8", "--calib-length", "64"]
+    args = ["--avg-bits", "3", "--sensitivity", "layer", "--group-size", "32", "--calib", hamlet]
+    args += ["--calib-samples", "8", "--calib-length", "64"]
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     for fmt in ("compressed-tensors", "gptq"):
         out = tmp_path / fmt

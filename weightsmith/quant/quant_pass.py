@@ -140,9 +140,9 @@ class QuantConfig(CalibConfig):
     sensitivity: Literal["output", "layer"] = field(
         default="output",
         metadata={
-            "help": "--avg-bits' measure of a module's damage at a width: output = its own output error "
-            "tr((W-Q)H(W-Q)^T) from the Hessian (no extra forwards); layer = the decoder layer's relative output error "
-            "with only it rounded (one layer forward of ~1024 calibration tokens per fused unit and width)"
+            "help": "--avg-bits' measure of a module's damage at a width: output = its own relative output error "
+            "tr((W-Q)H(W-Q)^T)/tr(WHW^T) from the Hessian (no extra forwards); layer = the decoder layer's relative "
+            "output error with only it rounded (one layer forward of ~1024 calibration tokens per fused unit and width)"
         },
     )
     avg_bits: float | None = field(
@@ -365,8 +365,8 @@ def _mixed_precision(cfg, ctx, ck, view, fmt, state: _PlanState, scale_dtype, *,
 
 
 SENSITIVITY_NOTE = {
-    "output": "per unit, the sum of its modules' RTN output errors tr((W-Q)H(W-Q)^T) on the calibration inputs of "
-    "the full-precision model",
+    "output": "per unit, the sum of its modules' relative RTN output errors tr((W-Q)H(W-Q)^T) / tr(WHW^T) on the "
+    "calibration inputs of the full-precision model",
     "layer": "per unit, the squared error of its decoder layer's output with only that unit RTN-rounded, relative to "
     "that output's energy, on the first calibration windows (LAYER_TOKENS tokens per rank) of the full-precision "
     "model",
@@ -410,7 +410,7 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
                     terms = []
                     for lin in (x for x in lins if unit_of[x.prefix] == u):
                         w, h, q = rounded(lin, b)
-                        terms.append(rtn_output_error(w, h, b, q.group_size, q.sym, cfg.mse))
+                        terms.append(rtn_output_error(w, h, b, q.group_size, q.sym, cfg.mse, relative=True))
                     errs[u][b] = math.fsum(terms)
             return
         # "layer": the layer's output with only this unit rounded, on the first LAYER_TOKENS tokens' windows

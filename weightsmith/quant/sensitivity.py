@@ -1,7 +1,9 @@
 """How much a linear's output suffers at each bit width (pure maths: W, H in; errors out).
 
 The error of quantizing W to Q on the calibration inputs X is ‖X(W−Q)ᵀ‖² = tr((W−Q)·H·(W−Q)ᵀ) with
-H = XᵀX, the Hessian GPTQ collects anyway. Here Q is round-to-nearest on the same grid the pass
+H = XᵀX, the Hessian GPTQ collects anyway; the pass uses it relative to the output's energy
+‖XWᵀ‖² = tr(W·H·Wᵀ) (absolute errors follow the activations' scale, which differs by orders of
+magnitude between modules). Here Q is round-to-nearest on the same grid the pass
 would use (group size, symmetry; with `mse`, the clipping search weighted by sqrt(diag H) that GPTQ
 uses, on a coarser 20-step grid to keep the sweep cheap). RTN needs no further forward passes;
 GPTQ's own error is lower by a module-dependent factor, which this estimate ignores.
@@ -21,10 +23,18 @@ from weightsmith.quant.grid import GridSpec, dequantize, find_params, group_inde
 MSE_GRID = 20  # shrink steps of the sensitivity's clipping search (the quantizer itself uses 100)
 
 
-def rtn_output_error(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool) -> float:
-    """tr((W−Q)H(W−Q)ᵀ) for Q = RTN(W) at `bits` (W [N, K] fp32, H [K, K])."""
-    d = (w.float() - rtn_weight(w, h, bits, group_size, sym, mse)).double()
-    return float(torch.einsum("nk,kl,nl->", d, h.double(), d))
+def rtn_output_error(
+    w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool, *, relative: bool = False
+) -> float:
+    """tr((W−Q)H(W−Q)ᵀ) for Q = RTN(W) at `bits` (W [N, K] fp32, H [K, K]); with `relative`, divided
+    by the output's energy tr(WHWᵀ)."""
+    w = w.float()
+    d = w - rtn_weight(w, h, bits, group_size, sym, mse)
+    hf = h.float()
+    err = float(((d @ hf) * d).double().sum())
+    if not relative:
+        return err
+    return err / max(float(((w @ hf) * w).double().sum()), 1e-30)
 
 
 def rtn_weight(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool) -> torch.Tensor:
