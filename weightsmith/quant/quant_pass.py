@@ -368,8 +368,8 @@ SENSITIVITY_NOTE = {
     "output": "per unit, the sum of its modules' relative RTN output errors tr((W-Q)H(W-Q)^T) / tr(WHW^T) on the "
     "calibration inputs of the full-precision model",
     "layer": "per unit, the squared error of its decoder layer's output with only that unit RTN-rounded, relative to "
-    "that output's energy, on the first calibration windows (LAYER_TOKENS tokens per rank) of the full-precision "
-    "model",
+    "the output's energy token by token and summed over tokens, on the first calibration windows (LAYER_TOKENS "
+    "tokens per rank) of the full-precision model",
 }
 
 
@@ -414,14 +414,12 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
                     errs[u][b] = math.fsum(terms)
             return
         # "layer": the layer's output with only this unit rounded, on the first LAYER_TOKENS tokens' windows
-        # relative to the layer output's energy: the residual stream's scale differs between layers
-        # (massive activations), and what reads it next divides by its RMS
+        # per token, relative to that token's output energy: what reads the residual stream next is an
+        # RMSNorm, which divides each token by its own RMS (a few tokens carry massive activations)
         m = min(-(-LAYER_TOKENS // fp_out.shape[1]), fp_out.shape[0])
         sub = ActivationStore(m, *layer.inputs.shape[1:], dtype=layer.inputs.dtype)
         sub.data.copy_(layer.inputs.data[:m])
-        energy = sum(float(fp_out.data[sl].double().square().sum()) for sl in _slices(m, cfg.batch_size))
-        if ctx.world.distributed:
-            energy = dist.sum_ordered(torch.tensor(energy, dtype=torch.float64)).item()
+        energy = [fp_out.data[sl].double().square().sum(-1).clamp_min(1e-30) for sl in _slices(m, cfg.batch_size)]
         for u in units:
             mine = [x for x in lins if unit_of[x.prefix] == u]
             originals = {x.prefix: layer.tensor(x.prefix + ".weight").detach().clone() for x in mine}
@@ -431,13 +429,13 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
                     w, h, q = rounded(x, b)
                     layer.set_weight(x.prefix + ".weight", rtn_weight(w, h, b, q.group_size, q.sym, cfg.mse))
                 out = layer.run(inputs=sub)
-                sq = sum(
-                    float((out.data[sl].double() - fp_out.data[sl].double()).square().sum())
-                    for sl in _slices(m, cfg.batch_size)
+                sq = math.fsum(
+                    float(((out.data[sl].double() - fp_out.data[sl].double()).square().sum(-1) / e).sum())
+                    for sl, e in zip(_slices(m, cfg.batch_size), energy)
                 )
                 if ctx.world.distributed:
                     sq = dist.sum_ordered(torch.tensor(sq, dtype=torch.float64)).item()
-                errs[u][b] = sq / max(energy, 1e-30)
+                errs[u][b] = sq
                 out.close()
                 for x in mine:
                     layer.set_weight(x.prefix + ".weight", originals[x.prefix])
