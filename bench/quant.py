@@ -66,6 +66,7 @@ VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
     "gptq+mixed": ("gptq", ["--avg-bits", "{bits}"]),
     "gptq+rotate+mixed": ("gptq", ["--rotate", "--avg-bits", "{bits}"]),
     "gptq+rotate+mse+mixed": ("gptq", ["--rotate", "--mse", "--avg-bits", "{bits}"]),
+    "rtn+mixed-layer": ("rtn", ["--avg-bits", "{bits}", "--sensitivity", "layer"]),
     "gptq+mixed-layer": ("gptq", ["--avg-bits", "{bits}", "--sensitivity", "layer"]),
     "gptq+rotate+mixed-layer": ("gptq", ["--rotate", "--avg-bits", "{bits}", "--sensitivity", "layer"]),
     "gptq+rotate+mse+mixed-layer": ("gptq", ["--rotate", "--mse", "--avg-bits", "{bits}", "--sensitivity", "layer"]),
