@@ -62,10 +62,10 @@ VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
     "gptq+rotate+fp-target": ("gptq", ["--rotate", "--fp-target"]),
     "gptq+rotate+mse+fp-target": ("gptq", ["--rotate", "--mse", "--fp-target"]),
     # mixed precision: per-module bits under the byte budget of a uniform model at the setting's width
-    "rtn+mixed": ("rtn", ["--avg-bits", "{bits}"]),
-    "gptq+mixed": ("gptq", ["--avg-bits", "{bits}"]),
-    "gptq+rotate+mixed": ("gptq", ["--rotate", "--avg-bits", "{bits}"]),
-    "gptq+rotate+mse+mixed": ("gptq", ["--rotate", "--mse", "--avg-bits", "{bits}"]),
+    # (bench/results/quant_mixed.json, from 85a69fe when `output` was the default, labels these "...+mixed")
+    "rtn+mixed-output": ("rtn", ["--avg-bits", "{bits}", "--sensitivity", "output"]),
+    "gptq+mixed-output": ("gptq", ["--avg-bits", "{bits}", "--sensitivity", "output"]),
+    "gptq+rotate+mixed-output": ("gptq", ["--rotate", "--avg-bits", "{bits}", "--sensitivity", "output"]),
     "rtn+mixed-layer": ("rtn", ["--avg-bits", "{bits}", "--sensitivity", "layer"]),
     "gptq+mixed-layer": ("gptq", ["--avg-bits", "{bits}", "--sensitivity", "layer"]),
     "gptq+rotate+mixed-layer": ("gptq", ["--rotate", "--avg-bits", "{bits}", "--sensitivity", "layer"]),

@@ -138,7 +138,7 @@ class QuantConfig(CalibConfig):
     )
     rotate_seed: int = field(default=0, metadata={"help": "seed of --rotate's random signs"})
     sensitivity: Literal["output", "layer"] = field(
-        default="output",
+        default="layer",
         metadata={
             "help": "--avg-bits' measure of a module's damage at a width: output = its own relative output error "
             "tr((W-Q)H(W-Q)^T)/tr(WHW^T) from the Hessian (no extra forwards); layer = the decoder layer's relative "
