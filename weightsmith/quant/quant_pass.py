@@ -397,7 +397,7 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
         for g in grams.values():
             g.reduce()
 
-        def rounded(lin, b):
+        def parts(lin):  # the module's weight, Hessian and grid
             q = free[lin.prefix][0].quant
             w = layer.tensor(lin.prefix + ".weight").detach().float()
             return w, grams[_input_key(lin)].sum, q
@@ -409,7 +409,7 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
                 for b in BIT_CHOICES:
                     terms = []
                     for lin in (x for x in lins if unit_of[x.prefix] == u):
-                        w, h, q = rounded(lin, b)
+                        w, h, q = parts(lin)
                         terms.append(rtn_output_error(w, h, b, q.group_size, q.sym, cfg.mse, relative=True))
                     errs[u][b] = math.fsum(terms)
             return
@@ -426,7 +426,7 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
             errs[u] = {}
             for b in BIT_CHOICES:
                 for x in mine:
-                    w, h, q = rounded(x, b)
+                    w, h, q = parts(x)
                     layer.set_weight(x.prefix + ".weight", rtn_weight(w, h, b, q.group_size, q.sym, cfg.mse))
                 out = layer.run(inputs=sub)
                 sq = math.fsum(
