@@ -280,7 +280,7 @@ def test_avg_bits_mixed_precision(tiny_model, cli, tmp_path, hamlet):
     recorded in the manifest, honoured by GPTQ and by the loader; fused q/k/v and gate/up agree. Quality:
     not broken against uniform 3 bits at the same bytes (measured at commit time, mean KL from the
     source: 7.9e-5 mixed with --sensitivity layer vs 8.1e-5 uniform; a wrongly packed width is orders
-    of magnitude worse). On SmolLM2 mixed precision did NOT beat uniform (docs/quantization.md)."""
+    of magnitude worse). On SmolLM2 it beat uniform with RTN but not with GPTQ (docs/quantization.md)."""
     src = tiny_model("llama")
     common = ["--group-size", "32", "--format", "gptq", "--calib", hamlet, "--calib-samples", "16"]
     common += ["--calib-length", "64"]
