@@ -325,3 +325,27 @@ def test_avg_bits_infeasible_and_dry_run(tiny_model, cli, tmp_path, hamlet):
     assert cli("quant", src, tmp_path / "x", "--avg-bits", lowest, *common).code == 0
     mp = json.loads((tmp_path / "x" / "manifest.json").read_text())["metrics"]["mixed_precision"]
     assert mp["bytes"] <= mp["budget_bytes"] and mp["modules_per_bits"]["2"] == 8  # q/k/v/o at 2 bits, MLP at 4
+
+
+@pytest.mark.slow
+def test_smollm2_rtn_avg_bits_beats_uniform(smollm2, cli, tmp_path, hamlet):
+    """RTN at 3 bits on SmolLM2's first 4 layers (the others stay fp32): --avg-bits 3 spends the same
+    bytes as uniform 3 bits and loses less perplexity (measured at commit time: 49.87 vs 52.34 on 4 Hamlet
+    windows; the bench's full-model result: 4.07x vs 5.72x source perplexity)."""
+    first4 = ["--override", r"model\.layers\.([4-9]|[12][0-9])\.:skip"]
+    common = ["--method", "rtn", "--group-size", "64", *first4]
+    from weightsmith.assets import political_speeches
+
+    calib = ["--calib", political_speeches(), "--calib-field", "speeches", "--calib-samples", "8"]
+    calib += ["--calib-length", "128"]
+    mix, uni = tmp_path / "mix", tmp_path / "uni"
+    assert cli("quant", smollm2, mix, "--avg-bits", "3", *common, *calib).code == 0
+    assert cli("quant", smollm2, uni, "--bits", "3", *common).code == 0
+    m = json.loads((mix / "manifest.json").read_text())["metrics"]
+    u = json.loads((uni / "manifest.json").read_text())["metrics"]
+    assert m["quantized_linear_bytes"] <= u["quantized_linear_bytes"] == m["mixed_precision"]["budget_bytes"]
+    ppl = {}
+    for name, path in (("mix", mix), ("uni", uni)):
+        res = cli("eval", path, "--text", hamlet, "--windows", "4", "--json")
+        ppl[name] = json.loads(res.out)["perplexity"]
+    assert ppl["mix"] < 0.98 * ppl["uni"], ppl
