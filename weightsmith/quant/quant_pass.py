@@ -286,10 +286,10 @@ def _most_common(per_module: dict[str, LinearQuant | None]) -> LinearQuant:
 
 def _mixed_precision(cfg, ctx, ck, view, fmt, state: _PlanState, scale_dtype, *, measure: bool) -> None:
     """--avg-bits: one statistics-only sweep of the full-precision model (per-layer Hessians H, one
-    forward per layer), each free module's RTN output error tr((W−Q)H(W−Q)ᵀ) at every width in
-    BIT_CHOICES, then one global allocation under the byte budget (quant/allocate.py). Modules an
-    --override names keep the user's choice and stay out of the budget; modules that servers fuse
-    (FUSED_ROLES) share one width. Rewrites the decisions in place."""
+    forward per layer) gives each unit's sensitivity (--sensitivity) at every width in BIT_CHOICES,
+    then one global allocation under the byte budget (quant/allocate.py). Modules an --override
+    names keep the user's choice and stay out of the budget; modules that servers fuse
+    (FUSED_ROLES / FUSED_GROUPS) form one unit with one width. Rewrites the decisions in place."""
     decisions = state.decisions
     overrides = [Override.parse(o) for o in cfg.override]
     free = {
