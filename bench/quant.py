@@ -47,6 +47,7 @@ SETTINGS = {  # label: (bits, group_size)
     "W4pc": (4, -1),
     "W3g64": (3, 64),
     "W2g32": (2, 32),
+    "W2.5g32": (2.5, 32),  # mixed-precision variants only (--avg-bits 2.5)
 }
 DEFAULT_SETTINGS = ("W4g128", "W4pc", "W3g64", "W2g32")
 VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
@@ -60,6 +61,15 @@ VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
     "gptq+fp-target": ("gptq", ["--fp-target"]),
     "gptq+rotate+fp-target": ("gptq", ["--rotate", "--fp-target"]),
     "gptq+rotate+mse+fp-target": ("gptq", ["--rotate", "--mse", "--fp-target"]),
+    # mixed precision: per-module bits under the byte budget of a uniform model at the setting's width
+    # (bench/results/quant_mixed.json, from 85a69fe when `output` was the default, labels these "...+mixed")
+    "rtn+mixed-output": ("rtn", ["--avg-bits", "{bits}", "--sensitivity", "output"]),
+    "gptq+mixed-output": ("gptq", ["--avg-bits", "{bits}", "--sensitivity", "output"]),
+    "gptq+rotate+mixed-output": ("gptq", ["--rotate", "--avg-bits", "{bits}", "--sensitivity", "output"]),
+    "rtn+mixed-layer": ("rtn", ["--avg-bits", "{bits}", "--sensitivity", "layer"]),
+    "gptq+mixed-layer": ("gptq", ["--avg-bits", "{bits}", "--sensitivity", "layer"]),
+    "gptq+rotate+mixed-layer": ("gptq", ["--rotate", "--avg-bits", "{bits}", "--sensitivity", "layer"]),
+    "gptq+rotate+mse+mixed-layer": ("gptq", ["--rotate", "--mse", "--avg-bits", "{bits}", "--sensitivity", "layer"]),
 }
 DEFAULT_VARIANTS = ("rtn", "gptq", "gptq+mse", "gptq+rotate")
 
@@ -106,10 +116,14 @@ def perplexity(path: Path, text: Path, windows: int) -> float:
     return float(json.loads(r.stdout)["perplexity"])
 
 
-def quantize(src: Path, dst: Path, method: str, bits: int, group: int, calib: list[str], extra: list[str]) -> dict:
+def quantize(src: Path, dst: Path, method: str, bits: float, group: int, calib: list[str], extra: list[str]) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
-    args = ["quant", src, dst, "--method", method, "--bits", bits, "--group-size", group, *extra]
-    if method == "gptq":
+    mixed = "--avg-bits" in extra
+    if bits != int(bits) and not mixed:
+        raise SystemExit(f"{bits} bits: a fractional width needs a mixed-precision (--avg-bits) variant")
+    extra = [str(bits) if a == "{bits}" else a for a in extra]
+    args = ["quant", src, dst, "--method", method, "--bits", int(bits), "--group-size", group, *extra]
+    if method == "gptq" or mixed:  # --avg-bits measures sensitivities on the calibration windows
         args += calib
     r = run_child(ws(*args))
     if r["rc"] != 0:
@@ -143,6 +157,7 @@ def export_calibration(src: Path, calib_args: dict, dst: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scratch", default="/tmp/weightsmith-bench/quant")
+    ap.add_argument("--results", default="quant", help="bench/results/NAME.json to write")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-length", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32, help="hamlet windows of 512 tokens (the whole text is 103)")
@@ -205,10 +220,16 @@ def main() -> None:
         row = {
             "setting": label,
             "method": variant,
-            "calib": f"{args.calib_samples}x{args.calib_length}" if method == "gptq" else "—",
+            "calib": f"{args.calib_samples}x{args.calib_length}" if method == "gptq" or "mixed" in variant else "—",
             "ppl": ppl,
             "ppl/fp": ppl / fp,
             "bits/weight": m["bits_per_quantized_weight"],
+            "linear_bytes": m.get("quantized_linear_bytes"),
+            "bits_used": (m.get("mixed_precision") or {}).get("modules_per_bits"),
+            "mixed_precision": {
+                k: v for k, v in (m.get("mixed_precision") or {}).items() if k not in ("errors", "units")
+            },
+            "unit_bits": {u: v["bits"] for u, v in ((m.get("mixed_precision") or {}).get("units") or {}).items()},
             "seconds": r["seconds"],
             "peak_rss_mb": r["peak_rss_mb"],
         }
@@ -246,9 +267,9 @@ def main() -> None:
             payload["anchor"] = [r for r in done if "tool" in r]
             payload["complete"] = len(done) == len(jobs)
             payload["load_average_now"] = os.getloadavg()[0]  # the shared machine's load: seconds depend on it
-            save("quant", payload)
+            save(args.results, payload)
     rows = payload["smollm2"]
-    cols = ["setting", "method", "calib", "ppl", "ppl/fp", "bits/weight", "seconds", "peak_rss_mb"]
+    cols = ["setting", "method", "calib", "ppl", "ppl/fp", "bits/weight", "linear_bytes", "seconds", "peak_rss_mb"]
     sym = "asymmetric" if args.asym else "symmetric"
     print_table(
         rows,
@@ -265,7 +286,7 @@ def main() -> None:
         )
     if args.big:
         payload["big"] = big_rows(args, scratch)
-    save("quant", payload)
+    save(args.results, payload)
 
 
 def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: list[str]) -> dict:

@@ -220,3 +220,80 @@ def test_gptq_rotate_mse_output_reads_back_independently(tiny_model, cli, tmp_pa
                 theirs[n] = t[n + ".scales"].float()[g].T * (q - z[g].T).float()
         for n, m in mods.items():
             assert torch.allclose(theirs[n], m.dequantized_weight(torch.float32, "cpu"), atol=1e-6), (fmt, n)
+
+
+def vllm_gptq_module_bits(qconfig: dict, name: str) -> int | None:
+    """A GPTQ module's width as vLLM documents `dynamic`: rules in order, re.match on the module name,
+    "-:" = not quantized, "+:" (or no sign) = override; no match = the top-level bits."""
+    import re
+
+    for key, over in (qconfig.get("dynamic") or {}).items():
+        if key.startswith("-:"):
+            if re.match(key[2:], name):
+                return None
+        elif re.match(key.removeprefix("+:"), name):
+            return over.get("bits", qconfig["bits"])
+    return qconfig["bits"]
+
+
+def test_mixed_precision_output_reads_back_independently(tiny_model, cli, tmp_path, hamlet):
+    """--avg-bits output with several widths, in both formats: compressed-tensors' own decompressor and
+    the by-the-book GPTQ v1 unpacker (each module at the width vLLM's `dynamic` rules give it, fused
+    qkv_proj / gate_up_proj included) reproduce weightsmith.load's weights and logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    import weightsmith
+
+    src = tiny_model("llama")
+    args = ["--avg-bits", "3", "--sensitivity", "layer", "--group-size", "32", "--calib", hamlet]
+    args += ["--calib-samples", "8", "--calib-length", "64"]
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for fmt in ("compressed-tensors", "gptq"):
+        out = tmp_path / fmt
+        assert cli("quant", src, out, "--format", fmt, *args).code == 0
+        chosen = {
+            p: v["bits"]
+            for p, v in json.loads((out / "manifest.json").read_text())["metrics"]["modules"].items()
+            if "bits" in v
+        }
+        assert len(chosen) == 14 and len(set(chosen.values())) >= 2, chosen
+        ours = weightsmith.load(out)
+        mods = {n: m for n, m in ours.named_modules() if hasattr(m, "dequantized_weight")}
+        assert {n: m.bits for n, m in mods.items()} == chosen
+        if fmt == "compressed-tensors":
+            ref = AutoModelForCausalLM.from_pretrained(
+                out, quantization_config=CompressedTensorsConfig(run_compressed=False)
+            ).eval()
+            theirs = {n: m.weight.float() for n, m in ref.named_modules() if n in mods}
+        else:
+            qc = json.loads((out / "config.json").read_text())["quantization_config"]
+            for i in range(2):  # vLLM's fused modules resolve to their shards' common width
+                assert (
+                    vllm_gptq_module_bits(qc, f"model.layers.{i}.self_attn.qkv_proj")
+                    == chosen[f"model.layers.{i}.self_attn.q_proj"]
+                )
+                assert (
+                    vllm_gptq_module_bits(qc, f"model.layers.{i}.mlp.gate_up_proj")
+                    == chosen[f"model.layers.{i}.mlp.gate_proj"]
+                )
+            assert qc["bits"] not in (4, 8) or set(chosen.values()) <= {4, 8}  # vLLM must not pick Marlin
+            t = load_file(out / "model.safetensors")
+            theirs = {}
+            for n, m in mods.items():
+                b = vllm_gptq_module_bits(qc, n)
+                assert b == chosen[n], n
+                k = m.dequantized_weight(torch.float32, "cpu").shape[1]
+                q = published_unpack_rows(t[n + ".qweight"], b, k).T
+                n_out = t[n + ".scales"].shape[1]
+                z = published_unpack_rows(t[n + ".qzeros"].T, b, n_out).T + 1
+                g = t[n + ".g_idx"].long()
+                theirs[n] = t[n + ".scales"].float()[g].T * (q - z[g].T).float()
+            ref = AutoModelForCausalLM.from_pretrained(src).eval()  # the source model with their weights
+            with torch.no_grad():
+                for n, w in theirs.items():
+                    dict(ref.named_modules())[n].weight.copy_(w)
+        for n, m in mods.items():
+            assert torch.allclose(theirs[n], m.dequantized_weight(torch.float32, "cpu"), atol=1e-6), (fmt, n)
+        with torch.no_grad():
+            assert torch.allclose(ref(ids).logits, ours(ids).logits, atol=1e-4), fmt

@@ -36,6 +36,7 @@ class PassContext:
     calibration: dict[str, Any] | None = None
     copy_aux: bool = True  # copy tokenizer & co. from the first source at the end
     notes: list[str] = field(default_factory=list)
+    dry_run: bool = False  # --dry-run: plan() only; a pass may skip measurements that only run() needs
 
     @property
     def source(self) -> Checkpoint:
@@ -354,7 +355,7 @@ def _run(
         params["max_shard_size"] = max_shard_size
     if evaluate is not None and evaluate.text is not None:
         params["eval"] = evaluate.as_params()
-    ctx = PassContext(sources=cks, writer=None, report=report, device=device)
+    ctx = PassContext(sources=cks, writer=None, report=report, device=device, dry_run=dry_run)
     if dry_run:
         plan = spec.plan(config, ctx)
         return RunResult("dry-run", Path(dst) if dst else None, plan=plan, notes=ctx.notes)

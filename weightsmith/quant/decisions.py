@@ -13,6 +13,11 @@ SKIPPED_GROUPS = ("router",)  # routers and gates stay in full precision (server
 BIT_CHOICES = (2, 3, 4, 8)
 GROUP_CHOICES = (32, 64, 128)
 GROUP_SIZES = (*GROUP_CHOICES, -1)  # -1: one group per output channel
+# linears that servers run as one matmul, so they must share one bit width under --avg-bits:
+# vLLM's qkv_proj, fused_qkv_a_proj (MLA) and gate_up_proj (role -> fused unit), and one FusedMoE
+# per layer for all routed experts (group -> unit)
+FUSED_ROLES = {"q": "qkv", "k": "qkv", "v": "qkv", "q_a": "qkv_a", "kv_a": "qkv_a", "gate": "gate_up", "up": "gate_up"}
+FUSED_GROUPS = {"routed_experts": "experts"}
 
 
 @dataclass(frozen=True)
@@ -102,3 +107,12 @@ def decide(
                 f"// {g})"
             )
     return Decision(quant, note)
+
+
+def fused_unit(lin, layer: int | None) -> str:
+    """The name of the set of linears `lin` must share a bit width with (itself alone if none)."""
+    if lin.group in FUSED_GROUPS:
+        return f"layer {layer} {FUSED_GROUPS[lin.group]}"
+    if lin.role in FUSED_ROLES:
+        return f"{lin.prefix.rsplit('.', 1)[0]}.<{FUSED_ROLES[lin.role]}>"
+    return lin.prefix

@@ -17,6 +17,7 @@ continues with the same layer. RTN modules and the tensors copied through are sp
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,12 +32,14 @@ from weightsmith.calib import CalibConfig
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError, WeightsmithError
 from weightsmith.passes import PassSpec, Plan, register
+from weightsmith.quant.allocate import Unit, allocate_avg_bits
 from weightsmith.quant.decisions import (
     BIT_CHOICES,
     GROUP_SIZES,
     Decision,
     Override,
     decide,
+    fused_unit,
 )
 from weightsmith.quant.formats import FORMATS, LinearQuant, QuantizedWeight
 from weightsmith.quant.gptq import (
@@ -49,6 +52,7 @@ from weightsmith.quant.gptq import (
 )
 from weightsmith.quant.grid import GridSpec, rtn
 from weightsmith.quant.rotate_pass import RotateConfig, RotatedCheckpoint
+from weightsmith.quant.sensitivity import rtn_output_error, rtn_weight
 from weightsmith.util import FLOAT_DTYPES, FP8_DTYPES, dtype_from_name
 from weightsmith.version import __version__
 
@@ -133,6 +137,22 @@ class QuantConfig(CalibConfig):
         },
     )
     rotate_seed: int = field(default=0, metadata={"help": "seed of --rotate's random signs"})
+    sensitivity: Literal["output", "layer"] = field(
+        default="layer",
+        metadata={
+            "help": "--avg-bits' measure of a module's damage at a width: output = its own relative output error "
+            "tr((W-Q)H(W-Q)^T)/tr(WHW^T) from the Hessian (no extra forwards); layer = the decoder layer's relative "
+            "output error with only it rounded (one layer forward of ~1024 calibration tokens per fused unit and width)"
+        },
+    )
+    avg_bits: float | None = field(
+        default=None,
+        metadata={
+            "help": "mixed precision: choose each module's bits (2/3/4/8) by measured sensitivity so the quantized "
+            "linears take no more bytes than at a uniform --avg-bits (docs/quantization.md); replaces --bits for "
+            "the modules no --override names"
+        },
+    )
 
     def __post_init__(self):
         for o in self.override:
@@ -193,9 +213,13 @@ def plan(cfg: QuantConfig, ctx) -> Plan:
         )
     fmt = FORMATS[cfg.format]
     decisions = _decisions(cfg, ck, view, fmt)
+    state = _PlanState(decisions)
+    scale_dtype = torch.float16 if cfg.format == "gptq" else _out_dtype(cfg, ck.info(view.family.embed).dtype)
+    dry_mixed = cfg.avg_bits is not None and ctx.dry_run
+    if cfg.avg_bits is not None:
+        _mixed_precision(cfg, ctx, ck, view, fmt, state, scale_dtype, measure=not dry_mixed)
     quantized = {p: d for p, (d, _) in decisions.items() if d.quant is not None}
     tensors, handled = [], set()
-    scale_dtype = torch.float16 if cfg.format == "gptq" else _out_dtype(cfg, ck.info(view.family.embed).dtype)
     for prefix, d in quantized.items():
         n, k = ck.info(prefix + ".weight").shape
         tensors += fmt.specs(prefix, n, k, d.quant, scale_dtype)
@@ -221,7 +245,10 @@ def plan(cfg: QuantConfig, ctx) -> Plan:
         "true_sequential": cfg.true_sequential,
         "mse": cfg.mse,
     }
-    out_cfg.quantization_config = fmt.config(cfg.default_quant, per_module, {"version": __version__, "meta": meta})
+    default = cfg.default_quant if state.mixed is None else _most_common(per_module)
+    if state.mixed is not None:
+        meta["avg_bits"] = cfg.avg_bits
+    out_cfg.quantization_config = fmt.config(default, per_module, {"version": __version__, "meta": meta})
     notes = {p: d.note for p, (d, _) in decisions.items() if d.note and d.quant is not None}
     summary = {
         "method": cfg.method,
@@ -230,7 +257,204 @@ def plan(cfg: QuantConfig, ctx) -> Plan:
         "full_precision_modules": len(decisions) - len(quantized),
         "group_adjustments": len(notes),
     }
-    return Plan(tensors=tensors, config=out_cfg, summary=summary, state=decisions)  # state: {module: (Decision, spec)}
+    if state.mixed is not None:
+        summary.update({k: state.mixed[k] for k in ("avg_bits", "budget_bytes", "bytes", "modules_per_bits")})
+    if dry_mixed:
+        summary["avg_bits"] = cfg.avg_bits
+        summary["mixed_precision"] = "per-module bits are chosen from calibration statistics when the pass runs"
+    return Plan(tensors=None if dry_mixed else tensors, config=out_cfg, summary=summary, state=state)
+
+
+@dataclass
+class _PlanState:
+    """What plan() decided and run() uses: {module: (Decision, Linear)}, and with --avg-bits the
+    calibration windows the sensitivity sweep read (GPTQ reuses them) and the allocation record."""
+
+    decisions: dict[str, tuple[Decision, object]]
+    calib: object | None = None
+    mixed: dict | None = None
+
+
+def _most_common(per_module: dict[str, LinearQuant | None]) -> LinearQuant:
+    """The quantization most modules share (ties: fewer bits): the config's default for mixed outputs."""
+    counts: dict[LinearQuant, int] = {}
+    for q in per_module.values():
+        if q is not None:
+            counts[q] = counts.get(q, 0) + 1
+    return min(counts, key=lambda q: (-counts[q], q.bits, q.group_size, not q.sym))
+
+
+def _mixed_precision(cfg, ctx, ck, view, fmt, state: _PlanState, scale_dtype, *, measure: bool) -> None:
+    """--avg-bits: one statistics-only sweep of the full-precision model (per-layer Hessians H, one
+    forward per layer) gives each unit's sensitivity (--sensitivity) at every width in BIT_CHOICES,
+    then one global allocation under the byte budget (quant/allocate.py). Modules an --override
+    names keep the user's choice and stay out of the budget; modules that servers fuse
+    (FUSED_ROLES / FUSED_GROUPS) form one unit with one width. Rewrites the decisions in place."""
+    decisions = state.decisions
+    overrides = [Override.parse(o) for o in cfg.override]
+    free = {
+        p: (d, lin)
+        for p, (d, lin) in decisions.items()
+        if d.quant is not None and not any(ov.pattern.search(p) for ov in overrides)
+    }
+    if not free:
+        raise UsageError("--avg-bits: every quantized module is named by an --override; nothing is left to allocate")
+    shapes = {p: tuple(ck.info(p + ".weight").shape) for p in free}
+
+    def at(p: str, bits: int) -> LinearQuant:
+        q = free[p][0].quant
+        return LinearQuant(bits, q.group_size, q.sym)
+
+    def nbytes(p: str, bits: int) -> int:
+        return sum(s.nbytes for s in fmt.specs(p, *shapes[p], at(p, bits), scale_dtype))
+
+    def valid(p: str, bits: int) -> bool:
+        try:
+            fmt.validate(p, *shapes[p], at(p, bits))
+        except UsageError:
+            return False
+        return True
+
+    uniform = {b: sum(nbytes(p, b) for p in free) for b in BIT_CHOICES}
+    members: dict[str, list[str]] = {}
+    for p, (_, lin) in free.items():
+        members.setdefault(fused_unit(lin, view.layer_of(p)), []).append(p)
+    widths = {u: [b for b in BIT_CHOICES if all(valid(p, b) for p in ps)] for u, ps in members.items()}
+    for u, ws in widths.items():
+        if not ws:
+            raise UsageError(
+                f"--avg-bits: {members[u][0]} cannot be stored at any of {', '.join(map(str, BIT_CHOICES))} bits "
+                f"in the {fmt.name} format; skip it with --override '{members[u][0]}$:skip'"
+            )
+
+    def units(errors) -> list[Unit]:
+        return [
+            Unit(u, {b: (sum(nbytes(p, b) for p in ps), errors(u, b)) for b in widths[u]}) for u, ps in members.items()
+        ]
+
+    alloc = allocate_avg_bits(cfg.avg_bits, units(lambda u, b: 0.0), uniform)  # infeasible: fail before any work
+    if not measure:
+        return
+    state.calib = ctx.calibrate(cfg, default="self", shard=True)
+    errs = _sensitivities(cfg, ctx, view, free, members, state.calib)
+    alloc = allocate_avg_bits(cfg.avg_bits, units(lambda u, b: errs[u][b]), uniform)
+    for u, ps in members.items():
+        for p in ps:
+            d, lin = decisions[p]
+            decisions[p] = (Decision(at(p, alloc.bits[u]), d.note), lin)
+    by_bits: dict[int, int] = {}
+    for u, ps in members.items():
+        by_bits[alloc.bits[u]] = by_bits.get(alloc.bits[u], 0) + len(ps)
+    floor = max((b for b in BIT_CHOICES if b <= cfg.avg_bits), default=None)
+    uniform_ok = floor is not None and all(floor in w for w in widths.values())
+    uniform_error = math.fsum(errs[u][floor] for u in members) if uniform_ok else None
+    state.mixed = {
+        "avg_bits": cfg.avg_bits,
+        "budget_bytes": alloc.budget,
+        "bytes": alloc.bytes,
+        "uniform_bytes": {str(b): n for b, n in uniform.items()},
+        "modules_per_bits": {str(b): by_bits[b] for b in sorted(by_bits)},
+        "sensitivity": SENSITIVITY_NOTE[cfg.sensitivity],
+        "estimated_error": alloc.error,
+        f"estimated_error_uniform_{floor}_bits": uniform_error,
+        "units": {
+            u: {"bits": alloc.bits[u], "modules": ps, "errors": {str(b): errs[u][b] for b in BIT_CHOICES}}
+            for u, ps in members.items()
+        },
+    }
+
+
+SENSITIVITY_NOTE = {
+    "output": "per unit, the sum of its modules' relative RTN output errors tr((W-Q)H(W-Q)^T) / tr(WHW^T) on the "
+    "calibration inputs of the full-precision model",
+    "layer": "per unit, the squared error of its decoder layer's output with only that unit RTN-rounded, relative to "
+    "the output's energy token by token and summed over tokens, on the first calibration windows (LAYER_TOKENS "
+    "tokens per rank) of the full-precision model",
+}
+
+
+def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, float]]:
+    """Per unit and width, its error estimate (--sensitivity); the layers see the full-precision
+    model's hidden states (nothing is quantized during this sweep)."""
+    from weightsmith.engine.activations import ActivationStore
+    from weightsmith.engine.stats import Gram
+
+    engine = ctx.engine(batch_size=cfg.batch_size)
+    errs: dict[str, dict[int, float]] = {}
+    unit_of = {p: u for u, ps in members.items() for p in ps}
+
+    def process(layer):
+        lins = [lin for p, (_, lin) in free.items() if view.layer_of(p) == layer.index]
+        grams: dict[str, Gram] = {}
+        observe = {}
+        for lin in lins:
+            key = _input_key(lin)
+            if key not in grams:
+                grams[key] = Gram(layer.in_features(lin.prefix), dtype=torch.float64)
+                observe[lin.prefix] = grams[key]
+        fp_out = layer.run(observe=observe)  # one forward: statistics and the next layer's inputs
+        layer.next_inputs = fp_out
+        for g in grams.values():
+            g.reduce()
+
+        def parts(lin):  # the module's weight, Hessian and grid
+            q = free[lin.prefix][0].quant
+            w = layer.tensor(lin.prefix + ".weight").detach().float()
+            return w, grams[_input_key(lin)].sum, q
+
+        units = list(dict.fromkeys(unit_of[lin.prefix] for lin in lins))
+        if cfg.sensitivity == "output":
+            for u in units:
+                errs[u] = {}
+                for b in BIT_CHOICES:
+                    terms = []
+                    for lin in (x for x in lins if unit_of[x.prefix] == u):
+                        w, h, q = parts(lin)
+                        terms.append(rtn_output_error(w, h, b, q.group_size, q.sym, cfg.mse, relative=True))
+                    errs[u][b] = math.fsum(terms)
+            return
+        # "layer": the layer's output with only this unit rounded, on the first LAYER_TOKENS tokens' windows
+        # per token, relative to that token's output energy: what reads the residual stream next is an
+        # RMSNorm, which divides each token by its own RMS (a few tokens carry massive activations)
+        m = min(-(-LAYER_TOKENS // fp_out.shape[1]), fp_out.shape[0])
+        sub = ActivationStore(m, *layer.inputs.shape[1:], dtype=layer.inputs.dtype)
+        sub.data.copy_(layer.inputs.data[:m])
+        energy = [fp_out.data[sl].double().square().sum(-1).clamp_min(1e-30) for sl in _slices(m, cfg.batch_size)]
+        for u in units:
+            mine = [x for x in lins if unit_of[x.prefix] == u]
+            originals = {x.prefix: layer.tensor(x.prefix + ".weight").detach().clone() for x in mine}
+            errs[u] = {}
+            for b in BIT_CHOICES:
+                for x in mine:
+                    w, h, q = parts(x)
+                    layer.set_weight(x.prefix + ".weight", rtn_weight(w, h, b, q.group_size, q.sym, cfg.mse))
+                out = layer.run(inputs=sub)
+                sq = math.fsum(
+                    float(((out.data[sl].double() - fp_out.data[sl].double()).square().sum(-1) / e).sum())
+                    for sl, e in zip(_slices(m, cfg.batch_size), energy)
+                )
+                if ctx.world.distributed:
+                    sq = dist.sum_ordered(torch.tensor(sq, dtype=torch.float64)).item()
+                errs[u][b] = sq
+                out.close()
+                for x in mine:
+                    layer.set_weight(x.prefix + ".weight", originals[x.prefix])
+        sub.close()
+
+    last = max(view.layer_of(p) for p in free)
+    with ctx.report.status("measuring sensitivities for --avg-bits"):
+        engine.run(calib.ids, process, layers=range(last + 1))
+    engine.close()
+    return errs
+
+
+# calibration tokens (whole windows, per rank) the "layer" sensitivity pushes through each layer once
+# per unit and width: its cost is 4 widths x (units per layer) forwards of these windows
+LAYER_TOKENS = 1024
+
+
+def _slices(n: int, step: int):
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 class _Recorder:
@@ -258,7 +482,8 @@ def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
         ctx.metrics["rotation"] = ck.describe()
     view = arch_for(ck.config)
     fmt = FORMATS[cfg.format]
-    decisions = plan.state  # made once, by plan()
+    state: _PlanState = plan.state  # made once, by plan()
+    decisions = state.decisions
     quantized = {p: d for p, (d, _) in decisions.items() if d.quant is not None}
     quant_weights = {p + ".weight" for p in quantized}
     rec = _Recorder()
@@ -294,7 +519,11 @@ def run(cfg: QuantConfig, ctx, plan: Plan) -> None:
             merged = {k: v for part in dist.gather_objects(rec.layers) for k, v in part.items()}
             rec.layers = {p: merged[p] for p in prefixes}
     else:
-        _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype)
+        _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype, state.calib)
+    if state.mixed is not None:
+        ctx.metrics["mixed_precision"] = state.mixed
+        for p, d in quantized.items():
+            rec.layers.setdefault(p, {})["bits"] = d.quant.bits
     _metrics(cfg, ctx, ck, quantized, rec, time.perf_counter() - t0)
 
 
@@ -329,10 +558,10 @@ def _input_key(lin) -> str:
     return lin.prefix
 
 
-def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype) -> None:
+def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype, calib=None) -> None:
     from weightsmith.engine.stats import Gram
 
-    calib = ctx.calibrate(cfg, default="self", shard=True)  # this rank's windows
+    calib = calib or ctx.calibrate(cfg, default="self", shard=True)  # this rank's windows
     if cfg.calib is None:
         ctx.notes.append(
             "no --calib given: GPTQ calibrated on text the model generated itself (data-free); real text is usually "
@@ -537,6 +766,7 @@ def _metrics(cfg, ctx, ck, quantized, rec: _Recorder, seconds: float) -> None:
             "method": cfg.method,
             "quantized_modules": len(quantized),
             "bits_per_quantized_weight": 8 * q_bytes / max(q_numel, 1),
+            "quantized_linear_bytes": q_bytes,
             "bits_per_parameter_overall": 8 * ctx.writer.total_size / max(sum(i.numel for i in ck.infos()), 1),
             "bytes_before": src_bytes,
             "bytes_after": ctx.writer.total_size,

@@ -57,6 +57,16 @@ class Format(Protocol):
 
 FORMATS: dict[str, Format] = {}
 
+# checkpoint linears that vLLM loads into one fused module (its packed_modules_mapping for
+# Llama-style families): shard name -> fused name
+SERVER_FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
 
 def register_format(fmt: Format) -> Format:
     FORMATS[fmt.name] = fmt
@@ -83,6 +93,32 @@ def compact_rules(
             v = next(iter(values))
             if not skip(v):
                 rules.append((key, v))
-        else:
-            rules += [("^" + re.escape(n) + "$", v) for n, v in sorted(members.items()) if not skip(v)]
+            continue
+        # a family that differs between layers may still agree inside each layer (MoE experts
+        # under --avg-bits): one rule per layer, the first index kept literal
+        layers: dict[str, dict[str, LinearQuant | None]] = {}
+        for name, value in members.items():
+            layers.setdefault(_layer_key(name), {})[name] = value
+        for lkey, lmembers in sorted(layers.items()):
+            lvalues = set(lmembers.values())
+            if len(lvalues) == 1 and len(lmembers) > 1:
+                v = next(iter(lvalues))
+                if not skip(v):
+                    rules.append((lkey, v))
+            else:
+                rules += [("^" + re.escape(n) + "$", v) for n, v in sorted(lmembers.items()) if not skip(v)]
     return rules
+
+
+def _layer_key(name: str) -> str:
+    """`model.layers.3.mlp.experts.7.w1` -> `^model\\.layers\\.3\\.mlp\\.experts\\.\\d+\\.w1$`."""
+    import re
+
+    parts, seen = [], False
+    for part in name.split("."):
+        if part.isdigit() and seen:
+            parts.append(r"\d+")
+        else:
+            seen = seen or part.isdigit()
+            parts.append(re.escape(part))
+    return "^" + r"\.".join(parts) + "$"

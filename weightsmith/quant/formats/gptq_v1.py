@@ -18,7 +18,34 @@ import torch
 from weightsmith.checkpoint.writer import TensorSpec
 from weightsmith.errors import UsageError
 from weightsmith.kernels.packing import pack_dense, unpack_dense
-from weightsmith.quant.formats.base import LinearQuant, QuantizedWeight, compact_rules, register_format
+from weightsmith.quant.formats.base import (
+    SERVER_FUSED,
+    LinearQuant,
+    QuantizedWeight,
+    compact_rules,
+    register_format,
+)
+
+MARLIN_TYPES = {(4, True), (8, True)}  # (bits, sym) vLLM's gptq_marlin runs (its TYPE_MAP)
+
+
+def _with_fused_name(key: str, value, per_module: dict) -> str:
+    """vLLM matches `dynamic` rules against its fused modules' names (`...self_attn.qkv_proj`,
+    `...mlp.gate_up_proj`), not the checkpoint's q/k/v or gate/up: a rule for a shard also names the
+    fused module when every module it covers agrees with its sibling shards (otherwise no single
+    rule can describe the fused module, and none is claimed)."""
+    leaf = next((s for s in SERVER_FUSED if key.endswith(r"\." + re.escape(s) + "$")), None)
+    if leaf is None:
+        return key
+    fused = SERVER_FUSED[leaf]
+    shards = [s for s, f in SERVER_FUSED.items() if f == fused]
+    rx = re.compile(key)
+    for name in per_module:
+        if rx.match(name):
+            parent = name[: -len(leaf)]
+            if any(per_module.get(parent + s, value) != value for s in shards):
+                return key
+    return key[: -len(re.escape(leaf) + "$")] + f"(?:{re.escape(leaf)}|{re.escape(fused)})$"
 
 
 def _words(values: int, bits: int) -> int:
@@ -83,8 +110,16 @@ class GPTQv1:
         )
 
     def config(self, default: LinearQuant, per_module: dict[str, LinearQuant | None], extra: dict) -> dict:
+        used = {q for q in per_module.values() if q is not None}
+        off_marlin = sorted((q for q in used if (q.bits, q.sym) not in MARLIN_TYPES), key=lambda q: q.bits)
+        if off_marlin and (default.bits, default.sym) in MARLIN_TYPES:
+            # vLLM picks gptq_marlin from the top-level bits alone, then refuses a dynamic override to a
+            # width Marlin lacks; a top-level width outside Marlin's selects the gptq kernels (2/3/4/8)
+            counts = {q: sum(v == q for v in per_module.values()) for q in off_marlin}
+            default = min(off_marlin, key=lambda q: (-counts[q], q.bits, q.group_size))
         dynamic: dict[str, dict] = {}
         for key, q in compact_rules(per_module, skip=lambda q: q == default):
+            key = _with_fused_name(key, q, per_module)
             if q is None:
                 dynamic["-:" + key] = {}
             elif q != default:
