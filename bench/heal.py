@@ -41,6 +41,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--mla-extra", nargs="*", default=["--rope-dim=64"], help="more `weightsmith mla` options")
     ap.add_argument("--name", default="mla-heal", help="results file bench/results/NAME.json")
+    ap.add_argument(
+        "--converted",
+        help="an existing `weightsmith mla` output of this SmolLM2 to heal instead of converting here (its manifest's "
+        "parameters are recorded; --target, --kv-ratio, --calib-* and --mla-extra are then not used)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -68,12 +73,17 @@ def main() -> None:
 
         p0 = ppl(base)
         print(f"source ppl {p0:.3f}", flush=True)
-        t = time.perf_counter()
-        cmd = [ws, "mla", str(base), str(mla), "--method", "transmla", "--target", args.target]
-        cmd += ["--kv-ratio", str(args.kv_ratio), *speeches, "--calib-samples", str(args.calib_samples)]
-        cmd += ["--calib-length", str(args.calib_length), *args.mla_extra]
-        subprocess.run(cmd, check=True, capture_output=True)
-        meta["mla_seconds"] = time.perf_counter() - t
+        if args.converted:
+            mla = Path(args.converted)
+            man = json.loads((mla / "manifest.json").read_text())
+            meta["converted"] = {"path": str(mla), "parameters": man["parameters"], "calibration": man["calibration"]}
+        else:
+            t = time.perf_counter()
+            cmd = [ws, "mla", str(base), str(mla), "--method", "transmla", "--target", args.target]
+            cmd += ["--kv-ratio", str(args.kv_ratio), *speeches, "--calib-samples", str(args.calib_samples)]
+            cmd += ["--calib-length", str(args.calib_length), *args.mla_extra]
+            subprocess.run(cmd, check=True, capture_output=True)
+            meta["mla_seconds"] = time.perf_counter() - t
         for n in args.tokens:
             elapsed = (time.perf_counter() - start) / 60
             if elapsed > args.max_minutes:

@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument(
         "--fill",
         action="store_true",
-        help="keep the finished rows of bench/results/NAME.json; run only the missing or failed ones",
+        help="keep the finished rows of ours in bench/results/NAME.json (same protocol and source ppl, else it "
+        "refuses); run only the missing or failed ones of this run's list",
     )
     args = ap.parse_args()
 
@@ -120,10 +121,18 @@ def main() -> None:
             runs = []
         done = {}
         if args.fill and (RESULTS / f"{args.name}.json").exists():
+            prev = json.loads((RESULTS / f"{args.name}.json").read_text())
+            same = ("windows", "length", "calib_samples", "calib_length", "extra")
+            if any(prev["args"].get(k) != getattr(args, k) for k in same):
+                raise SystemExit(f"--fill: bench/results/{args.name}.json was run with other {'/'.join(same)}")
+            src = next(r for r in prev["rows"] if r["method"].startswith("original"))
+            if abs(src["ppl"] - p0) > 1e-9 * p0:
+                raise SystemExit(f"--fill: bench/results/{args.name}.json has source ppl {src['ppl']} ≠ {p0}")
+            filled = {"filled from": prev["command"], "filled from commit": prev.get("git_commit", "not recorded")}
             done = {
-                (r["method"], r["target"], r["KV %"]): r
-                for r in json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
-                if "ppl" in r
+                (r["method"], r["target"], r["KV %"]): {"filled from": filled, **r}
+                for r in prev["rows"]
+                if "ppl" in r and not r["method"].startswith(("original", "TransMLA"))
             }
         rows.append(
             {"method": "original (llama GQA)", "target": "—", "KV %": 100.0, "KV values/token": 30 * 384, "ppl": p0}
@@ -204,6 +213,8 @@ def main() -> None:
             print({k: row[k] for k in ("method", "target", "KV %", "rope dim", "ppl", "convert s")}, flush=True)
             subprocess.run(["rm", "-rf", str(out)])
         pool.shutdown()
+        planned = {(job[0], job[2], 100 * job[3]) for job in runs}
+        rows += [r for k, r in done.items() if k not in planned]  # --fill keeps every finished row of ours
         if args.anchor or args.anchor_only:
             rows += anchor_rows(args, base, tok, wins, p0, Path(td))
         for name in args.anchor_rows_from:

@@ -277,10 +277,11 @@ def test_engine_target_serves_both_methods_at_reduced_cache(tiny_model, tmp_path
         model.generate(ids[:, :8], max_new_tokens=3, do_sample=False)
 
 
-# Ceiling for the 50 % quality floor: the issue's bar (TransMLA's own code measured 2.2× on the
-# bench protocol), for both targets. This test's protocol measured 1.533 (ppl 58.85 vs 38.39) on the
-# exact target at commit f52c4fc; the engine target is measured by the same test (see its print).
-HALF_CACHE_CEILING = 2.2
+# Ceiling for the 50 % quality floor, both targets: the issue's goal (≤ 1.9× at 50 %), below its
+# regression bar (2.2×, what TransMLA's own code was quoted at). This test's protocol (8 × 256
+# calibration, 4 hamlet windows) measured 1.540 (exact, ppl 59.12 vs 38.39) and 1.556 (engine,
+# 59.73) on 2026-11-29 (code of commit 1b19540); bench/mla.py's 32 × 512 protocol gave 1.40× / 1.42×.
+HALF_CACHE_CEILING = 1.9
 
 
 @pytest.mark.slow
@@ -288,8 +289,8 @@ HALF_CACHE_CEILING = 2.2
 def test_smollm2_half_cache_quality_floor(smollm2, tmp_path, cli, target):
     """50 % of the KV cache (RoPE 64 + latent 128 per layer), training-free, on the exact target and
     on the engine target vLLM/SGLang serve: the converted model's perplexity on held-out prose stays
-    within HALF_CACHE_CEILING × the source's (TransMLA's own code measured 2.2× on bench/mla.py's
-    protocol)."""
+    within HALF_CACHE_CEILING × the source's (the issue's goal; TransMLA's own code measured 1.90× on
+    bench/mla.py's 32 × 512 protocol)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from weightsmith.assets import hamlet, political_speeches
