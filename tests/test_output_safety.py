@@ -435,3 +435,29 @@ def test_manifest_records_no_absolute_or_home_paths(made, cli, tmp_path):
     assert portable_path(os.path.join(home, "models", "m"), "/tmp/x/out") == "m"
     assert portable_path("/tmp/a/m", os.path.join(home, "out")) == "m"
     assert portable_path("/srv/m", "/tmp/out") == "m"
+
+
+def test_sigint_interrupts_even_when_the_host_ignores_it(src, cli, tmp_path, monkeypatch):
+    """A host process (notebook, test runner, an earlier library) may have set Ctrl-C to a handler that
+    does not raise: main() installs its own for the run, and gives the host's back afterwards."""
+    from weightsmith.checkpoint import writer as wmod
+
+    calls = {"n": 0}
+    orig = wmod.CheckpointWriter.copy_from
+
+    def copy_then_signal(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(wmod.CheckpointWriter, "copy_from", copy_then_signal)
+    host = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        r = cli("import", src, tmp_path / "out")
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, host)
+    assert r.code == 128 + signal.SIGINT, r
+    assert message_lines(r.err) == ["Interrupted; no output was left behind."]
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []

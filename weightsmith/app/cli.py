@@ -512,7 +512,9 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-_HANDLED_SIGNALS = ("SIGTERM", "SIGHUP")
+# SIGINT too: the host process (a notebook, a test runner, a library imported earlier) may have replaced
+# Python's default Ctrl-C handler with one that does not raise, and an interrupted run must still clean up.
+_HANDLED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 def _on_signal(signum, frame):
