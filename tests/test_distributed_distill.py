@@ -27,7 +27,7 @@ import pytest
 
 from dist_pass_jobs import interrupted
 from test_distributed import files, manifest, run_one, torchrun
-from test_distributed_passes import _logits, _tensors
+from test_distributed_passes import _agree, _tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,16 +81,6 @@ def runs(tmp_path_factory, tiny_model, hamlet):
         assert main(argv("two-to-one")) == 0  # the world-size-2 DDP state, resumed in one process
     assert "note: resumed from the saved training state at step 2/4" in err.getvalue(), err.getvalue()[-3000:]
     return tmp, res.stderr
-
-
-def _agree(one: Path, other: Path, rel: float) -> None:
-    a, b = _tensors(one), _tensors(other)
-    assert a.keys() == b.keys()
-    for name in a:
-        diff = (a[name].double() - b[name].double()).abs().max().item()
-        assert diff <= rel * max(a[name].double().abs().max().item(), 1e-12), (name, diff)
-    la, lb = _logits(one), _logits(other)  # plain transformers loads both
-    assert (la - lb).abs().max().item() <= rel * la.abs().max().item()
 
 
 # worst relative tensor difference measured against one process (largest |Δ| / largest |w| per tensor):

@@ -74,6 +74,17 @@ def _logits(out: Path) -> torch.Tensor:
         return model(torch.arange(2, 66).reshape(2, 32)).logits
 
 
+def _agree(one: Path, other: Path, rel: float) -> None:
+    """Every tensor within `rel` of the largest |w| of its tensor, and the logits plain transformers gives."""
+    a, b = _tensors(one), _tensors(other)
+    assert a.keys() == b.keys()
+    for name in a:
+        diff = (a[name].double() - b[name].double()).abs().max().item()
+        assert diff <= rel * max(a[name].double().abs().max().item(), 1e-12), (name, diff)
+    la, lb = _logits(one), _logits(other)  # plain transformers loads both
+    assert (la - lb).abs().max().item() <= rel * la.abs().max().item()
+
+
 @pytest.mark.parametrize(
     "job, rel",
     # worst relative tensor difference measured at world size 2 (largest |Δ| / largest |w| per tensor):
@@ -85,13 +96,7 @@ def _logits(out: Path) -> torch.Tensor:
 def test_world_size_two_agrees_with_one_process(runs, job, rel):
     one, two = runs / f"{job}-1", runs / f"{job}-2"
     assert manifest(two)["environment"]["world_size"] == 2
-    a, b = _tensors(one), _tensors(two)
-    assert a.keys() == b.keys()
-    for name in a:
-        diff = (a[name].double() - b[name].double()).abs().max().item()
-        assert diff <= rel * max(a[name].double().abs().max().item(), 1e-12), (name, diff)
-    la, lb = _logits(one), _logits(two)  # plain transformers loads both
-    assert (la - lb).abs().max().item() <= rel * la.abs().max().item()
+    _agree(one, two, rel)
     m1, m2 = manifest(one)["metrics"], manifest(two)["metrics"]
     for key in ("kept", "chosen", "candidates", "qk_rope_head_dim", "kv_lora_rank", "rope_dim_search", "steps"):
         if key == "rope_dim_search" and key in m1:

@@ -377,7 +377,6 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
     """Per unit and width, its error estimate (--sensitivity); the layers see the full-precision
     model's hidden states (nothing is quantized during this sweep)."""
     from weightsmith.engine.activations import ActivationStore
-    from weightsmith.engine.stats import Gram
 
     engine = ctx.engine(batch_size=cfg.batch_size)
     errs: dict[str, dict[int, float]] = {}
@@ -385,13 +384,7 @@ def _sensitivities(cfg, ctx, view, free, members, calib) -> dict[str, dict[int, 
 
     def process(layer):
         lins = [lin for p, (_, lin) in free.items() if view.layer_of(p) == layer.index]
-        grams: dict[str, Gram] = {}
-        observe = {}
-        for lin in lins:
-            key = _input_key(lin)
-            if key not in grams:
-                grams[key] = Gram(layer.in_features(lin.prefix), dtype=torch.float64)
-                observe[lin.prefix] = grams[key]
+        grams, observe = _input_grams(layer, lins)
         fp_out = layer.run(observe=observe)  # one forward: statistics and the next layer's inputs
         layer.next_inputs = fp_out
         for g in grams.values():
@@ -550,6 +543,21 @@ def _respect_min_zero(qw: QuantizedWeight, fmt) -> QuantizedWeight:
 MIN_TOKENS_PER_INPUT = 16
 
 
+def _input_grams(layer, lins) -> tuple[dict, dict]:
+    """One float64 Gram per distinct module input among `lins` (q/k/v share theirs), and the
+    observe map that fills each from the first module reading that input."""
+    from weightsmith.engine.stats import Gram
+
+    grams: dict = {}
+    observe = {}
+    for lin in lins:
+        key = _input_key(lin)
+        if key not in grams:
+            grams[key] = Gram(layer.in_features(lin.prefix), dtype=torch.float64)
+            observe[lin.prefix] = grams[key]
+    return grams, observe
+
+
 def _input_key(lin) -> str:
     if lin.role in SHARED_INPUT:
         return lin.prefix.rsplit(".", 1)[0] + ".<attention input>"
@@ -559,8 +567,6 @@ def _input_key(lin) -> str:
 
 
 def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype, calib=None) -> None:
-    from weightsmith.engine.stats import Gram
-
     calib = calib or ctx.calibrate(cfg, default="self", shard=True)  # this rank's windows
     if cfg.calib is None:
         ctx.notes.append(
@@ -586,13 +592,7 @@ def _run_gptq(cfg, ctx, view, fmt, quantized, decisions, rec, scale_dtype, calib
         originals = {n: t.clone() for n, t in layer.state_dict().items()} if cfg.fp_target else None
         for st in stages:
             todo = [l for l in lins if st is None or STAGE.get(l.role, 0) == st]
-            grams: dict[str, Gram] = {}
-            observe = {}
-            for lin in todo:
-                key = _input_key(lin)
-                if key not in grams:
-                    grams[key] = Gram(layer.in_features(lin.prefix), dtype=torch.float64)
-                    observe[lin.prefix] = grams[key]
+            grams, observe = _input_grams(layer, todo)
             cross: dict[str, CrossGram] = {}
             if cfg.fp_target:
                 cross = _cross_grams(
