@@ -42,6 +42,9 @@ class PassSpec:
     sources: int = 1  # fixed number of positional sources (e.g. distill STUDENT TEACHER DST)
     source_names: tuple[str, ...] = ("src",)
     tags: tuple[str, ...] = ()
+    # cheap refusals from a source's config alone (family, options), run before inputs are hashed or
+    # anything is planned, so an unsupported model is refused at once: check(config, checkpoint)
+    check: Callable[[Any, Any], None] | None = None
 
     def sources_problem(self, count: int) -> str | None:
         """Why `count` sources do not suit this pass (None when they do): the one check of their number."""

@@ -144,6 +144,18 @@ def test_impossible_requests_fail_with_a_clear_error_and_no_output(
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unsupported_family_is_refused_before_its_inputs_are_hashed(tiny_model, tmp_path, cli, hamlet, monkeypatch):
+    import weightsmith.app.runner as runner
+
+    def hashed(*a, **k):
+        raise AssertionError("inputs hashed before the family check")
+
+    monkeypatch.setattr(runner, "input_record", hashed)
+    r = _run(cli, tiny_model("gemma3_text"), tmp_path / "out", hamlet)
+    assert r.code != 0 and "q_norm/k_norm" in r.err and "hashed" not in r.err, r
+    assert not (tmp_path / "out").exists()
+
+
 def test_conversion_is_deterministic(tiny_model, tmp_path, cli, hamlet):
     src = _tiny(tiny_model, "qwen2")
     outs = []

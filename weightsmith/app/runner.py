@@ -350,6 +350,8 @@ def _run(
     ]
     for ck in cks:  # before anything is planned or written
         check_input(spec, ck)
+        if spec.check is not None:
+            spec.check(config, ck)
     params = config_to_params(config)
     if max_shard_size != DEFAULT_MAX_SHARD:
         params["max_shard_size"] = max_shard_size

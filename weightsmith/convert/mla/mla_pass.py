@@ -801,6 +801,7 @@ register(
         config_cls=MlaConfig,
         plan=plan,
         run=run,
+        check=lambda cfg, ck: _check_source(cfg, arch_for(ck.config)),
         help="convert a GQA model (Llama, Mistral, Qwen2) to Multi-head Latent Attention as a stock "
         "DeepseekV3ForCausalLM (TransMLA / MHA2MLA)",
         reference_url="https://arxiv.org/abs/2502.07864",
