@@ -199,7 +199,7 @@ def test_gemma3_keeps_its_hidden_size(tiny_model, cli, tmp_path, hamlet):
 @pytest.mark.parametrize(
     "fam,args", [("llama", ["--ffn", "40", "--heads", "2"]), ("qwen3_moe", ["--expert-ffn", "12", "--ffn", "40"])]
 )
-@pytest.mark.parametrize("target", ["layer", "source"])
+@pytest.mark.parametrize("target", ["layer", "block", "source"])
 def test_refit_brings_the_pruned_model_closer_on_calibration(fam, args, target, tiny_model, cli, tmp_path, hamlet):
     """Least-squares repair: every repaired projection's output error drops, and the whole model's
     divergence from the source on the calibration text is below plain slicing's."""

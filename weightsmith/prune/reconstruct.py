@@ -76,6 +76,47 @@ class FoldGram:
         return sum(self.folds)
 
 
+class _BlockCross:
+    """Observer pair in the pruned model for the block target: `mid` sees the residual stream in
+    front of the MLP (the input of its norm), `__call__` the consuming projection's input; the
+    target of the projection's output is the *source* layer's output minus that residual, i.e. the
+    projection is fitted so that the block's output matches the source's. Statistics per fold of
+    windows (window j to fold (offset + j) mod k) for cross-validation."""
+
+    def __init__(self, keep: torch.Tensor, source_out, k: int = 2, offset: int = 0):
+        self.keep, self.src = keep, source_out
+        n, h = keep.numel(), source_out.shape[-1]
+        self.folds = [[torch.zeros(n, n), torch.zeros(h, n), 0.0] for _ in range(k)]
+        self.row = 0
+        self.offset = offset
+        self.h_mid = None
+
+    def mid(self, inp, out):
+        self.h_mid = inp.detach().float().cpu()
+
+    def __call__(self, inp, out):
+        x = inp.detach().float().cpu()
+        b = x.shape[0]
+        y = self.src.data[self.row : self.row + b].float() - self.h_mid
+        for j in range(b):
+            xb = x[j].reshape(-1, x.shape[-1])[:, self.keep]
+            yb = y[j].reshape(-1, y.shape[-1])
+            f = self.folds[(self.offset + self.row + j) % len(self.folds)]
+            f[0].addmm_(xb.T, xb)
+            f[1].addmm_(yb.T, xb)
+            f[2] += float(yb.double().pow(2).sum())
+        self.row += b
+
+    def reduce(self) -> None:
+        if dist.world().distributed:
+            for f in self.folds:
+                f[0], f[1] = dist.sum_ordered(f[0]), dist.sum_ordered(f[1])
+                f[2] = float(dist.sum_ordered(torch.tensor([f[2]], dtype=torch.float64)))
+
+    def total(self):
+        return sum(f[0] for f in self.folds), sum(f[1] for f in self.folds), sum(f[2] for f in self.folds)
+
+
 class _Cross:
     """Observer in the pruned model: Gram of the kept inputs and Σ y xᵀ against stored targets."""
 
@@ -156,14 +197,18 @@ def reconstruct(
 
     def process(layer):
         i = layer.index
+        norms = view.layer_norms(i)
         todo = []
         for name, expert, kind in consumers(view, i) if i in kept else []:
             idx = keep.index(kind, i, expert)
             if idx is not None and idx.numel() < layer.in_features(name.rsplit(".", 1)[0]):
                 # routed experts see other tokens in the two streams: their rows do not pair up,
                 # so they are always fitted to their own output
-                todo.append((name, idx, "layer" if kind == "expert_ffn" else target))
-        if target == "source":
+                mode = "layer" if kind == "expert_ffn" else target
+                if mode == "block" and not (kind in ("ffn", "shared_ffn") and "mlp_out" not in norms):
+                    mode = "layer"  # the block target is linear in down_proj only when its output is added as is
+                todo.append((name, idx, mode))
+        if target in ("source", "block"):
             if src["h"] is None:
                 src["h"] = engine.new_store()
                 src["h"].data.copy_(layer.inputs.data)
@@ -177,7 +222,22 @@ def reconstruct(
         for name, idx, mode in todo:
             w = layer.tensor(name).detach().float().cpu()
             prefix = name.rsplit(".", 1)[0]
-            if mode == "source":
+            if mode == "block":
+                obs = _BlockCross(idx, src["h"], offset=offset)
+                layer.run(observe={norms["post_attention"]: obs.mid, prefix: obs}, keep_outputs=False)
+                obs.reduce()
+                gram, cross, y_sq = obs.total()
+                lam = refit.choose_target_damp(w[:, idx], obs.folds) if guard else damp
+                new = _solved(
+                    i % size,
+                    lambda: refit.refit_to_target(gram, cross, lam) if lam is not None else w[:, idx].clone(),
+                    (w.shape[0], idx.numel()),
+                )
+                before = refit.target_error(y_sq, cross, gram, w[:, idx])
+                after = refit.target_error(y_sq, cross, gram, new)
+                total = max(y_sq, 1e-30)
+                damps[name] = lam
+            elif mode == "source":
                 obs = _Cross(idx, rows[name].parts)
                 layer.run(observe={prefix: obs}, keep_outputs=False)
                 obs.reduce()
@@ -212,7 +272,7 @@ def reconstruct(
             layer.set_weight(name, refit.scatter_columns(new, idx, w.shape[1]))
         layer.next_inputs = layer.run()
 
-    engine.run(ids, process, layers=None if target == "source" else keep.layers)
+    engine.run(ids, process, layers=None if target in ("source", "block") else keep.layers)
     if src["h"] is not None:
         src["h"].close()
     engine.close()
