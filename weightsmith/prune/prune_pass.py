@@ -91,11 +91,12 @@ class PruneConfig(CalibConfig):
         },
     )
 
-    select: Literal["importance", "obs"] = field(
+    select: Literal["importance", "obs", "saliency"] = field(
         default="importance",
         metadata={
             "help": "with a repair: keep the MLP neurons / query heads chosen by --importance, or re-choose them per "
-            "layer by greedy structured OBS (the channels whose removal the least-squares repair absorbs best)"
+            "layer by greedy structured OBS (the channels whose removal the least-squares repair absorbs best), or "
+            "re-choose MLP neurons by one-shot OBS saliency on the pruned model's inputs (saliency)"
         },
     )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from weightsmith import dist
+from weightsmith.prune import importance as imp
 from weightsmith.prune import refit
 from weightsmith.prune.structure import LINEAR_AXES, Keep
 
@@ -255,6 +256,8 @@ def reconstruct(
                 gsum = g.sum
                 if select == "obs" and kind in ("ffn", "q_rows"):
                     idx = _obs_keep(view, keep, kind, i, w, gsum, idx, damp)
+                elif select == "saliency" and kind == "ffn":
+                    idx = keep.per_layer[i].ffn = imp.keep_top(refit.obs_saliency(w, gsum), idx.numel())
                 # the guard: the ridge is chosen on held-out windows, and no repair when slicing
                 # is better there (short calibration sets overfit the least squares)
                 lam = refit.choose_damp(w, g.folds, idx) if guard else damp

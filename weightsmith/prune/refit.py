@@ -153,6 +153,17 @@ def obs_select(
     return alive.nonzero().flatten()
 
 
+def obs_saliency(w: torch.Tensor, gram: torch.Tensor, damp: float = 0.3) -> torch.Tensor:
+    """One-shot OBS saliency of each input channel: the output error left when the channel alone is
+    removed and the least-squares repair re-solves the rest, ‖W_:,j‖² / [(G + λI)⁻¹]_jj (λ relative
+    to the mean diagonal; the repair's typical cross-validated ridge keeps it from trusting
+    correlations the calibration windows cannot support) -> [n]."""
+    g = gram.double()
+    lam = damp * float(torch.diagonal(g).mean().clamp_min(1e-12))
+    hinv = torch.linalg.inv(g + lam * torch.eye(g.shape[0], dtype=g.dtype))
+    return (w.double().pow(2).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)).float()
+
+
 DAMP_GRID = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
 
 
