@@ -1,7 +1,8 @@
-"""Pruning on SmolLM2 side by side with the anchors: ours, ShortGPT, Wanda-sp, our old slicing.
+"""Pruning on SmolLM2 (or --model) side by side with the anchors: ours, ShortGPT, Wanda-sp, our old slicing.
 
     .venv/bin/python bench/prune.py [--reductions 0.2,0.25,0.1] [--eval-windows 16] [--calib-samples 64]
                                     [--distill-tokens 8192] [--distill-at 0.25] [--minitron-at 0.2]
+                                    [--model smollm2|gemma3-270m|DIR] [--methods 0,1,2,3] [--tag T]
 
 One protocol for every row. Importance and repair calibration: --calib-samples x 256 tokens of
 political_data.json speeches; evaluation: hamlet.txt perplexity (fp32, 512-token windows). For each

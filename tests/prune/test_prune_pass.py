@@ -17,7 +17,7 @@ def _logits(path, ids):
 
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-# bench/prune.py --calib-samples 32 --eval-windows 16 (git 1795cbe): `prune --params 0.8 --axis mlp`
+# bench/prune.py --calib-samples 32 --eval-windows 16 (git 1795cbe, again at e0889c8): `prune --params 0.8 --axis mlp`
 # (cross-validated repair) measured 90.2 (source 42.9; 98.2 with the fixed-ridge repair); +5 % margin
 PPL_CEILING_MINUS_20 = 95.0
 
