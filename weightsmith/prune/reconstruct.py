@@ -179,8 +179,11 @@ def reconstruct(
     """target "source": each repaired projection reproduces the *source* model's output of that
     projection from the pruned model's inputs (corrects drift from earlier layers; the source
     activations run alongside, one more stream); "layer": it reproduces its own full output on the
-    pruned model's inputs. `select` "obs" re-chooses MLP neurons / query heads per layer (greedy
-    structured OBS, `keep` is updated); `guard` picks the ridge on held-out windows and skips a
+    pruned model's inputs; "block": a dense MLP's down_proj reproduces the *source* layer's output
+    (the residual stream after the MLP) from the pruned model's inputs, cross-validated like "layer"
+    (o_proj, experts and post-normed MLPs fall back to "layer"). `select` "obs" re-chooses MLP
+    neurons / query heads per layer (greedy structured OBS, `keep` is updated), "saliency" MLP
+    neurons by one-shot OBS saliency; `guard` picks the ridge on held-out windows and skips a
     repair that does not generalise; `ids`: calibration windows (default: the config's, this rank's
     share of them under a launcher)."""
     offset = 0
@@ -206,8 +209,10 @@ def reconstruct(
                 # routed experts see other tokens in the two streams: their rows do not pair up,
                 # so they are always fitted to their own output
                 mode = "layer" if kind == "expert_ffn" else target
-                if mode == "block" and not (kind in ("ffn", "shared_ffn") and "mlp_out" not in norms):
-                    mode = "layer"  # the block target is linear in down_proj only when its output is added as is
+                if mode == "block" and not (kind == "ffn" and "mlp_out" not in norms):
+                    # the block target is linear in down_proj only for a dense MLP whose output is
+                    # added to the residual as is (no post-MLP norm, no routed experts beside it)
+                    mode = "layer"
                 todo.append((name, idx, mode))
         if target in ("source", "block"):
             if src["h"] is None:
