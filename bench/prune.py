@@ -1,7 +1,8 @@
-"""Pruning on SmolLM2 side by side with the anchors: ours, ShortGPT, Wanda-sp, our old slicing.
+"""Pruning on SmolLM2 (or --model) side by side with the anchors: ours, ShortGPT, Wanda-sp, our old slicing.
 
     .venv/bin/python bench/prune.py [--reductions 0.2,0.25,0.1] [--eval-windows 16] [--calib-samples 64]
                                     [--distill-tokens 8192] [--distill-at 0.25] [--minitron-at 0.2]
+                                    [--model smollm2|gemma3-270m|DIR] [--methods 0,1,2,3] [--tag T]
 
 One protocol for every row. Importance and repair calibration: --calib-samples x 256 tokens of
 political_data.json speeches; evaluation: hamlet.txt perplexity (fp32, 512-token windows). For each
@@ -27,12 +28,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import git_commit, print_table, save  # noqa: E402
+from common import gemma3_270m, git_commit, print_table, save  # noqa: E402
 from quant import perplexity, run_child, smollm2, ws  # noqa: E402
 
 METHODS = {  # label -> prune arguments after --params (None: the calibration arguments)
@@ -59,6 +61,11 @@ def main() -> None:
     ap.add_argument("--distill-tokens", type=int, default=8192)
     ap.add_argument("--distill-at", type=float, default=0.25)
     ap.add_argument("--minitron-at", type=float, default=None)
+    ap.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 (default), gemma3-270m (the bench asset, `make bench-assets`) or a model directory",
+    )
     ap.add_argument("--source-ppl", type=float, default=None, help="the source's perplexity (skips measuring it)")
     ap.add_argument(
         "--tag", default="", help="results go to bench/results/prune[-TAG].json (runs split over processes)"
@@ -74,7 +81,9 @@ def main() -> None:
 
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
-    src = smollm2(scratch)
+    models = {"smollm2": lambda: smollm2(scratch), "gemma3-270m": gemma3_270m}
+    src = models[args.model]() if args.model in models else Path(args.model)
+    name = {"smollm2": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}.get(args.model, src.name)
     text = hamlet()
     calib = [
         "--calib",
@@ -95,9 +104,11 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "eval_windows": args.eval_windows,
         "calib_samples": args.calib_samples,
+        "model": name,
+        "load_before": os.getloadavg(),
     }
     fp = args.source_ppl or perplexity(src, text, args.eval_windows)
-    rows = [{"model": "SmolLM2-135M (source)", "params": param_count(Checkpoint(src)), "ppl": fp, "x_source": 1.0}]
+    rows = [{"model": f"{name} (source)", "params": param_count(Checkpoint(src)), "ppl": fp, "x_source": 1.0}]
     print(rows[0], flush=True)
     labels = list(METHODS)
     chosen = [labels[int(i)] for i in args.methods.split(",")]
@@ -110,7 +121,7 @@ def main() -> None:
         if args.minitron_at is not None and abs(red - args.minitron_at) < 1e-9:
             jobs.append(("Minitron search + repair", ["minitron", src, None, "--params", keep, *calib]))
         for label, cmd in jobs:
-            out = scratch / f"{label.split()[0]}-{red}"
+            out = scratch / f"{name}-{label.split()[0]}-{red}"
             shutil.rmtree(out, ignore_errors=True)
             r = step([out if c is None else c for c in cmd])
             m = json.loads((out / "manifest.json").read_text())["metrics"]
@@ -125,6 +136,8 @@ def main() -> None:
                 "peak_rss_mb": r["peak_rss_mb"],
                 "arch": m.get("chosen") or json.dumps(m.get("targets", {}), separators=(",", ":")),
                 "refit_errors": m.get("refit_errors"),
+                "non_embedding_fraction": m["non_embedding_params_after"] / m["non_embedding_params_before"],
+                "load": os.getloadavg(),
             }
             if label.startswith("ours") and abs(red - args.distill_at) < 1e-9 and args.distill_tokens > 0:
                 d = Path(str(out) + "-distilled")
@@ -169,7 +182,7 @@ def main() -> None:
         "peak_rss_mb",
         "arch",
     ]
-    print_table(rows, cols, f"SmolLM2-135M pruned: hamlet perplexity over {args.eval_windows}x512 tokens")
+    print_table(rows, cols, f"{name} pruned: hamlet perplexity over {args.eval_windows}x512 tokens")
     save("prune" + (f"-{args.tag}" if args.tag else ""), {**meta, "rows": rows})
 
 

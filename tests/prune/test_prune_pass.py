@@ -17,7 +17,7 @@ def _logits(path, ids):
 
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-# bench/prune.py --calib-samples 32 --eval-windows 16 (git 1795cbe): `prune --params 0.8 --axis mlp`
+# bench/prune.py --calib-samples 32 --eval-windows 16 (git 1795cbe, again at e0889c8): `prune --params 0.8 --axis mlp`
 # (cross-validated repair) measured 90.2 (source 42.9; 98.2 with the fixed-ridge repair); +5 % margin
 PPL_CEILING_MINUS_20 = 95.0
 
@@ -199,7 +199,7 @@ def test_gemma3_keeps_its_hidden_size(tiny_model, cli, tmp_path, hamlet):
 @pytest.mark.parametrize(
     "fam,args", [("llama", ["--ffn", "40", "--heads", "2"]), ("qwen3_moe", ["--expert-ffn", "12", "--ffn", "40"])]
 )
-@pytest.mark.parametrize("target", ["layer", "source"])
+@pytest.mark.parametrize("target", ["layer", "block", "source"])
 def test_refit_brings_the_pruned_model_closer_on_calibration(fam, args, target, tiny_model, cli, tmp_path, hamlet):
     """Least-squares repair: every repaired projection's output error drops, and the whole model's
     divergence from the source on the calibration text is below plain slicing's."""

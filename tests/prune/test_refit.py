@@ -123,3 +123,34 @@ def test_guard_refuses_a_repair_that_is_worse_on_held_out_windows():
     w, x, _ = _data(rows=800, seed=6)
     folds = [x[::2].T @ x[::2], x[1::2].T @ x[1::2]]
     assert refit.choose_damp(w, folds, keep[:24]) is not None
+
+
+def test_saliency_is_the_error_left_after_repairing_one_removal():
+    w, _, gram = _data()
+    s = refit.obs_saliency(w, gram, damp=0.0)
+    for j in (0, 17, 47):
+        keep = torch.tensor([k for k in range(48) if k != j])
+        err = refit.output_error(w, gram, keep, refit.refit_columns(w, gram, keep, damp=0.0))
+        assert abs(float(s[j]) - err) / err < 1e-3, (j, float(s[j]), err)
+
+
+def test_target_cross_validation_is_the_held_out_error():
+    """cv_target's eigen-form equals fitting on one fold and measuring on the other; the guard
+    keeps the sliced columns when every fit is worse on held-out windows."""
+    g = torch.Generator().manual_seed(1)
+    w, x, _ = _data(n=20, rows=600)
+    keep = torch.arange(0, 20, 2)
+    y = x @ w.T + 0.3 * torch.randn(600, 16, generator=g)
+    folds = []
+    for part in (slice(0, 300), slice(300, 600)):
+        xk, yk = x[part][:, keep].double(), y[part].double()
+        folds.append((xk.T @ xk, yk.T @ xk, float((yk**2).sum())))
+    grid = (1e-3, 1e-1, 10.0)
+    cv = refit.cv_target(folds[0][:2], folds[1], grid)
+    for k, d in enumerate(grid):
+        fit = refit.refit_to_target(folds[0][0], folds[0][1], d).double()
+        held = float(((y[300:].double() - x[300:][:, keep].double() @ fit.T) ** 2).sum())
+        assert abs(float(cv[k]) - held) / held < 1e-6
+    assert refit.choose_target_damp(w[:, keep], folds, grid) in grid
+    flip = [folds[0], (folds[1][0], -folds[0][1], folds[1][2])]  # the folds' targets disagree
+    assert refit.choose_target_damp(torch.zeros(16, 10), flip, grid) is None  # every fit loses to zero

@@ -81,20 +81,22 @@ class PruneConfig(CalibConfig):
     batch_size: int = field(default=8, metadata={"min": 1, "help": "calibration windows per forward batch"})
     calib_samples: int = field(default=64, metadata={"help": "calibration windows"})
     calib_length: int = field(default=256, metadata={"help": "tokens per calibration window"})
-    refit: Literal["layer", "source", "none"] = field(
+    refit: Literal["layer", "block", "source", "none"] = field(
         default="layer",
         metadata={
             "help": "repair o_proj / down_proj after heads / MLP neurons go, by least squares on calibration "
             "activations: to the source model's outputs (source), to the layer's own outputs on the pruned model's "
-            "inputs (layer), or plain slicing (none)"
+            "inputs (layer), so that the whole layer's output matches the source's (block: down_proj also absorbs the "
+            "drift of the residual stream; cross-validated), or plain slicing (none)"
         },
     )
 
-    select: Literal["importance", "obs"] = field(
+    select: Literal["importance", "obs", "saliency"] = field(
         default="importance",
         metadata={
             "help": "with a repair: keep the MLP neurons / query heads chosen by --importance, or re-choose them per "
-            "layer by greedy structured OBS (the channels whose removal the least-squares repair absorbs best)"
+            "layer by greedy structured OBS (the channels whose removal the least-squares repair absorbs best), or "
+            "re-choose MLP neurons by one-shot OBS saliency on the pruned model's inputs (saliency)"
         },
     )
 

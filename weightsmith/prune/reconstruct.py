@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from weightsmith import dist
+from weightsmith.prune import importance as imp
 from weightsmith.prune import refit
 from weightsmith.prune.structure import LINEAR_AXES, Keep
 
@@ -74,6 +75,47 @@ class FoldGram:
     @property
     def sum(self) -> torch.Tensor:
         return sum(self.folds)
+
+
+class _BlockCross:
+    """Observer pair in the pruned model for the block target: `mid` sees the residual stream in
+    front of the MLP (the input of its norm), `__call__` the consuming projection's input; the
+    target of the projection's output is the *source* layer's output minus that residual, i.e. the
+    projection is fitted so that the block's output matches the source's. Statistics per fold of
+    windows (window j to fold (offset + j) mod k) for cross-validation."""
+
+    def __init__(self, keep: torch.Tensor, source_out, k: int = 2, offset: int = 0):
+        self.keep, self.src = keep, source_out
+        n, h = keep.numel(), source_out.shape[-1]
+        self.folds = [[torch.zeros(n, n), torch.zeros(h, n), 0.0] for _ in range(k)]
+        self.row = 0
+        self.offset = offset
+        self.h_mid = None
+
+    def mid(self, inp, out):
+        self.h_mid = inp.detach().float().cpu()
+
+    def __call__(self, inp, out):
+        x = inp.detach().float().cpu()
+        b = x.shape[0]
+        y = self.src.data[self.row : self.row + b].float() - self.h_mid
+        for j in range(b):
+            xb = x[j].reshape(-1, x.shape[-1])[:, self.keep]
+            yb = y[j].reshape(-1, y.shape[-1])
+            f = self.folds[(self.offset + self.row + j) % len(self.folds)]
+            f[0].addmm_(xb.T, xb)
+            f[1].addmm_(yb.T, xb)
+            f[2] += float(yb.double().pow(2).sum())
+        self.row += b
+
+    def reduce(self) -> None:
+        if dist.world().distributed:
+            for f in self.folds:
+                f[0], f[1] = dist.sum_ordered(f[0]), dist.sum_ordered(f[1])
+                f[2] = float(dist.sum_ordered(torch.tensor([f[2]], dtype=torch.float64)))
+
+    def total(self):
+        return sum(f[0] for f in self.folds), sum(f[1] for f in self.folds), sum(f[2] for f in self.folds)
 
 
 class _Cross:
@@ -137,8 +179,11 @@ def reconstruct(
     """target "source": each repaired projection reproduces the *source* model's output of that
     projection from the pruned model's inputs (corrects drift from earlier layers; the source
     activations run alongside, one more stream); "layer": it reproduces its own full output on the
-    pruned model's inputs. `select` "obs" re-chooses MLP neurons / query heads per layer (greedy
-    structured OBS, `keep` is updated); `guard` picks the ridge on held-out windows and skips a
+    pruned model's inputs; "block": a dense MLP's down_proj reproduces the *source* layer's output
+    (the residual stream after the MLP) from the pruned model's inputs, cross-validated like "layer"
+    (o_proj, experts and post-normed MLPs fall back to "layer"). `select` "obs" re-chooses MLP
+    neurons / query heads per layer (greedy structured OBS, `keep` is updated), "saliency" MLP
+    neurons by one-shot OBS saliency; `guard` picks the ridge on held-out windows and skips a
     repair that does not generalise; `ids`: calibration windows (default: the config's, this rank's
     share of them under a launcher)."""
     offset = 0
@@ -156,14 +201,20 @@ def reconstruct(
 
     def process(layer):
         i = layer.index
+        norms = view.layer_norms(i)
         todo = []
         for name, expert, kind in consumers(view, i) if i in kept else []:
             idx = keep.index(kind, i, expert)
             if idx is not None and idx.numel() < layer.in_features(name.rsplit(".", 1)[0]):
                 # routed experts see other tokens in the two streams: their rows do not pair up,
                 # so they are always fitted to their own output
-                todo.append((name, idx, "layer" if kind == "expert_ffn" else target))
-        if target == "source":
+                mode = "layer" if kind == "expert_ffn" else target
+                if mode == "block" and not (kind == "ffn" and "mlp_out" not in norms):
+                    # the block target is linear in down_proj only for a dense MLP whose output is
+                    # added to the residual as is (no post-MLP norm, no routed experts beside it)
+                    mode = "layer"
+                todo.append((name, idx, mode))
+        if target in ("source", "block"):
             if src["h"] is None:
                 src["h"] = engine.new_store()
                 src["h"].data.copy_(layer.inputs.data)
@@ -177,7 +228,22 @@ def reconstruct(
         for name, idx, mode in todo:
             w = layer.tensor(name).detach().float().cpu()
             prefix = name.rsplit(".", 1)[0]
-            if mode == "source":
+            if mode == "block":
+                obs = _BlockCross(idx, src["h"], offset=offset)
+                layer.run(observe={norms["post_attention"]: obs.mid, prefix: obs}, keep_outputs=False)
+                obs.reduce()
+                gram, cross, y_sq = obs.total()
+                lam = refit.choose_target_damp(w[:, idx], obs.folds) if guard else damp
+                new = _solved(
+                    i % size,
+                    lambda: refit.refit_to_target(gram, cross, lam) if lam is not None else w[:, idx].clone(),
+                    (w.shape[0], idx.numel()),
+                )
+                before = refit.target_error(y_sq, cross, gram, w[:, idx])
+                after = refit.target_error(y_sq, cross, gram, new)
+                total = max(y_sq, 1e-30)
+                damps[name] = lam
+            elif mode == "source":
                 obs = _Cross(idx, rows[name].parts)
                 layer.run(observe={prefix: obs}, keep_outputs=False)
                 obs.reduce()
@@ -195,6 +261,8 @@ def reconstruct(
                 gsum = g.sum
                 if select == "obs" and kind in ("ffn", "q_rows"):
                     idx = _obs_keep(view, keep, kind, i, w, gsum, idx, damp)
+                elif select == "saliency" and kind == "ffn":
+                    idx = keep.per_layer[i].ffn = imp.keep_top(refit.obs_saliency(w, gsum), idx.numel())
                 # the guard: the ridge is chosen on held-out windows, and no repair when slicing
                 # is better there (short calibration sets overfit the least squares)
                 lam = refit.choose_damp(w, g.folds, idx) if guard else damp
@@ -212,7 +280,7 @@ def reconstruct(
             layer.set_weight(name, refit.scatter_columns(new, idx, w.shape[1]))
         layer.next_inputs = layer.run()
 
-    engine.run(ids, process, layers=None if target == "source" else keep.layers)
+    engine.run(ids, process, layers=None if target in ("source", "block") else keep.layers)
     if src["h"] is not None:
         src["h"].close()
     engine.close()

@@ -153,6 +153,17 @@ def obs_select(
     return alive.nonzero().flatten()
 
 
+def obs_saliency(w: torch.Tensor, gram: torch.Tensor, damp: float = 0.3) -> torch.Tensor:
+    """One-shot OBS saliency of each input channel: the output error left when the channel alone is
+    removed and the least-squares repair re-solves the rest, ‖W_:,j‖² / [(G + λI)⁻¹]_jj (λ relative
+    to the mean diagonal; the repair's typical cross-validated ridge keeps it from trusting
+    correlations the calibration windows cannot support) -> [n]."""
+    g = gram.double()
+    lam = damp * float(torch.diagonal(g).mean().clamp_min(1e-12))
+    hinv = torch.linalg.inv(g + lam * torch.eye(g.shape[0], dtype=g.dtype))
+    return (w.double().pow(2).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)).float()
+
+
 DAMP_GRID = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0, 10.0)
 
 
@@ -195,3 +206,43 @@ def cv_gain(w: torch.Tensor, train: torch.Tensor, held: torch.Tensor, keep: torc
         s = 1.0 / (evals + damp * scale).clamp_min(1e-30)
         out[k] = s @ p @ s - 2 * (s @ u)
     return out
+
+
+def cv_target(
+    train: tuple[torch.Tensor, torch.Tensor], held: tuple[torch.Tensor, torch.Tensor, float], grid
+) -> torch.Tensor:
+    """For each relative ridge in `grid`: the error Σ ‖y - W'_K x_K‖² on the `held` statistics
+    (G_KK, B = Σ y x_Kᵀ, Σ‖y‖²) of the target fit W'_K = B_t (G_t + λI)⁻¹ on the `train` ones
+    (G_t, B_t). One eigendecomposition G_t = Q Λ Qᵀ serves every λ: with C = B_t Q and
+    s = 1/(Λ + λ), W'_K = C diag(s) Qᵀ and the error is  sᵀ P s - 2 sᵀ u + Σ‖y‖²  with
+    P = (Qᵀ G_h Q) ∘ (CᵀC), u = diag(Cᵀ B_h Q)."""
+    g_t, b_t = train[0].double(), train[1].double()
+    g_h, b_h, y_sq = held[0].double(), held[1].double(), float(held[2])
+    evals, q = torch.linalg.eigh(g_t)
+    c = b_t @ q
+    p = (q.T @ g_h @ q) * (c.T @ c)
+    u = (c * (b_h @ q)).sum(0)
+    scale = float(torch.diagonal(g_t).mean().clamp_min(1e-12))
+    out = torch.empty(len(grid), dtype=torch.float64)
+    for k, damp in enumerate(grid):
+        s = 1.0 / (evals + damp * scale).clamp_min(1e-30)
+        out[k] = s @ p @ s - 2 * (s @ u) + y_sq
+    return out
+
+
+def choose_target_damp(
+    w_kept: torch.Tensor, folds: list[tuple[torch.Tensor, torch.Tensor, float]], grid=DAMP_GRID
+) -> float | None:
+    """The ridge of a target fit (`refit_to_target`) chosen by cross-validation over calibration
+    folds of (G_KK, B, Σ‖y‖²); None when the sliced kept columns `w_kept` are better on held-out
+    windows than every λ."""
+    if len(folds) < 2:
+        return grid[len(grid) // 2] if grid else None
+    err = torch.zeros(len(grid), dtype=torch.float64)
+    sliced = 0.0
+    for j, f in enumerate(folds):
+        rest = [o for k, o in enumerate(folds) if k != j]
+        err += cv_target((sum(o[0] for o in rest), sum(o[1] for o in rest)), f, grid)
+        sliced += target_error(f[2], f[1], f[0], w_kept)
+    k = int(torch.argmin(err))
+    return grid[k] if float(err[k]) < sliced else None
