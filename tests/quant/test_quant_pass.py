@@ -10,7 +10,7 @@ import torch
 import weightsmith
 from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.eval.perplexity import divergence
-from weightsmith.quant.quant_pass import GPTQ_AVG_BITS_NOTE
+from weightsmith.quant.quant_pass import GPTQ_AVG_BITS_NOTE, SYM_2BIT_NOTE
 
 
 def _kl(a_path, b_path, text=None):
@@ -207,6 +207,16 @@ def test_dry_run_and_inspect(tiny_model, cli, tmp_path):
         info["quantization"] == "compressed-tensors"
         and info["parameters"] == json.loads(cli("inspect", tiny_model("llama"), "--json").out)["parameters"]
     )
+
+
+def test_symmetric_2_bit_note(tiny_model, cli, tmp_path):
+    """A symmetric 2-bit grid gets one line pointing at --no-sym (measured far better at 2 bits); 3 bits
+    and asymmetric 2 bits get none."""
+    base = ["--method", "rtn", "--group-size", "32", "--dry-run"]
+    for extra, expected in ((["--bits", "2"], 1), (["--bits", "2", "--no-sym"], 0), (["--bits", "3"], 0)):
+        r = cli("quant", tiny_model("llama"), tmp_path / "o", *base, *extra)
+        assert r.code == 0, r
+        assert r.err.splitlines().count(f"note: {SYM_2BIT_NOTE}") == expected, (extra, r.err)
 
 
 @pytest.mark.slow
