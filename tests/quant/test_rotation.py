@@ -212,7 +212,7 @@ def test_smollm2_w3g64_quality_floor(smollm2, cli, tmp_path, hamlet):
 
 # The W2 g32 quality floor on SmolLM2, same bounded protocol, for the best stack measured at 2 bits
 # (docs/quantization.md): GPTQ on the rotated model with --mse and an asymmetric grid (--no-sym; the
-# symmetric 2-bit grid measured 41.8x against 4.7x on the bench's reduced protocol). Measured with exactly
+# symmetric 2-bit grid measured 41.8x against 4.7x in docs/quantization.md's 16x256 runs). Measured with exactly
 # this protocol at commit time: 289.3 (4 windows; the W3 floor above: 70.45); the ceiling is that + ~25 %.
 W2G32_CEILING = 360.0
 
