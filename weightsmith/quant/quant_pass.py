@@ -58,6 +58,17 @@ from weightsmith.version import __version__
 
 STAGE = {"q": 0, "k": 0, "v": 0, "q_a": 0, "kv_a": 0, "q_b": 1, "kv_b": 1, "o": 2, "gate": 3, "up": 3, "down": 4}
 SHARED_INPUT = {"q", "k", "v", "q_a", "kv_a"}
+# the sensitivities are RTN's on the full-precision model; with GPTQ no allocation measured better than
+# uniform bits at the same bytes (SmolLM2, docs/quantization.md "Mixed precision measured")
+GPTQ_AVG_BITS_NOTE = (
+    "--avg-bits with --method gptq: the per-module widths come from RTN sensitivities, and on SmolLM2 every such "
+    "allocation measured worse than uniform --bits at the same bytes (docs/quantization.md); compare with uniform "
+    "bits before using it"
+)
+SYM_2BIT_NOTE = (
+    "symmetric 2-bit grids have the levels {-2, -1, 0, 1}·scale (one side of each group's range gets a single level); "
+    "--no-sym fits each group's [min, max] and measured far better on SmolLM2 at 2 bits (docs/quantization.md)"
+)
 
 
 @dataclass(frozen=True)
@@ -216,9 +227,13 @@ def plan(cfg: QuantConfig, ctx) -> Plan:
     state = _PlanState(decisions)
     scale_dtype = torch.float16 if cfg.format == "gptq" else _out_dtype(cfg, ck.info(view.family.embed).dtype)
     dry_mixed = cfg.avg_bits is not None and ctx.dry_run
+    if cfg.avg_bits is not None and cfg.method == "gptq":
+        ctx.notes.append(GPTQ_AVG_BITS_NOTE)
     if cfg.avg_bits is not None:
         _mixed_precision(cfg, ctx, ck, view, fmt, state, scale_dtype, measure=not dry_mixed)
     quantized = {p: d for p, (d, _) in decisions.items() if d.quant is not None}
+    if any(d.quant.bits == 2 and d.quant.sym for d in quantized.values()):
+        ctx.notes.append(SYM_2BIT_NOTE)
     tensors, handled = [], set()
     for prefix, d in quantized.items():
         n, k = ck.info(prefix + ".weight").shape
