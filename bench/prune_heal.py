@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-steps", type=int, default=4)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    ap.add_argument("--name", default="heal", help="results file bench/results/NAME.json (curve only)")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -103,6 +104,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "mixed_precision": args.mixed_precision,
+        "lr": args.lr,
     }
     torch.manual_seed(0)
     if args.profile:
@@ -140,8 +142,10 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-        save("heal", {**meta, "source_ppl": src_ppl, "eval_windows": args.eval_windows, "rows": rows, "partial": True})
-    save("heal", {**meta, "source_ppl": src_ppl, "eval_windows": args.eval_windows, "rows": rows})
+        save(
+            args.name, {**meta, "source_ppl": src_ppl, "eval_windows": args.eval_windows, "rows": rows, "partial": True}
+        )
+    save(args.name, {**meta, "source_ppl": src_ppl, "eval_windows": args.eval_windows, "rows": rows})
 
 
 if __name__ == "__main__":
