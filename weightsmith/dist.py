@@ -197,6 +197,36 @@ def sum_ordered(t: torch.Tensor) -> torch.Tensor:
     return out[:n].view(t.shape).to(t.device)
 
 
+def sum_tree(tree: Any) -> Any:
+    """`tree` (tensors, floats and ints in nested lists/tuples) summed over ranks in rank order,
+    same structure back: each tensor through `sum_ordered`, all the scalars together in one float64
+    tensor (ints come back as ints; exact below 2**53). The one reduction of every accumulator whose
+    state is a few tensors and counts. No-op in one process."""
+    if not world().distributed:
+        return tree
+    scalars: list[float] = []
+
+    def collect(x):
+        if isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v)
+        elif not isinstance(x, torch.Tensor):
+            scalars.append(float(x))
+
+    collect(tree)
+    summed = iter(sum_ordered(torch.tensor(scalars, dtype=torch.float64)).tolist() if scalars else ())
+
+    def rebuild(x):
+        if isinstance(x, (list, tuple)):
+            return type(x)(rebuild(v) for v in x)
+        if isinstance(x, torch.Tensor):
+            return sum_ordered(x)
+        v = next(summed)
+        return int(round(v)) if isinstance(x, int) else v
+
+    return rebuild(tree)
+
+
 def sum_int(x: int) -> int:
     w = world()
     if not w.distributed:

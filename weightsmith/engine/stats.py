@@ -28,10 +28,9 @@ class Reducible:
         if self._reduced or not dist.world().distributed:
             self._reduced = True
             return self
-        for name in self._tensors:
-            setattr(self, name, dist.sum_ordered(getattr(self, name)))
-        for name in self._counts:
-            setattr(self, name, dist.sum_int(getattr(self, name)))
+        names = self._tensors + self._counts
+        for name, v in zip(names, dist.sum_tree([getattr(self, n) for n in names])):
+            setattr(self, name, v)
         self._reduced = True
         return self
 

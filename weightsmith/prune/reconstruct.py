@@ -60,8 +60,7 @@ class FoldGram:
         self.windows = offset
 
     def reduce(self) -> None:
-        if dist.world().distributed:
-            self.folds = [dist.sum_ordered(f) for f in self.folds]
+        self.folds = dist.sum_tree(self.folds)
 
     def __call__(self, inp, out):
         x = inp.detach().float().cpu()
@@ -109,10 +108,7 @@ class _BlockCross:
         self.row += b
 
     def reduce(self) -> None:
-        if dist.world().distributed:
-            for f in self.folds:
-                f[0], f[1] = dist.sum_ordered(f[0]), dist.sum_ordered(f[1])
-                f[2] = float(dist.sum_ordered(torch.tensor([f[2]], dtype=torch.float64)))
+        self.folds = dist.sum_tree(self.folds)
 
     def total(self):
         return sum(f[0] for f in self.folds), sum(f[1] for f in self.folds), sum(f[2] for f in self.folds)
@@ -140,9 +136,7 @@ class _Cross:
 
     def reduce(self) -> None:
         """Sum the partial statistics of every rank, in rank order."""
-        if dist.world().distributed:
-            self.gram, self.cross = dist.sum_ordered(self.gram), dist.sum_ordered(self.cross)
-            self.y_sq, self.rows = dist.sum_ordered(torch.tensor([self.y_sq, self.rows], dtype=torch.float64)).tolist()
+        self.gram, self.cross, self.y_sq, self.rows = dist.sum_tree((self.gram, self.cross, self.y_sq, self.rows))
 
 
 def _obs_keep(view, keep: Keep, kind: str, i: int, w, gram, idx, damp) -> torch.Tensor:
