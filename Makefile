@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 # GGUF conversions and input hashes are cached where the CLI caches them: $WEIGHTSMITH_CACHE, else
 # ~/.cache/weightsmith
 PYTEST_ARGS ?=
+# test processes (pytest-xdist), one compute thread each: on a 2-core machine this keeps both cores busy
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install bench bench-assets clean
 
@@ -22,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/baseline.py

@@ -14,12 +14,36 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("WEIGHTSMITH_CACHE", str(ROOT / ".cache" / "weightsmith"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread: two
+# workers with one thread each keep both cores busy, where one process with two threads leaves one
+# idle through most of the suite's small, Python-bound tensor work.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 # Without a GPU, the Triton kernel is tested through its interpreter; it must be set before
 # triton is first imported (nothing but the kernel tests uses triton).
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny import FAMILIES, build_tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _compute_threads(request):
+    """`@pytest.mark.threads(N)`: the test computes on N threads even in a one-thread xdist worker (for the
+    few long tests whose work parallelises well, so none runs for minutes on one core)."""
+    marker = request.node.get_closest_marker("threads")
+    if marker is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(marker.args[0]))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

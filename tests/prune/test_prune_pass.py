@@ -224,6 +224,7 @@ def test_refit_brings_the_pruned_model_closer_on_calibration(fam, args, target, 
 
 
 @pytest.mark.slow
+@pytest.mark.threads(2)  # ~170 s on one thread, ~85 s on two
 def test_smollm2_quality_floor_at_minus_20_percent(smollm2, cli, tmp_path, hamlet):
     """-20 % parameters (MLP neurons, least-squares repair), no training: a perplexity ceiling from
     bench measurements of this exact protocol, and the repair lowers every layer's output error."""
