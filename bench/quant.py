@@ -4,6 +4,7 @@
                                     [--only W4g128,W3g64] [--variants rtn,gptq,gptq+rotate]
                                     [--anchor] [--anchor-samples 16] [--anchor-only W4g128,W3g64]
                                     [--anchor-timeout 3600] [--big] [--big-layers 4]
+                                    [--rows W3g64:gptq,W3g64:llm-compressor+asym,...] [--show NAME]
 
 Per setting, every variant in --variants (see VARIANTS: plain RTN and GPTQ, and GPTQ with each
 transformation: --rotate, --mse, ...) is one `weightsmith quant` run evaluated the same way.
@@ -17,7 +18,10 @@ hamlet.txt (fp32, non-overlapping 512-token windows). Every quantization runs as
 --anchor runs llm-compressor's GPTQModifier (in the separate venv .venv-anchors, see
 bench/anchors/) on the *same token windows* at W4 g64 and W3 g64 and evaluates its
 compressed-tensors output with the same evaluator; ours is re-run at that calibration size so the
-rows compare like for like. --big quantizes a random Llama-7B-shaped bf16 checkpoint
+rows compare like for like; as --rows entries, `llm-compressor` runs its symmetric default and
+`llm-compressor+asym` its asymmetric grid (zero points, as our `+asym`). Every run ends with the
+ratios side by side, one row per method and one column per setting (`--show NAME` prints the
+tables of bench/results/NAME.json again). --big quantizes a random Llama-7B-shaped bf16 checkpoint
 (hidden 4096, MLP 11008) with RTN and GPTQ and reports peak RSS and time per layer.
 """
 
@@ -50,6 +54,8 @@ SETTINGS = {  # label: (bits, group_size)
     "W2g32": (2, 32),
     "W2.5g32": (2.5, 32),  # mixed-precision variants only (--avg-bits 2.5)
 }
+# the anchor as a row: llm-compressor's GPTQ with its symmetric default, or with zero points (--asym there)
+ANCHOR_VARIANTS = ("llm-compressor", "llm-compressor+asym")
 DEFAULT_SETTINGS = ("W4g128", "W4pc", "W3g64", "W2g32")
 VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
     "rtn": ("rtn", []),
@@ -202,7 +208,11 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also quantize a random Llama-7B-shaped checkpoint")
     ap.add_argument("--big-layers", type=int, default=4)
     ap.add_argument("--big-samples", type=int, default=8)
+    ap.add_argument("--show", metavar="NAME", help="only print the tables of bench/results/NAME.json")
     args = ap.parse_args()
+    if args.show:
+        show(json.loads((Path(__file__).parent / "results" / f"{args.show}.json").read_text()))
+        return
 
     from weightsmith.assets import hamlet, political_speeches
 
@@ -258,8 +268,8 @@ def main() -> None:
     else:
         pairs = [(label, v) for label in filter(None, args.only.split(",")) for v in args.variants.split(",")]
         pairs += [(label, "llm-compressor") for label in args.anchor_only.split(",")] if args.anchor else []
-    anchors = anchor_jobs(args, scratch, src, text, fp, extra) if any(v == "llm-compressor" for _, v in pairs) else {}
-    jobs = [(anchors[label],) if v == "llm-compressor" else (one, label, v) for label, v in pairs]
+    anchors = anchor_jobs(args, scratch, src, text, fp, extra) if any(v in ANCHOR_VARIANTS for _, v in pairs) else {}
+    jobs = [(anchors[label, v],) if v in ANCHOR_VARIANTS else (one, label, v) for label, v in pairs]
     payload: dict = {
         "model": model_key,
         "eval_windows": args.eval_windows,
@@ -286,25 +296,44 @@ def main() -> None:
             payload["complete"] = len(done) == len(jobs)
             payload["load_average_now"] = os.getloadavg()[0]  # the shared machine's load: seconds depend on it
             save(args.results, payload)
-    rows = payload[model_key]
-    cols = ["setting", "method", "calib", "ppl", "ppl/fp", "bits/weight", "linear_bytes", "seconds", "peak_rss_mb"]
-    sym = "asymmetric" if args.asym else "symmetric"
-    print_table(
-        rows,
-        cols,
-        f"{model_key}, {sym}, hamlet perplexity over {args.eval_windows}x512 tokens (GPTQ calibrated on speeches; "
-        f"{args.jobs} job(s) at a time)",
-    )
-    if payload["anchor"]:
-        arows = payload["anchor"]
-        print_table(
-            arows,
-            ["setting", "tool", "calib", "ppl", "ppl/fp", "seconds", "peak_rss_mb"],
-            f"Side by side on the same {args.anchor_samples}x{args.calib_length} token windows (fp32 ppl {fp:.3f})",
-        )
+    show(payload)
     if args.big:
         payload["big"] = big_rows(args, scratch)
     save(args.results, payload)
+
+
+def show(payload: dict) -> None:
+    """Print a results payload: every row, the anchor's rows, and the ratios side by side per setting."""
+    key = payload["model"]
+    rows = payload.get(key, [])
+    cols = ["setting", "method", "calib", "ppl", "ppl/fp", "bits/weight", "linear_bytes", "seconds", "peak_rss_mb"]
+    print_table(
+        rows,
+        cols,
+        f"{key}, {payload['protocol']} ({payload['jobs']} job(s) at a time, {payload['git_commit'][:12]}, "
+        f"{payload['date']})",
+    )
+    anchors = payload.get("anchor") or []
+    if anchors:
+        print_table(anchors, ["setting", "tool", "calib", "ppl", "ppl/fp", "seconds", "peak_rss_mb"], "llm-compressor")
+    print_table(side_by_side(payload), ["method", *settings_seen(payload)], "source-perplexity ratio per setting")
+
+
+def settings_seen(payload: dict) -> list[str]:
+    seen = {r["setting"] for r in payload.get(payload["model"], []) + (payload.get("anchor") or [])}
+    return [s for s in SETTINGS if s in seen]
+
+
+def side_by_side(payload: dict) -> list[dict]:
+    """One row per method (ours in VARIANTS order, then the anchor), one column per setting: ppl / fp32."""
+    cells: dict[str, dict[str, str]] = {}
+    for r in payload.get(payload["model"], [])[1:]:
+        cells.setdefault(r["method"], {})[r["setting"]] = f"{r['ppl/fp']:.4g}×"
+    for r in payload.get("anchor") or []:
+        v = r["tool"].replace("llm-compressor gptq", "llm-compressor GPTQ")
+        cells.setdefault(v, {})[r["setting"]] = f"{r['ppl/fp']:.4g}×" if "ppl/fp" in r else str(r["ppl"])
+    order = [v for v in VARIANTS if v in cells] + [v for v in cells if v not in VARIANTS]
+    return [{"method": v, **cells[v]} for v in order]
 
 
 def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: list[str]) -> dict:
@@ -328,9 +357,9 @@ def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
     }
     ids = export_calibration(src, calib_args, scratch / f"calib-{n}x{length}.pt")
 
-    def theirs(label: str) -> dict:
+    def theirs(label: str, asym: bool) -> dict:
         bits, group = SETTINGS[label]
-        out = scratch / f"{label}-llmcompressor-{n}"
+        out = scratch / f"{label}-llmcompressor-{n}{'-asym' if asym else ''}"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [
             str(anchor_py),
@@ -341,12 +370,12 @@ def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
             str(bits),
             str(group),
         ]
-        if args.asym:
+        if asym:
             cmd.append("--asym")
         r = run_child(cmd, timeout=args.anchor_timeout)
         row = {
             "setting": label,
-            "tool": "llm-compressor gptq",
+            "tool": "llm-compressor gptq" + (" asym" if asym else ""),
             "calib": f"{n}x{length}",
             "seconds": r["seconds"],
             "peak_rss_mb": r["peak_rss_mb"],
@@ -363,7 +392,11 @@ def anchor_jobs(args, scratch: Path, src: Path, text: Path, fp: float, extra: li
         print(row, flush=True)
         return row
 
-    return {label: functools.partial(theirs, label) for label in SETTINGS}
+    return {
+        (label, v): functools.partial(theirs, label, args.asym or v.endswith("+asym"))
+        for label in SETTINGS
+        for v in ANCHOR_VARIANTS
+    }
 
 
 def big_rows(args, scratch: Path) -> list[dict]:
