@@ -172,13 +172,9 @@ def choose_damp(w: torch.Tensor, folds: list[torch.Tensor], keep: torch.Tensor, 
     windows): for every λ in `grid`, fit on all folds but one and measure the output error on the
     one left out; None when plain slicing is better on held-out windows than every λ (the guard:
     a repair is only kept when it lowers the error on windows it was not fitted to)."""
-    if len(folds) < 2:
-        return grid[len(grid) // 2] if grid else None
-    gain = torch.zeros(len(grid), dtype=torch.float64)  # held-out error minus slicing's, per λ
-    for f in folds:
-        gain += cv_gain(w, sum(folds) - f, f, keep, grid)
-    j = int(torch.argmin(gain))
-    return grid[j] if float(gain[j]) < 0 else None
+    # cv_gain is the held-out error minus slicing's, so the baseline is 0
+    total = sum(folds)
+    return _cross_validate(folds, lambda rest, f: (cv_gain(w, total - f, f, keep, grid), 0.0), grid)
 
 
 def cv_gain(w: torch.Tensor, train: torch.Tensor, held: torch.Tensor, keep: torch.Tensor, grid) -> torch.Tensor:
@@ -200,12 +196,7 @@ def cv_gain(w: torch.Tensor, train: torch.Tensor, held: torch.Tensor, keep: torc
     c = (w64[:, removed] @ t[removed][:, keep]) @ q  # [out, |K|]
     p = (q.T @ f[keep][:, keep] @ q) * (c.T @ c)
     u = ((q.T @ (f[keep][:, removed] @ w64[:, removed].T)) * c.T).sum(1)
-    scale = float(torch.diagonal(t_kk).mean().clamp_min(1e-12))
-    out = torch.empty(len(grid), dtype=torch.float64)
-    for k, damp in enumerate(grid):
-        s = 1.0 / (evals + damp * scale).clamp_min(1e-30)
-        out[k] = s @ p @ s - 2 * (s @ u)
-    return out
+    return _ridge_curve(evals, p, u, float(torch.diagonal(t_kk).mean().clamp_min(1e-12)), grid)
 
 
 def cv_target(
@@ -222,12 +213,33 @@ def cv_target(
     c = b_t @ q
     p = (q.T @ g_h @ q) * (c.T @ c)
     u = (c * (b_h @ q)).sum(0)
-    scale = float(torch.diagonal(g_t).mean().clamp_min(1e-12))
+    return _ridge_curve(evals, p, u, float(torch.diagonal(g_t).mean().clamp_min(1e-12)), grid) + y_sq
+
+
+def _ridge_curve(evals: torch.Tensor, p: torch.Tensor, u: torch.Tensor, scale: float, grid) -> torch.Tensor:
+    """sᵀ P s − 2 sᵀ u with s = 1/(Λ + λ·scale), for each relative ridge λ in `grid`: the held-out error
+    of a ridge fit written in the eigenbasis of its training Gram (cv_gain, cv_target)."""
     out = torch.empty(len(grid), dtype=torch.float64)
     for k, damp in enumerate(grid):
         s = 1.0 / (evals + damp * scale).clamp_min(1e-30)
-        out[k] = s @ p @ s - 2 * (s @ u) + y_sq
+        out[k] = s @ p @ s - 2 * (s @ u)
     return out
+
+
+def _cross_validate(folds: list, held_out_errors, grid) -> float | None:
+    """Leave-one-fold-out: Σ over folds of held_out_errors(rest, fold) -> (errors per λ in `grid` [len(grid)],
+    the baseline's error on that fold); the λ with the least total, or None when it does not beat the
+    baseline (then the caller keeps what it had without a fit)."""
+    if len(folds) < 2:
+        return grid[len(grid) // 2] if grid else None
+    err = torch.zeros(len(grid), dtype=torch.float64)
+    base = 0.0
+    for j, f in enumerate(folds):
+        e, b = held_out_errors([o for k, o in enumerate(folds) if k != j], f)
+        err += e
+        base += b
+    k = int(torch.argmin(err))
+    return grid[k] if float(err[k]) < base else None
 
 
 def choose_target_damp(
@@ -236,13 +248,9 @@ def choose_target_damp(
     """The ridge of a target fit (`refit_to_target`) chosen by cross-validation over calibration
     folds of (G_KK, B, Σ‖y‖²); None when the sliced kept columns `w_kept` are better on held-out
     windows than every λ."""
-    if len(folds) < 2:
-        return grid[len(grid) // 2] if grid else None
-    err = torch.zeros(len(grid), dtype=torch.float64)
-    sliced = 0.0
-    for j, f in enumerate(folds):
-        rest = [o for k, o in enumerate(folds) if k != j]
-        err += cv_target((sum(o[0] for o in rest), sum(o[1] for o in rest)), f, grid)
-        sliced += target_error(f[2], f[1], f[0], w_kept)
-    k = int(torch.argmin(err))
-    return grid[k] if float(err[k]) < sliced else None
+
+    def held_out(rest, f):
+        fit = cv_target((sum(o[0] for o in rest), sum(o[1] for o in rest)), f, grid)
+        return fit, target_error(f[2], f[1], f[0], w_kept)
+
+    return _cross_validate(folds, held_out, grid)
