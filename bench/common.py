@@ -78,17 +78,22 @@ def _fmt(v) -> str:
 
 
 def git_commit() -> str:
-    """The commit this run's code came from, with "-dirty" when tracked files differ from it; from an
-    exported snapshot (`git archive`, no .git) the commit named in WEIGHTSMITH_GIT_COMMIT."""
+    """The commit this run's code came from, with "-dirty" when tracked files other than bench/results/
+    differ from it (results being written by another bench run are not code); from an exported snapshot
+    (`git archive`, no .git) the commit named in WEIGHTSMITH_GIT_COMMIT."""
     import subprocess
 
-    r = subprocess.run(
-        ["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty", "--abbrev=40"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return r.stdout.strip() or os.environ.get("WEIGHTSMITH_GIT_COMMIT", "") or "unknown"
+    root = str(Path(__file__).resolve().parents[1])
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=False)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return os.environ.get("WEIGHTSMITH_GIT_COMMIT", "") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    return head + ("-dirty" if dirty else "")
 
 
 def provenance() -> dict:
