@@ -41,28 +41,16 @@ class Gram(Reducible):
     _tensors, _counts = ("sum",), ("rows",)
 
     def __init__(
-        self,
-        dim: int,
-        *,
-        on: str = "input",
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        product_dtype: torch.dtype | None = None,
+        self, dim: int, *, on: str = "input", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
     ):
-        """dtype: of the running sum; product_dtype (default: the same): of each batch's xᵀx before it is
-        added (fp32 products summed in fp64 cost half of fp64 products and lose nothing measurable)."""
         self.sum = torch.zeros(dim, dim, dtype=dtype, device=device)
         self.rows = 0
         self.on = on
-        self.product_dtype = product_dtype or dtype
 
     def __call__(self, inp: torch.Tensor, out: torch.Tensor) -> None:
         x = inp if self.on == "input" else out
-        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, self.product_dtype)
-        if self.product_dtype == self.sum.dtype:
-            self.sum.addmm_(x.T, x)
-        else:
-            self.sum += (x.T @ x).to(self.sum.dtype)
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.device, self.sum.dtype)
+        self.sum.addmm_(x.T, x)
         self.rows += x.shape[0]
 
     @property

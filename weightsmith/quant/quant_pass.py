@@ -559,8 +559,8 @@ MIN_TOKENS_PER_INPUT = 16
 
 
 def _input_grams(layer, lins) -> tuple[dict, dict]:
-    """One Gram per distinct module input among `lins` (q/k/v share theirs; each batch's product in fp32,
-    summed in float64), and the observe map that fills each from the first module reading that input."""
+    """One float64 Gram per distinct module input among `lins` (q/k/v share theirs), and the
+    observe map that fills each from the first module reading that input."""
     from weightsmith.engine.stats import Gram
 
     grams: dict = {}
@@ -568,7 +568,7 @@ def _input_grams(layer, lins) -> tuple[dict, dict]:
     for lin in lins:
         key = _input_key(lin)
         if key not in grams:
-            grams[key] = Gram(layer.in_features(lin.prefix), dtype=torch.float64, product_dtype=torch.float32)
+            grams[key] = Gram(layer.in_features(lin.prefix), dtype=torch.float64)
             observe[lin.prefix] = grams[key]
     return grams, observe
 
