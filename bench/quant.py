@@ -73,6 +73,7 @@ VARIANTS = {  # label: (method, extra `weightsmith quant` arguments)
     "rtn+asym": ("rtn", ["--no-sym"]),
     "gptq+asym": ("gptq", ["--no-sym"]),
     "gptq+mse+asym": ("gptq", ["--mse", "--no-sym"]),
+    "gptq+mse+asym+fp-target": ("gptq", ["--mse", "--no-sym", "--fp-target"]),  # the stack where --rotate is refused
     "gptq+rotate+mse+asym": ("gptq", ["--rotate", "--mse", "--no-sym"]),
     "gptq+rotate+mse+asym+fp-target": ("gptq", ["--rotate", "--mse", "--no-sym", "--fp-target"]),
     # mixed precision: per-module bits under the byte budget of a uniform model at the setting's width
