@@ -17,9 +17,10 @@ def _logits(path, ids):
 
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-# bench/prune.py --calib-samples 32 --eval-windows 16 (git 1795cbe, again at e0889c8): `prune --params 0.8 --axis mlp`
-# (cross-validated repair) measured 90.2 (source 42.9; 98.2 with the fixed-ridge repair); +5 % margin
-PPL_CEILING_MINUS_20 = 95.0
+# The test's bounded protocol (16x256 calibration tokens, 16 hamlet windows): `prune --params 0.8 --axis mlp`
+# (cross-validated repair) measured 99.34 at 7e2add2 (source 42.9); +5 % margin. The bench's protocol
+# (bench/prune.py --calib-samples 32 --eval-windows 16) measured 90.2 (98.2 with the fixed-ridge repair).
+PPL_CEILING_MINUS_20 = 104.0
 
 
 @pytest.mark.parametrize("fam", ["llama", "qwen2", "qwen3", "gemma3_text"])
@@ -224,7 +225,7 @@ def test_refit_brings_the_pruned_model_closer_on_calibration(fam, args, target, 
 
 
 @pytest.mark.slow
-@pytest.mark.threads(2)  # ~170 s on one thread, ~85 s on two
+@pytest.mark.threads(2)  # 16x256 calibration (32x256 took ~170 s on one thread, ~120 s on two)
 def test_smollm2_quality_floor_at_minus_20_percent(smollm2, cli, tmp_path, hamlet):
     """-20 % parameters (MLP neurons, least-squares repair), no training: a perplexity ceiling from
     bench measurements of this exact protocol, and the repair lowers every layer's output error."""
@@ -236,7 +237,7 @@ def test_smollm2_quality_floor_at_minus_20_percent(smollm2, cli, tmp_path, hamle
         "--calib-field",
         "speeches",
         "--calib-samples",
-        "32",
+        "16",
         "--calib-length",
         "256",
     ]
