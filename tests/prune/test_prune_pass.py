@@ -17,10 +17,11 @@ def _logits(path, ids):
 
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-# The test's bounded protocol (16x256 calibration tokens, 16 hamlet windows): `prune --params 0.8 --axis mlp`
-# (cross-validated repair) measured 99.34 at 7e2add2 (source 42.9); +5 % margin. The bench's protocol
-# (bench/prune.py --calib-samples 32 --eval-windows 16) measured 90.2 (98.2 with the fixed-ridge repair).
-PPL_CEILING_MINUS_20 = 104.0
+# The test's bounded protocol (8x256 calibration tokens, 8 hamlet windows): `prune --params 0.8 --axis mlp`
+# (cross-validated repair) measured 104.79 at 4c13d17 (source 43.65 on these windows; `--refit none`:
+# 127.83, so losing the repair fails); +5 % margin. The bench's protocol (bench/prune.py
+# --calib-samples 32 --eval-windows 16) measured 90.2 (98.2 with the fixed-ridge repair).
+PPL_CEILING_MINUS_20 = 110.0
 
 
 @pytest.mark.parametrize("fam", ["llama", "qwen2", "qwen3", "gemma3_text"])
@@ -225,7 +226,7 @@ def test_refit_brings_the_pruned_model_closer_on_calibration(fam, args, target, 
 
 
 @pytest.mark.slow
-@pytest.mark.threads(2)  # 16x256 calibration (32x256 took ~170 s on one thread, ~120 s on two)
+@pytest.mark.threads(2)  # 8x256 calibration, 8 windows (32x256 and 16 windows took ~170 s on one thread)
 def test_smollm2_quality_floor_at_minus_20_percent(smollm2, cli, tmp_path, hamlet):
     """-20 % parameters (MLP neurons, least-squares repair), no training: a perplexity ceiling from
     bench measurements of this exact protocol, and the repair lowers every layer's output error."""
@@ -237,7 +238,7 @@ def test_smollm2_quality_floor_at_minus_20_percent(smollm2, cli, tmp_path, hamle
         "--calib-field",
         "speeches",
         "--calib-samples",
-        "16",
+        "8",
         "--calib-length",
         "256",
     ]
@@ -246,5 +247,5 @@ def test_smollm2_quality_floor_at_minus_20_percent(smollm2, cli, tmp_path, hamle
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     assert m["params_after"] <= 0.8 * m["params_before"] and m["refit"] == "layer"
     assert m["refit_errors"]["projections"] == 30 and m["refit_errors"]["refit"] < 0.6 * m["refit_errors"]["sliced"]
-    ppl = json.loads(cli("eval", out, "--text", hamlet, "--windows", "16", "--json").out)["perplexity"]
+    ppl = json.loads(cli("eval", out, "--text", hamlet, "--windows", "8", "--json").out)["perplexity"]
     assert ppl < PPL_CEILING_MINUS_20, ppl
