@@ -137,7 +137,8 @@ class QuantConfig(CalibConfig):
         default=False,
         metadata={
             "help": "GPTQ that sees its own error (GPTAQ): each linear's target is the full-precision model's output "
-            "on full-precision inputs, not its own output on the already-quantized inputs"
+            "on full-precision inputs, not its own output on the already-quantized inputs (measured: helps plain "
+            "GPTQ, hurt the --rotate --mse --no-sym stack on SmolLM2; docs/quantization.md)"
         },
     )
     rotate: bool = field(
