@@ -229,7 +229,8 @@ def test_refit_brings_the_pruned_model_closer_on_calibration(fam, args, target, 
 @pytest.mark.threads(2)  # 8x256 calibration, 8 windows (32x256 and 16 windows took ~170 s on one thread)
 def test_smollm2_quality_floor_at_minus_20_percent(smollm2, cli, tmp_path, hamlet):
     """-20 % parameters (MLP neurons, least-squares repair), no training: a perplexity ceiling from
-    bench measurements of this exact protocol, and the repair lowers every layer's output error."""
+    a measurement of this exact protocol (PPL_CEILING_MINUS_20), and the repair lowers every layer's
+    output error."""
     from weightsmith.assets import political_speeches
 
     calib = [
