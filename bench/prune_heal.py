@@ -3,6 +3,7 @@ distillation step's time goes on this machine.
 
     .venv/bin/python bench/prune_heal.py --student DIR [--milestones 0,8192,32768] [--eval-windows 16]
     .venv/bin/python bench/prune_heal.py --student DIR --profile [--mixed-precision bf16]
+    .venv/bin/python bench/prune_heal.py --student DIR [--data self] [--hidden-loss 1] [--trainable mlp] [--lr LR]
 
 The student (e.g. `weightsmith prune SRC DIR --params 0.75 --axis mlp`) is distilled from the
 SmolLM2 source with the trainer `weightsmith distill` uses (KDTrainer: AdamW, lr 1e-4, 4 warm-up
@@ -10,8 +11,10 @@ steps, linear decay to lr/10 over the largest milestone, batches of 4 x 256 toke
 political speeches, seed 0), and evaluated on hamlet.txt (fp32, 512-token windows) at every
 milestone. Intermediate milestones are points of one run whose schedule spans the largest
 milestone (not separate runs with smaller budgets). --profile times the phases of a few steps
-(teacher forward, student forward, loss, backward, optimizer) instead. Results JSON records the
-git commit and date.
+(teacher forward, student forward, loss, backward, optimizer) instead. The screens (docs/pruning.md,
+"Screened, not built"): --data self distils on text the source samples itself, --hidden-loss adds a
+loss on the residual stream after every layer, --trainable mlp trains only the MLPs. Results JSON
+records the git commit and date.
 """
 
 from __future__ import annotations
@@ -72,6 +75,39 @@ def profile(trainer, ids: torch.Tensor, steps: int) -> dict:
     return {"seconds_per_step": total, "tokens_per_s": 4 * ids.shape[1] / total, "phases": phases}
 
 
+def screened_step(trainer, student, args):
+    """A KDTrainer step with the screened changes (not in weightsmith: measured, not built): only the
+    MLPs trained (a fresh AdamW over them, same betas and schedule), and/or an intermediate loss on
+    the residual stream after every layer, Σ‖h_s - h_t‖² / ‖h_t‖² per token, averaged."""
+    from weightsmith.prune.distill import kd_loss
+
+    if args.trainable == "mlp":
+        for name, p in student.named_parameters():
+            p.requires_grad_(".mlp." in name)
+        trainer.opt = torch.optim.AdamW(
+            [p for p in student.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0
+        )
+        trainer.sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, trainer._lr_at)
+
+    def step(batch):
+        with torch.no_grad():
+            t = trainer.teacher(batch, output_hidden_states=bool(args.hidden_loss))
+        with trainer.accel.autocast():
+            s = trainer.student(batch, output_hidden_states=bool(args.hidden_loss))
+        loss = kd_loss(s.logits, t.logits, trainer.temperature)
+        if args.hidden_loss:
+            pairs = list(zip(s.hidden_states[1:-1], t.hidden_states[1:-1]))
+            rel = sum(((a - b).pow(2).sum(-1) / b.pow(2).sum(-1)).mean() for a, b in pairs) / len(pairs)
+            loss = loss + args.hidden_loss * rel
+        trainer.accel.backward(loss)
+        trainer.accel.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], 1.0)
+        trainer.opt.step()
+        trainer.sched.step()
+        trainer.opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", required=True)
@@ -82,6 +118,22 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-steps", type=int, default=4)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    ap.add_argument(
+        "--data",
+        default="speeches",
+        choices=["speeches", "self"],
+        help="distillation text: the political speeches, or windows the source samples itself (seed 0)",
+    )
+    ap.add_argument(
+        "--hidden-loss",
+        type=float,
+        default=0.0,
+        help="add this weight times the mean over layers of the student's relative squared error to the "
+        "teacher's residual stream (screen; same hidden size only)",
+    )
+    ap.add_argument(
+        "--trainable", default="all", choices=["all", "mlp"], help="train every weight, or only the MLPs (screen)"
+    )
     ap.add_argument("--name", default="heal", help="results file bench/results/NAME.json (curve only)")
     args = ap.parse_args()
 
@@ -105,6 +157,9 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "mixed_precision": args.mixed_precision,
         "lr": args.lr,
+        "data": args.data,
+        "hidden_loss": args.hidden_loss,
+        "trainable": args.trainable,
     }
     torch.manual_seed(0)
     if args.profile:
@@ -118,16 +173,26 @@ def main() -> None:
         return
     marks = sorted(int(x) for x in args.milestones.split(","))
     steps = max(1, -(-marks[-1] // (4 * 256)))
-    ids = windows(tok, 4 * steps)
+    if args.data == "self":
+        from weightsmith.calib.windows import self_generated
+
+        t0 = time.perf_counter()
+        ids = self_generated(teacher, tok, 4 * steps, 256, 0)
+        meta["generation_seconds"] = round(time.perf_counter() - t0, 1)
+    else:
+        ids = windows(tok, 4 * steps)
     order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(0))
     wins = token_windows(tok, read_text(hamlet()), 512, args.eval_windows, source="hamlet.txt")
     src_ppl = perplexity(teacher, wins)["perplexity"]
     trainer = KDTrainer(student, teacher, steps=steps, lr=args.lr, device="cpu", mixed_precision=args.mixed_precision)
+    step = trainer.step
+    if args.hidden_loss or args.trainable != "all":
+        step = screened_step(trainer, student, args)
     rows, done, train_s = [], 0, 0.0
     for mark in marks:
         t0 = time.perf_counter()
         while done * 1024 < mark:
-            trainer.step(ids[order[done * 4 : (done + 1) * 4]])
+            step(ids[order[done * 4 : (done + 1) * 4]])
             done += 1
         train_s += time.perf_counter() - t0
         model = trainer.model()
