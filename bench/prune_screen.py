@@ -52,17 +52,17 @@ class _Stop(Exception):
     pass
 
 
+def _keep(acts: dict, name: str, x: torch.Tensor) -> None:
+    acts.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).double())
+
+
 def _norm_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Inputs of every RMSNorm of a Llama-style model (name -> [tokens, hidden], fp64)."""
     acts: dict[str, list[torch.Tensor]] = {}
     hooks = []
     for name, mod in model.model.named_modules():
         if name.endswith("layernorm") or name == "norm":
-            hooks.append(
-                mod.register_forward_hook(
-                    lambda m, i, o, n=name: acts.setdefault(n, []).append(i[0].reshape(-1, i[0].shape[-1]).double())
-                )
-            )
+            hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: _keep(acts, n, i[0])))
     _forward_hidden(model, ids)
     for h in hooks:
         h.remove()
@@ -118,12 +118,14 @@ def minitron_keep(model, ids: torch.Tensor, ffn: int) -> list[torch.Tensor]:
     """Per layer, the `ffn` MLP neurons with the largest Minitron score (mean |x| over the window,
     L2 over windows) at the down_proj input of the source model."""
     sq = [torch.zeros(model.config.intermediate_size, dtype=torch.float64) for _ in model.model.layers]
-    hooks = [
-        layer.mlp.down_proj.register_forward_hook(
-            lambda m, i, o, k=k: sq[k].add_(i[0].abs().mean(1).double().pow(2).sum(0))
-        )
-        for k, layer in enumerate(model.model.layers)
-    ]
+
+    def hook(k):
+        def observe(m, inp, out):  # returns None: the layer's output is left as is
+            sq[k].add_(inp[0].abs().mean(1).double().pow(2).sum(0))
+
+        return observe
+
+    hooks = [layer.mlp.down_proj.register_forward_hook(hook(k)) for k, layer in enumerate(model.model.layers)]
     _forward_hidden(model, ids)
     for h in hooks:
         h.remove()
