@@ -4,6 +4,7 @@ and prints hamlet perplexity next to its baseline on the same windows.
 
     .venv/bin/python bench/prune_screen.py slice [--fractions 0,0.2] [--calib-samples 16] [--eval-windows 8]
     .venv/bin/python bench/prune_screen.py bias [--ffn 992] [--variants none,flap,ls,ls+intercept] [--ridge 0.3]
+        [--select minitron|flap] [--tag -flap]
 
 slice: SliceGPT's idea with the one basis a stock config allows. Every norm's scale is folded into the
 projections that read its output, the residual stream is rotated into the principal basis of the
@@ -20,7 +21,8 @@ same kept neurons per layer for every variant), fitted layer by layer on the pru
 with a fixed ridge (a fraction of the mean diagonal of the kept Gram; the pass cross-validates it):
 `none` slicing; `flap` FLAP's bias compensation (slicing plus a down_proj bias W_R E[x_R]); `ls` the
 least-squares repair of the pass; `ls+intercept` the same least squares with a bias as a free,
-unregularised column (what a Llama config with `mlp_bias` could store).
+unregularised column (what a Llama config with `mlp_bias` could store). `--select flap` chooses the
+neurons by FLAP's fluctuation metric instead of Minitron's score.
 
 Calibration: political speeches (the bench's windows, seed 0); evaluation: hamlet.txt, 512-token
 windows, fp32. Results JSON (bench/results/prune-screen-<screen>.json) records the git commit and date.
@@ -114,14 +116,19 @@ def slice_model(model, acts: dict[str, torch.Tensor], keep: int, head: str) -> N
         model.model.embed_tokens.weight.copy_(((emb @ q) * mask).float())
 
 
-def minitron_keep(model, ids: torch.Tensor, ffn: int) -> list[torch.Tensor]:
-    """Per layer, the `ffn` MLP neurons with the largest Minitron score (mean |x| over the window,
-    L2 over windows) at the down_proj input of the source model."""
-    sq = [torch.zeros(model.config.intermediate_size, dtype=torch.float64) for _ in model.model.layers]
+def keep_neurons(model, ids: torch.Tensor, ffn: int, select: str = "minitron") -> list[torch.Tensor]:
+    """Per layer, the `ffn` MLP neurons with the largest score at the down_proj input of the source
+    model: Minitron's (mean |x| over the window, L2 over windows) or FLAP's fluctuation (the variance
+    of the neuron over all calibration tokens times ‖W_down[:, j]‖²)."""
+    n = model.config.intermediate_size
+    stats = [torch.zeros(3, n, dtype=torch.float64) for _ in model.model.layers]  # Σ mean|x|², Σ x, Σ x²
 
     def hook(k):
         def observe(m, inp, out):  # returns None: the layer's output is left as is
-            sq[k].add_(inp[0].abs().mean(1).double().pow(2).sum(0))
+            x = inp[0].double()
+            stats[k][0] += x.abs().mean(1).pow(2).sum(0)
+            stats[k][1] += x.reshape(-1, n).sum(0)
+            stats[k][2] += x.reshape(-1, n).pow(2).sum(0)
 
         return observe
 
@@ -129,7 +136,16 @@ def minitron_keep(model, ids: torch.Tensor, ffn: int) -> list[torch.Tensor]:
     _forward_hidden(model, ids)
     for h in hooks:
         h.remove()
-    return [torch.sort(torch.topk(s, ffn).indices).values for s in sq]
+    tokens = ids.numel()
+    keeps = []
+    for k, layer in enumerate(model.model.layers):
+        if select == "flap":
+            var = stats[k][2] / tokens - (stats[k][1] / tokens) ** 2
+            score = var * layer.mlp.down_proj.weight.double().pow(2).sum(0)
+        else:
+            score = stats[k][0]
+        keeps.append(torch.sort(torch.topk(score, ffn).indices).values)
+    return keeps
 
 
 def repair_down(model, ids: torch.Tensor, keeps: list[torch.Tensor], variant: str, ridge: float) -> None:
@@ -193,7 +209,11 @@ def main() -> None:
     ap.add_argument("--head", default="tied,untied", help="slice: tied and/or untied LM head")
     ap.add_argument("--ffn", type=int, default=992, help="bias: MLP neurons kept per layer (992 = --params 0.8)")
     ap.add_argument("--variants", default="none,flap,ls,ls+intercept")
+    ap.add_argument(
+        "--select", default="minitron", choices=["minitron", "flap"], help="bias: neuron scores (FLAP: fluctuation)"
+    )
     ap.add_argument("--ridge", type=float, default=0.3, help="bias: ridge, a fraction of the kept Gram's mean diagonal")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -220,7 +240,7 @@ def main() -> None:
         acts = _norm_inputs(source, ids)
         jobs = [(float(f), h) for h in args.head.split(",") for f in args.fractions.split(",")]
     else:
-        keeps = minitron_keep(source, ids, args.ffn)
+        keeps = keep_neurons(source, ids, args.ffn, args.select)
         jobs = args.variants.split(",")
     del source
     for job in jobs:
@@ -233,13 +253,13 @@ def main() -> None:
             row = {"fraction_removed": frac, "hidden_kept": keep, "head": head}
         else:
             repair_down(model, ids, keeps, job, args.ridge)
-            row = {"variant": job, "ffn": args.ffn, "ridge": args.ridge}
+            row = {"variant": job, "select": args.select, "ffn": args.ffn, "ridge": args.ridge}
         ppl = perplexity(model, wins)["perplexity"]
         row.update(ppl=ppl, x_source=ppl / src_ppl, seconds=round(time.perf_counter() - t0, 1), load=os.getloadavg()[0])
         rows.append(row)
         print(row, flush=True)
-        save(f"prune-screen-{args.screen}", {**meta, "rows": rows, "partial": True})
-    save(f"prune-screen-{args.screen}", {**meta, "rows": rows})
+        save(f"prune-screen-{args.screen}{args.tag}", {**meta, "rows": rows, "partial": True})
+    save(f"prune-screen-{args.screen}{args.tag}", {**meta, "rows": rows})
 
 
 if __name__ == "__main__":
