@@ -4,7 +4,7 @@ and prints hamlet perplexity next to its baseline on the same windows.
 
     .venv/bin/python bench/prune_screen.py slice [--fractions 0,0.2] [--calib-samples 16] [--eval-windows 8]
     .venv/bin/python bench/prune_screen.py bias [--ffn 992] [--variants none,flap,ls,ls+intercept] [--ridge 0.3]
-        [--select minitron|flap] [--tag -flap]
+        [--select minitron|flap] [--tag=-flap]
 
 slice: SliceGPT's idea with the one basis a stock config allows. Every norm's scale is folded into the
 projections that read its output, the residual stream is rotated into the principal basis of the
