@@ -75,32 +75,22 @@ def profile(trainer, ids: torch.Tensor, steps: int) -> dict:
     return {"seconds_per_step": total, "tokens_per_s": 4 * ids.shape[1] / total, "phases": phases}
 
 
-def screened_step(trainer, student, args):
-    """A KDTrainer step with the screened changes (not in weightsmith: measured, not built): only the
-    MLPs trained (a fresh AdamW over them, same betas and schedule), and/or an intermediate loss on
-    the residual stream after every layer, Σ‖h_s - h_t‖² / ‖h_t‖² per token, averaged."""
+def hidden_loss_step(trainer, weight: float):
+    """A KDTrainer step with the screened intermediate loss (not in weightsmith: measured, not built):
+    the KL plus `weight` times the residual stream's Σ‖h_s - h_t‖² / ‖h_t‖² per token after every
+    layer, averaged over tokens and layers."""
     from weightsmith.prune.distill import kd_loss
-
-    if args.trainable == "mlp":
-        for name, p in student.named_parameters():
-            p.requires_grad_(".mlp." in name)
-        trainer.opt = torch.optim.AdamW(
-            [p for p in student.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0
-        )
-        trainer.sched = torch.optim.lr_scheduler.LambdaLR(trainer.opt, trainer._lr_at)
 
     def step(batch):
         with torch.no_grad():
-            t = trainer.teacher(batch, output_hidden_states=bool(args.hidden_loss))
+            t = trainer.teacher(batch, output_hidden_states=True)
         with trainer.accel.autocast():
-            s = trainer.student(batch, output_hidden_states=bool(args.hidden_loss))
-        loss = kd_loss(s.logits, t.logits, trainer.temperature)
-        if args.hidden_loss:
-            pairs = list(zip(s.hidden_states[1:-1], t.hidden_states[1:-1]))
-            rel = sum(((a - b).pow(2).sum(-1) / b.pow(2).sum(-1)).mean() for a, b in pairs) / len(pairs)
-            loss = loss + args.hidden_loss * rel
+            s = trainer.student(batch, output_hidden_states=True)
+        pairs = list(zip(s.hidden_states[1:-1], t.hidden_states[1:-1]))
+        rel = sum(((a - b).pow(2).sum(-1) / b.pow(2).sum(-1)).mean() for a, b in pairs) / len(pairs)
+        loss = kd_loss(s.logits, t.logits, trainer.temperature) + weight * rel
         trainer.accel.backward(loss)
-        trainer.accel.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], 1.0)
+        trainer.accel.clip_grad_norm_(trainer.student.parameters(), 1.0)
         trainer.opt.step()
         trainer.sched.step()
         trainer.opt.zero_grad(set_to_none=True)
@@ -184,10 +174,11 @@ def main() -> None:
     order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(0))
     wins = token_windows(tok, read_text(hamlet()), 512, args.eval_windows, source="hamlet.txt")
     src_ppl = perplexity(teacher, wins)["perplexity"]
+    if args.trainable == "mlp":  # frozen weights get no gradient: AdamW and the clipping skip them
+        for name, p in student.named_parameters():
+            p.requires_grad_(".mlp." in name)
     trainer = KDTrainer(student, teacher, steps=steps, lr=args.lr, device="cpu", mixed_precision=args.mixed_precision)
-    step = trainer.step
-    if args.hidden_loss or args.trainable != "all":
-        step = screened_step(trainer, student, args)
+    step = hidden_loss_step(trainer, args.hidden_loss) if args.hidden_loss else trainer.step
     rows, done, train_s = [], 0, 0.0
     for mark in marks:
         t0 = time.perf_counter()

@@ -148,9 +148,36 @@ def keep_neurons(model, ids: torch.Tensor, ffn: int, select: str = "minitron") -
     return keeps
 
 
+def _input_gram(model, ids: torch.Tensor, proj) -> torch.Tensor:
+    """Σ [x, 1][x, 1]ᵀ of `proj`'s input over the calibration windows (the forward stops at `proj`)."""
+    n = proj.in_features
+    gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+
+    def collect(m, inp, out):
+        x = inp[0].reshape(-1, n).double()
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        gram.add_(x.T @ x)
+        raise _Stop
+
+    h = proj.register_forward_hook(collect)
+    with torch.no_grad():
+        for k in range(0, ids.shape[0], 8):
+            try:
+                model.model(ids[k : k + 8])
+            except _Stop:
+                pass
+    h.remove()
+    return gram
+
+
 def repair_down(model, ids: torch.Tensor, keeps: list[torch.Tensor], variant: str, ridge: float) -> None:
     """In place, layer by layer on the pruned model's inputs: the removed neurons' columns of
-    down_proj are zeroed and the kept ones (and a bias) set by `variant`."""
+    down_proj are zeroed and the kept ones (and a bias) set by `variant`; `ls` is the pass's own
+    repair (`refit.refit_columns`), `ls+intercept` the same normal equations with a constant input."""
+    from weightsmith.prune.refit import refit_columns
+
+    if variant not in ("none", "flap", "ls", "ls+intercept"):
+        raise SystemExit(f"--variants: unknown variant {variant!r} (none, flap, ls, ls+intercept)")
     n = model.config.intermediate_size
     for i, layer in enumerate(model.model.layers):
         down = layer.mlp.down_proj
@@ -159,43 +186,27 @@ def repair_down(model, ids: torch.Tensor, keeps: list[torch.Tensor], variant: st
         removed = torch.ones(n, dtype=torch.bool)
         removed[keep] = False
         removed = removed.nonzero().flatten()
-        gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)  # input with a constant 1 appended
-
-        def collect(m, inp, out, gram=gram):
-            x = inp[0].reshape(-1, n).double()
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-            gram.add_(x.T @ x)
-            raise _Stop
-
-        h = down.register_forward_hook(collect)
-        with torch.no_grad():
-            for k in range(0, ids.shape[0], 8):
-                try:
-                    model.model(ids[k : k + 8])
-                except _Stop:
-                    pass
-        h.remove()
         new = torch.zeros_like(w)
-        bias = torch.zeros(w.shape[0], dtype=torch.float64)
         new[:, keep] = w[:, keep]
+        bias = None
+        if variant != "none":  # slicing needs no statistics
+            gram = _input_gram(model, ids, down)
         if variant == "flap":
             mean = gram[-1, :n] / gram[-1, -1]
             bias = w[:, removed] @ mean[removed]
-        elif variant in ("ls", "ls+intercept"):
-            cols = torch.cat([keep, torch.tensor([n])]) if variant == "ls+intercept" else keep
+        elif variant == "ls":
+            new[:, keep] = refit_columns(w, gram[:n, :n], keep, ridge)
+        elif variant == "ls+intercept":
+            cols = torch.cat([keep, torch.tensor([n])])
             g = gram[cols][:, cols]
             reg = torch.eye(cols.numel(), dtype=torch.float64) * ridge * float(g.diagonal()[: keep.numel()].mean())
-            if variant == "ls+intercept":
-                reg[-1, -1] = 0.0
+            reg[-1, -1] = 0.0  # the bias is not shrunk
             corr = torch.linalg.solve(g + reg, (w[:, removed] @ gram[removed][:, cols]).T).T
             new[:, keep] += corr[:, : keep.numel()]
-            if variant == "ls+intercept":
-                bias = corr[:, -1]
-        elif variant != "none":
-            raise SystemExit(f"--variants: unknown variant {variant!r} (none, flap, ls, ls+intercept)")
+            bias = corr[:, -1]
         with torch.no_grad():
             down.weight.copy_(new.float())
-            if variant in ("flap", "ls+intercept"):
+            if bias is not None:
                 down.bias = torch.nn.Parameter(bias.float())
 
 
