@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/prune.py [--reductions 0.2,0.25,0.1] [--eval-windows 16] [--calib-samples 64]
                                     [--distill-tokens 8192] [--distill-at 0.25] [--minitron-at 0.2]
-                                    [--model smollm2|gemma3-270m|DIR] [--methods 0,1,2,3] [--tag T]
+                                    [--model smollm2|gemma3-270m|DIR] [--methods 0,1,2,3,4] [--tag T]
 
 One protocol for every row. Importance and repair calibration: --calib-samples x 256 tokens of
 political_data.json speeches; evaluation: hamlet.txt perplexity (fp32, 512-token windows). For each
@@ -15,7 +15,10 @@ reduction in parameters (embedding and LM head included, tied once):
 - Wanda-sp (reimplementation, MLP-only): `prune --params F --axis mlp --importance wanda --refit none`
   (|W|·‖X‖ summed per neuron, uniform ratio, no repair) — not the FLAP repository's code;
 - our old slicing: `prune --params F --axis width --refit none` (the previous default: hidden and
-  MLP scaled together, Minitron activation importance, no repair).
+  MLP scaled together, Minitron activation importance, no repair);
+- our layer drop: `prune --params F --axis depth --depth-metric greedy --refit none` (the layers a
+  global greedy search removes one at a time by the KL from the source on the first 8 calibration
+  windows).
 
 At --distill-at, ours is healed with `weightsmith distill` (--distill-tokens tokens of speeches,
 lr 1e-4). With --minitron-at, one `minitron --params F` run (its peak RSS is one of the goals).
@@ -42,6 +45,7 @@ METHODS = {  # label -> prune arguments after --params (None: the calibration ar
     "ShortGPT layer drop (Block Influence)": ["--axis", "depth", "--refit", "none", None],
     "Wanda-sp MLP (reimplementation)": ["--axis", "mlp", "--importance", "wanda", "--refit", "none", None],
     "old slicing (width, no repair)": ["--axis", "width", "--refit", "none", None],
+    "greedy layer drop (calibration loss)": ["--axis", "depth", "--depth-metric", "greedy", "--refit", "none", None],
 }
 
 

@@ -32,7 +32,7 @@ def runs(tmp_path_factory, tiny_model, hamlet):
         "prune-source": ["prune", three, None, "--heads", "2", "--ffn", "40", "--layers", "2", "--depth-metric",
                          "loss", "--refit", "source", "--batch-size", "2", *cal],
         "prune-block": ["prune", three, None, "--ffn", "40", "--layers", "2", "--refit", "block", "--batch-size", "2",
-                        *cal],
+                        "--depth-metric", "greedy", "--depth-windows", "4", *cal],
         "prune-moe": ["prune", str(tiny_model("qwen3_moe")), None, "--expert-ffn", "16", "--heads", "2",
                       "--batch-size", "2", *cal],
         "minitron": ["minitron", str(tiny_model("llama", layers=5)), None, "--params", "0.7", "--candidates", "4",
@@ -116,6 +116,12 @@ def test_loss_depth_metric_is_bit_exact(runs):
         manifest(runs / "prune-source-2")["metrics"]["layer_scores"]
         == manifest(runs / "prune-source-1")["metrics"]["layer_scores"]
     )
+
+
+def test_greedy_depth_search_is_bit_exact(runs):
+    """The greedy search's candidates are spread over the ranks and every round's losses gathered."""
+    scores = manifest(runs / "prune-block-2")["metrics"]["layer_scores"]
+    assert scores["metric"] == "greedy" and scores == manifest(runs / "prune-block-1")["metrics"]["layer_scores"]
 
 
 def test_same_world_size_reruns_are_byte_identical(runs):

@@ -87,6 +87,17 @@ class MinitronConfig(CalibConfig):
         default="importance",
         metadata={"help": "with a repair: how MLP neurons / query heads are chosen, as in prune --select"},
     )
+    depth_metric: Literal["bi", "greedy"] = field(
+        default="bi",
+        metadata={
+            "help": "which layers a candidate with fewer layers drops: lowest Block Influence, or the prefix of one "
+            "global greedy search on the calibration KL from the source (prune --depth-metric greedy; on the windows "
+            "not held out)"
+        },
+    )
+    depth_windows: int | None = field(
+        default=None, metadata={"min": 1, "help": "calibration windows the greedy layer search evaluates (default 8)"}
+    )
     score_batch: int = field(
         default=2,
         metadata={"help": "held-out windows per scoring forward (bounds the memory of vocabulary-sized logits)"},
@@ -201,7 +212,12 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     calib = ctx.calibrate(cfg, default="self")
     held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]) :]
     teacher = loading.load(ck.root).eval()
-    keeps = [decide_keep(view, scores, t, depth_scores=scores.block_influence, contiguous=False) for t in cands]
+    depth = scores.block_influence
+    n_drop = max(view.num_layers - t.layers for t in cands)
+    if cfg.depth_metric == "greedy" and n_drop:
+        fit = calib.ids[: calib.ids.shape[0] - held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
+        depth = sc.greedy_depth_scores(ctx, cfg, view, n_drop, ids=fit, model=teacher)
+    keeps = [decide_keep(view, scores, t, depth_scores=depth, contiguous=False) for t in cands]
     out_cfgs = [pruned_config(ck.config, keep, widths(t)) for keep, t in zip(keeps, cands)]
     # job 0 scores the source, job k+1 candidate k; a forward costs about its parameter count
     mine = ctx.mine([src_params] + [count_params(c) for c in out_cfgs])
@@ -306,6 +322,10 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
             "score": f"{'mean KL(source ‖ candidate)' if key == 'kl' else 'next-token loss'} on {held.shape[0]} "
             "held-out calibration windows",
             "candidates": table,
+            "layer_scores": {
+                "metric": cfg.depth_metric,
+                "values": [round(float(x), 6) for x in depth] if depth is not None else None,
+            },
         }
     )
 

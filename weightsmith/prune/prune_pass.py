@@ -71,10 +71,21 @@ class PruneConfig(CalibConfig):
         default="activation",
         metadata={"help": "width importance: Minitron activations, Wanda |W|·‖X‖, or weight magnitude"},
     )
-    depth_metric: Literal["bi", "loss"] = field(
+    depth_metric: Literal["bi", "loss", "greedy"] = field(
         default="bi",
         metadata={
-            "help": "layer importance: Block Influence (bounded memory) or calibration-loss increase (loads the model)"
+            "help": "which layers to drop: lowest Block Influence (bounded memory), lowest calibration-loss increase "
+            "when removed alone (loss), or a global greedy search that removes one layer at a time, each the one "
+            "whose removal with those already removed moves the output least from the source's (KL on calibration "
+            "windows; greedy); loss and greedy load the model"
+        },
+    )
+    depth_windows: int | None = field(
+        default=None,
+        metadata={
+            "min": 1,
+            "help": "calibration windows the loss / greedy layer metrics evaluate (the first N; default: all for "
+            "loss, 8 for greedy, whose search costs about layers x dropped forwards of them)",
         },
     )
     contiguous: bool = field(default=False, metadata={"help": "drop one contiguous block of layers"})
@@ -239,7 +250,12 @@ def compute_scores(cfg, ctx, view, t: Targets):
         s = sc.activation_scores(ctx, cfg, view, cfg.importance)
     depth = None
     if need_depth:
-        depth = sc.loss_depth_scores(ctx, cfg, view) if cfg.depth_metric == "loss" else s.block_influence
+        if cfg.depth_metric == "loss":
+            depth = sc.loss_depth_scores(ctx, cfg, view)
+        elif cfg.depth_metric == "greedy":
+            depth = sc.greedy_depth_scores(ctx, cfg, view, view.num_layers - t.layers)
+        else:
+            depth = s.block_influence
     return s, depth
 
 
