@@ -195,7 +195,7 @@ def loss_depth_scores(ctx, cfg, view) -> torch.Tensor:
 
 
 def greedy_removal(
-    loss_without, num_layers: int, n_drop: int, mine=None, begin_round=None, log=None
+    loss_without, num_layers: int, n_drop: int, mine=None, begin_round=None, log=None, what: str = "loss"
 ) -> tuple[list[int], dict[int, float]]:
     """Global greedy layer removal (pure given `loss_without`): `n_drop` rounds, each removing the
     layer whose removal, with the layers already removed, gives the lowest loss
@@ -220,7 +220,7 @@ def greedy_removal(
         removed.append(best)
         last = {i: cost[i] for i in kept}
         if log is not None:
-            log(f"greedy layer search: round {len(removed)}/{n_drop} removes layer {best} (loss {cost[best]:.4f})")
+            log(f"greedy layer search: round {len(removed)}/{n_drop} removes layer {best} ({what} {cost[best]:.4f})")
     return removed, last
 
 
@@ -335,7 +335,13 @@ def greedy_depth_scores(ctx, cfg, view, n_drop: int, ids: torch.Tensor | None = 
         model = loading.load(ctx.source.root)
     loss = LayerRemovalLoss(model, ids)
     removed, last = greedy_removal(
-        loss, view.num_layers, n_drop, mine=ctx.mine, begin_round=loss.begin_round, log=ctx.report.log
+        loss,
+        view.num_layers,
+        n_drop,
+        mine=ctx.mine,
+        begin_round=loss.begin_round,
+        log=ctx.report.log,
+        what="KL from the source",
     )
     loss.inputs = []
     out = torch.arange(view.num_layers, dtype=torch.float32)  # nothing to remove: the natural order
