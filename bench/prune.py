@@ -140,6 +140,9 @@ def main() -> None:
                 "peak_rss_mb": r["peak_rss_mb"],
                 "arch": m.get("chosen") or json.dumps(m.get("targets", {}), separators=(",", ":")),
                 "refit_errors": m.get("refit_errors"),
+                "layers_dropped": [i for i in range(len(m["layer_scores"]["values"])) if i not in m["kept"]["layers"]]
+                if m.get("layer_scores")
+                else [],
                 "non_embedding_fraction": m["non_embedding_params_after"] / m["non_embedding_params_before"],
                 "load": os.getloadavg(),
             }
