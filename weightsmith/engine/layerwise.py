@@ -83,15 +83,21 @@ class _StopForward(Exception):
     """Raised by a hook once every observed module of a batch has run."""
 
 
+def copy_layer_attributes(stand_in: nn.Module, original: nn.Module) -> None:
+    """Give a module standing in for a decoder layer the layer's plain attributes (e.g.
+    attention_type, read by some models to pick a mask)."""
+    for k, v in vars(original).items():
+        if not k.startswith("_") and isinstance(v, (str, int, float, bool)):
+            setattr(stand_in, k, v)
+
+
 class _Recorder(nn.Module):
     """Stands in for a decoder layer to capture the keyword arguments the model gives it."""
 
     def __init__(self, original: nn.Module, sink: dict):
         super().__init__()
         self._sink = sink
-        for k, v in vars(original).items():  # e.g. attention_type, read by the model to pick a mask
-            if not k.startswith("_") and isinstance(v, (str, int, float, bool)):
-                setattr(self, k, v)
+        copy_layer_attributes(self, original)
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:

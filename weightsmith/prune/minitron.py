@@ -211,11 +211,11 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
     scores = sc.activation_scores(ctx, cfg, view)
     calib = ctx.calibrate(cfg, default="self")
     held = calib.ids[-min(cfg.score_windows, calib.ids.shape[0]) :]
+    fit = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids  # search, repair, train
     teacher = loading.load(ck.root).eval()
     depth = scores.block_influence
     n_drop = max(view.num_layers - t.layers for t in cands)
     if cfg.depth_metric == "greedy" and n_drop:
-        fit = calib.ids[: calib.ids.shape[0] - held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
         depth = sc.greedy_depth_scores(ctx, cfg, view, n_drop, ids=fit, model=teacher)
     keeps = [decide_keep(view, scores, t, depth_scores=depth, contiguous=False) for t in cands]
     out_cfgs = [pruned_config(ck.config, keep, widths(t)) for keep, t in zip(keeps, cands)]
@@ -236,9 +236,8 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
             if cfg.refit != "none":  # rank candidates as they will be written: repaired
                 from weightsmith.prune.reconstruct import reconstruct
 
-                fit_ids = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
                 with dist.solo():  # this candidate is this rank's alone: no collectives inside
-                    fitted, _ = reconstruct(ctx, cfg, view, keep, target=cfg.refit, select=cfg.select, ids=fit_ids)
+                    fitted, _ = reconstruct(ctx, cfg, view, keep, target=cfg.refit, select=cfg.select, ids=fit)
             with CheckpointWriter(path) as w:
                 w.plan(output_specs(ck, view, roles, keep))
                 w.set_config(out_cfg)
@@ -267,12 +266,11 @@ def run(cfg: MinitronConfig, ctx, plan: Plan) -> None:
         rows.sort(key=lambda r: r[key])
         best = rows[0]
         if cfg.distill_tokens > 0:
-            train = calib.ids[: -held.shape[0]] if calib.ids.shape[0] > held.shape[0] else calib.ids
             after: dict[str, float] = {}
             for r in rows[: cfg.top_k]:
                 if r["owner"] != me:  # trained by the rank that pruned it, alone
                     continue
-                model = _quick_distill(cfg, teacher, loading.load(r["path"], dtype=torch.float32), train, ctx.device)
+                model = _quick_distill(cfg, teacher, loading.load(r["path"], dtype=torch.float32), fit, ctx.device)
                 after[r["candidate"]] = _score(model, teacher, held, cfg.score_batch)[key]
                 r["model"] = model
                 if after[r["candidate"]] >= r[key]:  # the short round did not help: keep the pruned weights

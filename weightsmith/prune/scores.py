@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from weightsmith import dist
+from weightsmith.engine.layerwise import copy_layer_attributes
 from weightsmith.prune import importance as imp
 from weightsmith.prune.structure import PER_LAYER_LISTS
 
@@ -141,14 +142,14 @@ def activation_scores(ctx, cfg, view, kind: str = "activation") -> Scores:
 
 
 @contextmanager
-def layers_kept(model, keep: list[int]):
+def layers_kept(model, keep: list[int], stand_in: dict | None = None):
     """The loaded model with only the decoder layers `keep` (in order), and the config's per-layer
     lists (`layer_types`: sliding / full attention, read by position in the decoder loop) cut to
     match, as the pruned config will be; restored on exit. So a layer metric scores the model
-    that would be written."""
+    that would be written. `stand_in` maps a kept index to a module run in that layer's place."""
     inner = model.model
-    layers, saved = inner.layers, {}
-    inner.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    layers, saved, stand_in = inner.layers, {}, stand_in or {}
+    inner.layers = torch.nn.ModuleList([stand_in.get(i, layers[i]) for i in keep])
     for name in PER_LAYER_LISTS:
         vals = getattr(inner.config, name, None)
         if isinstance(vals, (list, tuple)) and len(vals) == len(layers):
@@ -179,7 +180,7 @@ def loss_depth_scores(ctx, cfg, view) -> torch.Tensor:
     from weightsmith import loading
 
     calib = ctx.calibrate(cfg, default="self")
-    ids = calib.ids[: cfg.depth_windows] if getattr(cfg, "depth_windows", None) else calib.ids
+    ids = calib.ids[: cfg.depth_windows] if cfg.depth_windows else calib.ids
     model = loading.load(ctx.source.root)
     base = _calib_loss(model, ids)
     mine = {}
@@ -213,7 +214,7 @@ def greedy_removal(
         idx = mine([1.0] * len(kept)) if mine is not None else range(len(kept))
         part = {kept[j]: loss_without([k for k in kept if k != kept[j]]) for j in idx}
         cost: dict[int, float] = {}
-        for p in dist.gather_objects(part) if mine is not None else [part]:
+        for p in dist.gather_objects(part):
             cost.update(p)
         best = min(kept, key=lambda i: (cost[i], i))
         kept.remove(best)
@@ -231,9 +232,7 @@ class _Replay(torch.nn.Module):
     def __init__(self, like: torch.nn.Module):
         super().__init__()
         self.value: torch.Tensor | None = None
-        for k, v in vars(like).items():  # e.g. attention_type, read by some models to pick a mask
-            if not k.startswith("_") and isinstance(v, (str, int, float, bool)):
-                setattr(self, k, v)
+        copy_layer_attributes(self, like)
 
     def forward(self, hidden_states, *args, **kwargs):
         return self.value
@@ -294,21 +293,14 @@ class LayerRemovalLoss:
     def __call__(self, keep: list[int]) -> float:
         (gone,) = [i for i in self.kept if i not in keep]
         after = [i for i in keep if i > gone]
-        inner = self.model.model
         replay = _Replay(self.layers[gone])
-        original = inner.layers
         total, n = 0.0, 0
         # the replay sits where `gone` was: the config's per-layer lists follow the positions
-        with layers_kept(self.model, [gone, *after]):
-            inner.layers = torch.nn.ModuleList([replay, *[self.layers[i] for i in after]])
-            try:
-                with torch.no_grad():
-                    for x, rec, ref in zip(self.chunks, self.inputs, self.reference):
-                        replay.value = rec[gone]
-                        total += float(self.kl(self.model(x, use_cache=False).logits, ref))
-                        n += x.numel()
-            finally:
-                inner.layers = original
+        with torch.no_grad(), layers_kept(self.model, [gone, *after], stand_in={gone: replay}):
+            for x, rec, ref in zip(self.chunks, self.inputs, self.reference):
+                replay.value = rec[gone]
+                total += float(self.kl(self.model(x, use_cache=False).logits, ref))
+                n += x.numel()
         return total / n
 
 
@@ -343,11 +335,9 @@ def greedy_depth_scores(ctx, cfg, view, n_drop: int, ids: torch.Tensor | None = 
         log=ctx.report.log,
         what="KL from the source",
     )
-    loss.inputs = []
-    out = torch.arange(view.num_layers, dtype=torch.float32)  # nothing to remove: the natural order
-    if removed:
-        for r, i in enumerate(removed):
-            out[i] = r - len(removed)
-        for r, i in enumerate(sorted(last, key=lambda i: (last[i], i))):
-            out[i] = r
+    out = torch.zeros(view.num_layers)
+    for r, i in enumerate(removed):
+        out[i] = r - len(removed)
+    for r, i in enumerate(sorted(last, key=lambda i: (last[i], i))):
+        out[i] = r
     return out
